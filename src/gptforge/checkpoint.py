@@ -1,0 +1,332 @@
+"""Checkpoints that describe themselves and never execute code on load.
+
+Layout of one checkpoint, ``RUN/checkpoints/step_0001000/``:
+    model.safetensors      weights of the unwrapped model, the tied wte/lm_head matrix stored once
+    optimizer.safetensors  AdamW moment tensors, keyed ``state.<param index>.<name>``
+    checkpoint.json        run config, tokenizer, trainer state (step, tokens, loader cursor, RNG
+                           states, best val loss), optimizer hyper-parameters, version, git commit
+
+No pickle anywhere: tensors go through safetensors, everything else is JSON, so a crafted file
+cannot run code when loaded. A checkpoint is written into a hidden temporary directory, flushed,
+and renamed into place; ``RUN/checkpoints/latest`` is updated only after that. A directory without
+a complete ``checkpoint.json`` is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptforge.config import ConfigError, GPTConfig, RunConfig
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "checkpoint.json"
+TIED_KEY = "lm_head.weight"  # same storage as transformer.wte.weight: saved once, under wte
+
+
+class CheckpointError(GptforgeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the run."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def config(self) -> RunConfig:
+        try:
+            return RunConfig.from_dict(self.meta["config"], origin=str(self.path / META_FILE))
+        except ConfigError as e:
+            raise CheckpointError(f"checkpoint {self.path} has an unusable config: {e}") from None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["trainer"]["step"])
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        return self.meta["tokenizer"]
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        return self.meta["trainer"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the bare GPT (no ``module.``/``_orig_mod.`` prefixes), tied matrix once."""
+    sd = model.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != TIED_KEY}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors (safetensors) and plain JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the gptforge source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: RunConfig,
+    tokenizer: dict[str, Any],
+    trainer: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write ``RUN/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune old ones."""
+    from gptforge import __version__
+
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{int(trainer['step']):07d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(model_state(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        _fsync_file(tmp / MODEL_FILE)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "gptforge_version": __version__,
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "config": config.to_dict(),
+            "tokenizer": tokenizer,
+            "trainer": trainer,
+            "optimizer": None,
+        }
+        if optimizer is not None:
+            tensors, rest = _optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER_FILE))
+            _fsync_file(tmp / OPTIMIZER_FILE)
+            meta["optimizer"] = rest
+        # checkpoint.json last: its presence marks the directory complete.
+        _write_json(tmp / META_FILE, meta)
+        _fsync_dir(tmp)
+        if final.exists():  # e.g. a re-save of the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _point_latest(root, name)
+    _prune(root, keep_last, protect={name})
+    return final
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.write_text(name + "\n", encoding="utf-8")
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+            and p.name[5:].isdigit() and (p / META_FILE).is_file()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def _prune(root: Path, keep_last: int, protect: set[str]) -> None:
+    dirs = _step_dirs(root)
+    for old in dirs[: max(0, len(dirs) - keep_last)]:
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(run_dir: str | Path, step_dir: Path) -> Path:
+    """Copy a checkpoint to ``RUN/checkpoints/best`` (atomically), for the best val loss so far."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    tmp = root / f".tmp-best-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(step_dir, tmp)
+    best = root / "best"
+    old = root / f".old-best-{os.getpid()}"
+    if best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint path, or the latest complete one of a run."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: pass a run directory or a checkpoint directory")
+    if (p / META_FILE).is_file():
+        return p
+    root = p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR).is_dir() else p
+    for stale in sorted(root.glob(".tmp-*")) if root.is_dir() else []:
+        warnings.warn(f"ignoring incomplete checkpoint {stale} (a save was interrupted)")
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / META_FILE).is_file():
+            return candidate
+    dirs = _step_dirs(root)
+    if dirs:
+        return dirs[-1]
+    raise CheckpointError(
+        f"no complete checkpoint in {p}: train first (gptforge train ... --out {p}) "
+        "or pass a checkpoint directory"
+    )
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read ``checkpoint.json`` of a checkpoint (or of a run's latest one); tensors load lazily."""
+    ckpt_dir = find_checkpoint(path)
+    try:
+        meta = json.loads((ckpt_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} is corrupt ({META_FILE}: {e}): use an earlier checkpoint"
+        ) from None
+    required = ("format_version", "config", "tokenizer", "trainer")
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} is corrupt ({META_FILE} lacks {', '.join(required)}): "
+            "use an earlier checkpoint"
+        )
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} has format {meta['format_version']}, newer than this "
+            f"gptforge reads ({FORMAT_VERSION}): upgrade gptforge"
+        )
+    return Checkpoint(ckpt_dir, meta)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing: use an earlier checkpoint")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt or truncated ({e}): use an earlier checkpoint"
+        ) from None
+
+
+def load_weights(model: GPT, ckpt: Checkpoint) -> None:
+    """Load weights strictly: every key present with the right shape, the tied one restored."""
+    sd = _load_tensors(ckpt.path / MODEL_FILE)
+    expected = model.state_dict()
+    missing = [k for k in expected if k != TIED_KEY and k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        what = (f"missing {missing[:3]}" if missing else
+                f"unexpected {unexpected[:3]}" if unexpected else
+                f"shape of {wrong[0]} is {tuple(sd[wrong[0]].shape)}, "
+                f"the model wants {tuple(expected[wrong[0]].shape)}")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit this model ({what}): "
+            "use the model config the checkpoint was trained with"
+        )
+    model.load_state_dict(sd, strict=False)  # strict except the tied key, checked above
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    if ckpt.meta.get("optimizer") is None:
+        raise CheckpointError(f"checkpoint {ckpt.path} has no optimizer state: it cannot be resumed")
+    tensors = _load_tensors(ckpt.path / OPTIMIZER_FILE)
+    rest = ckpt.meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, scalars in rest.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(scalars)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"optimizer state in {ckpt.path} does not fit this model ({e}): "
+            "resume with the config the run was started with"
+        ) from None
+
+
+def build_model(ckpt: Checkpoint) -> GPT:
+    """The model a checkpoint holds, with its weights, in eval mode on the CPU."""
+    cfg = ckpt.config.model
+    model = GPT(GPTConfig(**vars(cfg)))
+    load_weights(model, ckpt)
+    return model.eval()

@@ -1,0 +1,197 @@
+"""The ``gptforge`` command: a thin shell, one function per subcommand.
+
+Every user-facing problem arrives here as a ``GptforgeError`` and leaves as one line on stderr
+with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from gptforge.config import (
+    DEFAULT_PRESET, RUN_PRESETS, SECTION_TYPES, SECTIONS, SampleConfig, field_help, validate,
+)
+from gptforge.errors import GptforgeError
+
+
+def _config_keys_help() -> str:
+    """Every config key with its default and meaning, for ``train --help``."""
+    lines = ["config keys (set with --set KEY=VALUE or in a --config TOML file; defaults shown",
+             "before a preset is applied):"]
+    for section in SECTIONS:
+        cls = SECTION_TYPES[section]
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} = {default!r}")
+            if helps.get(f.name):
+                lines.append(f"      {helps[f.name]}")
+    lines.append("")
+    lines.append("presets: " + ", ".join(RUN_PRESETS))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gptforge.data import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                   force=args.force, errors=args.errors, url=args.url)
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} val "
+          f"tokens, {meta['tokenizer']['name']} tokenizer ({meta['vocab_size']:,} symbols)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptforge.checkpoint import load_checkpoint
+    from gptforge.config import parse_override, resolve, set_value, validate_run
+    from gptforge.train import train
+
+    resume = None
+    if args.resume is not None:
+        if args.preset or args.config:
+            raise GptforgeError(
+                "--resume continues a run with the config it was started with: drop --preset "
+                "and --config (use --set to change a key, e.g. --set train.max_steps=N)"
+            )
+        where = Path(args.out) if args.resume == "" else Path(args.resume)
+        resume = load_checkpoint(where)
+        cfg = resume.config
+        for text in args.set:
+            key, value = parse_override(text)
+            set_value(cfg, key, value)
+        if args.data:
+            cfg.data.path = args.data
+        validate_run(cfg)
+    else:
+        cfg = resolve(args.preset, args.config, args.set)
+        if args.data:
+            cfg.data.path = args.data
+    if not cfg.data.path:
+        raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
+
+    result = train(cfg, args.out, resume=resume)
+    print()
+    print(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
+          f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
+          + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
+    print(f"sample:     gptforge sample --ckpt {args.out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from gptforge.generate import sample
+
+    cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                       temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
+    validate(cfg, "sample")
+    texts = sample(args.ckpt, cfg, device=args.device)
+    for i, text in enumerate(texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+
+def _defaults_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gptforge",
+        description="Train GPT-2-class language models from scratch on your own text.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sp = sub.add_parser("prepare", help="tokenize text files into training shards",
+                        formatter_class=_defaults_formatter,
+                        description="Tokenize text files (or a named dataset: shakespeare) into "
+                                    "DIR/train.bin, DIR/val.bin and DIR/meta.json.")
+    sp.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help="text files (UTF-8), one document each; or 'shakespeare' to download Tiny Shakespeare")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    sp.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
+                    help="gpt2: GPT-2 BPE (50,257 tokens); char: one token per character (default: gpt2)")
+    sp.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                    help="fraction of tokens, from the end, held out for validation; 0 trains on everything (default: 0.1)")
+    sp.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                    help="invalid UTF-8: strict stops with the file and byte offset; replace substitutes U+FFFD (default: strict)")
+    sp.add_argument("--force", action="store_true", help="overwrite data already in DIR")
+    sp.add_argument("--url", default=None, help="download address for a named dataset (default: its canonical one)")
+    sp.set_defaults(func=cmd_prepare)
+
+    tp = sub.add_parser("train", help="train a model", formatter_class=_defaults_formatter,
+                        description="Train a GPT-2 model on prepared data.",
+                        epilog=_config_keys_help())
+    tp.add_argument("--data", metavar="DIR", help="prepared data directory (from gptforge prepare)")
+    tp.add_argument("--out", required=True, metavar="RUN",
+                    help="run directory: config, metrics.jsonl and checkpoints go here")
+    tp.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
+                    help=f"starting configuration (default: {DEFAULT_PRESET})")
+    tp.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
+    tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                    help="continue the run in --out (or from checkpoint PATH) exactly where it stopped")
+    tp.set_defaults(func=cmd_train)
+
+    d = SampleConfig()
+    helps = field_help(SampleConfig)
+    smp = sub.add_parser("sample", help="generate text from a trained model",
+                         formatter_class=_defaults_formatter,
+                         description="Generate text from a run's latest checkpoint or a checkpoint directory.")
+    smp.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
+    smp.add_argument("--prompt", default=d.prompt, help=f"{helps.get('prompt', '')} (default: newline)")
+    smp.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                     help=f"{helps.get('max_new_tokens', '')} (default: {d.max_new_tokens})")
+    smp.add_argument("--top-k", type=int, default=d.top_k, help=f"{helps.get('top_k', '')} (default: {d.top_k})")
+    smp.add_argument("--temperature", type=float, default=d.temperature,
+                     help=f"{helps.get('temperature', '')} (default: {d.temperature})")
+    smp.add_argument("--num-samples", type=int, default=d.num_samples,
+                     help=f"{helps.get('num_samples', '')} (default: {d.num_samples})")
+    smp.add_argument("--seed", type=int, default=d.seed, help=f"{helps.get('seed', '')} (default: {d.seed})")
+    smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    smp.set_defaults(func=cmd_sample)
+    return p
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        code = func(args)
+    except GptforgeError as e:
+        print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"gptforge {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

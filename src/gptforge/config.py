@@ -1,0 +1,477 @@
+"""Typed configuration: one dataclass per concern, presets, TOML files and dotted overrides.
+
+A run is resolved in this order, each layer overriding the one before:
+    preset (``--preset``)  ->  TOML file (``--config``)  ->  ``--set section.key=value`` overrides.
+Every value is checked at this boundary: a wrong value raises ``ConfigError`` naming the key and
+what is allowed, and an unknown key is an error rather than silently ignored.
+
+Field docstrings (the string literal under each field) are the CLI's help text.
+This module imports nothing heavier than the standard library, so it is cheap to import anywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from gptforge.errors import GptforgeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(GptforgeError):
+    """A configuration value, key or file is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2 model. Names follow GPT-2's own (n_layer, n_head, n_embd, block_size)."""
+
+    n_layer: int = 12
+    "number of transformer blocks"
+    n_head: int = 12
+    "attention heads per block (n_embd must divide by it)"
+    n_embd: int = 768
+    "width of the residual stream"
+    block_size: int = 1024
+    "longest context the model can attend over (positions in wpe)"
+    vocab_size: int = 50257
+    "tokens the model can read and predict; 0 in a run config means: take it from the data"
+    pad_vocab_multiple: int = 1
+    "round the embedding table up to a multiple of this (64 gives 50,304 rows for speed); padded ids are never predicted"
+    dropout: float = 0.0
+    "dropout probability on attention, residual and embeddings (0 disables)"
+    bias: bool = True
+    "biases in Linear and LayerNorm layers, as in GPT-2"
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """A named model shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a small one for CPU."""
+        if name not in MODEL_PRESETS:
+            raise ConfigError(
+                f"unknown model preset {name!r}: choose one of {', '.join(MODEL_PRESETS)}"
+            )
+        cfg = cls(**{**MODEL_PRESETS[name], **overrides})
+        validate(cfg, "model")
+        return cfg
+
+
+# GPT-2's published shapes (Radford et al. 2019, table 2; the released checkpoints), plus small
+# shapes that train in seconds on a CPU for tests and laptops.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    "directory written by `gptforge prepare` (train.bin, val.bin, meta.json)"
+    loader: str = "sequential"
+    "sequential: consecutive windows, wrapping at the end (the original recipe); random: seeded random windows"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    "peak learning rate, reached at the end of warmup"
+    min_lr: float = 6e-5
+    "learning rate at the end of the cosine decay, and after it"
+    warmup_steps: int = 1000
+    "steps of linear warmup: lr = lr * (step + 1) / warmup_steps"
+    decay_steps: int = 300_000
+    "step at which the cosine decay reaches min_lr"
+    beta1: float = 0.9
+    "AdamW beta1"
+    beta2: float = 0.95
+    "AdamW beta2"
+    eps: float = 1e-8
+    "AdamW epsilon"
+    weight_decay: float = 0.1
+    "AdamW weight decay, applied to 2-D weights (matmuls, embeddings) only"
+    grad_clip: float = 1.0
+    "clip the global gradient norm to this (0 disables clipping)"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    "sequences per micro-step per process"
+    seq_len: int = 64
+    "tokens per sequence (at most model.block_size)"
+    total_batch_tokens: int = 4096
+    "tokens per optimizer step over all processes; accumulation steps = this / (batch_size * seq_len * processes)"
+    max_steps: int = 300_000
+    "stop after this many optimizer steps"
+    target_loss: float = 0.0
+    "stop once the training loss of a step is below this (0 disables)"
+    log_interval: int = 100
+    "print a log line and write metrics.jsonl every this many steps"
+    eval_interval: int = 0
+    "compute validation loss every this many steps when the data has a val split (0 disables; always done at the end)"
+    eval_max_batches: int = 0
+    "cap on validation batches per evaluation (0: the whole val split)"
+    save_interval: int = 0
+    "write a checkpoint every this many steps (0: only at the end)"
+    keep_last: int = 3
+    "how many step checkpoints to keep (older ones are deleted)"
+    device: str = "auto"
+    "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+    dtype: str = "auto"
+    "auto (bf16 autocast where the hardware supports it, else fp32), float32, bfloat16 or float16"
+    seed: int = 1337
+    "seed for model initialisation, data order and dropout"
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "\n"
+    "text to continue"
+    max_new_tokens: int = 200
+    "tokens to generate per sample"
+    top_k: int = 50
+    "sample among the k most likely tokens (0: all)"
+    temperature: float = 1.0
+    "divide logits by this before sampling (lower is more conservative)"
+    num_samples: int = 1
+    "independent samples to draw, generated as one batch"
+    seed: int = 1337
+    "random seed: the same seed gives the same text"
+
+
+@dataclass
+class RunConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str = "config") -> "RunConfig":
+        cfg = cls()
+        apply_dict(cfg, d, origin)
+        return cfg
+
+
+SECTIONS = ("model", "data", "optim", "train", "sample")
+
+# Run presets: the sections each one sets on top of the defaults above.
+RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The original notebook's recipe, exactly: GPT-2 124M on Tiny Shakespeare (GPT-2 BPE),
+    # micro-batch 16 x 64, 4 accumulation steps, warmup 1,000 to 6e-4, cosine to 6e-5 at 300,000,
+    # consecutive windows, stop once a step's training loss is under 0.09, a log line every 100.
+    "gpt2-shakespeare": {
+        "model": dict(MODEL_PRESETS["gpt2"]),
+        "data": dict(loader="sequential"),
+        "optim": dict(lr=6e-4, min_lr=6e-5, warmup_steps=1000, decay_steps=300_000,
+                      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
+        "train": dict(batch_size=16, seq_len=64, total_batch_tokens=16 * 64 * 4,
+                      max_steps=300_000, target_loss=0.09, log_interval=100),
+    },
+    # nanoGPT's small CPU recipe for character-level Tiny Shakespeare (its README's
+    # "baby GPT" command line), so results can be compared with that trainer.
+    "shakespeare-char": {
+        "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=0,
+                      dropout=0.0, bias=False),
+        "data": dict(loader="random"),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000,
+                      beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0),
+        "train": dict(batch_size=12, seq_len=64, total_batch_tokens=12 * 64, max_steps=2000,
+                      log_interval=10, eval_interval=250),
+    },
+    # Tiny models for tests and quick experiments on any machine.
+    "gpt2-tiny": {
+        "model": dict(MODEL_PRESETS["gpt2-tiny"], vocab_size=0),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=200),
+        "train": dict(batch_size=8, seq_len=32, total_batch_tokens=8 * 32, max_steps=200,
+                      log_interval=10),
+    },
+    "gpt2-mini": {
+        "model": dict(MODEL_PRESETS["gpt2-mini"], vocab_size=0),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=50, decay_steps=2000),
+        "train": dict(batch_size=16, seq_len=128, total_batch_tokens=16 * 128, max_steps=2000,
+                      log_interval=50, eval_interval=500),
+    },
+}
+DEFAULT_PRESET = "gpt2-shakespeare"
+
+
+def run_preset(name: str) -> RunConfig:
+    if name not in RUN_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(RUN_PRESETS)}")
+    return RunConfig.from_dict(RUN_PRESETS[name], origin=f"preset {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading values from dicts, TOML files and the command line
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    hints = get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a value against a field type (int, float, bool, str), converting only where lossless."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    pass
+                else:
+                    if as_float.is_integer():
+                        return int(as_float)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the four scalar types are used
+        raise AssertionError(f"unsupported config type {typ} for {key}")
+    raise ConfigError(f"{key} must be {typ.__name__}, got {value!r}")
+
+
+def apply_dict(cfg: RunConfig, d: dict[str, Any], origin: str) -> None:
+    """Set ``cfg``'s fields from a nested dict ``{section: {key: value}}``; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{origin}: expected a table of sections, got {type(d).__name__}")
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{origin}: unknown section [{section}]; sections are {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table of keys")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value, origin)
+
+
+def set_value(cfg: RunConfig, dotted: str, value: Any, origin: str = "--set") -> None:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        raise ConfigError(
+            f"{origin}: {dotted!r} is not a config key; keys look like train.max_steps "
+            f"(sections: {', '.join(SECTIONS)})"
+        )
+    obj = getattr(cfg, section)
+    types = _fields(obj)
+    if key not in types:
+        raise ConfigError(
+            f"{origin}: unknown key {dotted!r}; {section} keys are {', '.join(types)}"
+        )
+    setattr(obj, key, _coerce(value, types[key], dotted))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``'optim.lr=3e-4'`` -> ``('optim.lr', '3e-4')``; the value is typed later by its field."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+    value = value.strip()
+    # Accept quoted strings from shells that keep the quotes ('--set sample.prompt="Hi"').
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            value = value[1:-1]
+    return key.strip(), value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist: check the path given to --config")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML ({e}): fix it or remove --config")
+
+
+def resolve(preset: str | None, config_file: str | None, overrides: list[str]) -> RunConfig:
+    """preset -> TOML -> dotted overrides, then validated."""
+    cfg = run_preset(preset or DEFAULT_PRESET)
+    if config_file:
+        apply_dict(cfg, load_toml(config_file), origin=str(config_file))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_value(cfg, key, value)
+    validate_run(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: each rule names the key and the allowed values.
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOADERS = ("sequential", "random")
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+def validate(obj: Any, section: str) -> None:
+    """Range checks for one section; raises ConfigError naming the key."""
+    def chk(key: str, ok: bool, allowed: str) -> None:
+        _check(ok, f"{section}.{key}", allowed, getattr(obj, key))
+
+    def finite(key: str) -> bool:
+        return math.isfinite(getattr(obj, key))
+
+    if isinstance(obj, GPTConfig):
+        chk("n_layer", obj.n_layer >= 1, "must be >= 1")
+        chk("n_head", obj.n_head >= 1, "must be >= 1")
+        chk("n_embd", obj.n_embd >= 1 and obj.n_embd % obj.n_head == 0,
+            f"must be >= 1 and divisible by model.n_head={obj.n_head}")
+        chk("block_size", obj.block_size >= 1, "must be >= 1")
+        chk("vocab_size", 0 <= obj.vocab_size <= 65536,
+            "must be between 1 and 65,536 (tokens are stored as uint16), or 0 to take it from the data")
+        chk("pad_vocab_multiple", obj.pad_vocab_multiple >= 1, "must be >= 1 (1 means no padding)")
+        chk("dropout", 0.0 <= obj.dropout < 1.0, "must be in [0, 1)")
+    elif isinstance(obj, DataConfig):
+        chk("loader", obj.loader in LOADERS, f"choose one of {', '.join(LOADERS)}")
+    elif isinstance(obj, OptimConfig):
+        chk("lr", finite("lr") and obj.lr > 0, "must be a positive number")
+        chk("min_lr", finite("min_lr") and 0 <= obj.min_lr <= obj.lr,
+            f"must be between 0 and optim.lr={obj.lr}")
+        chk("warmup_steps", obj.warmup_steps >= 0, "must be >= 0")
+        chk("decay_steps", obj.decay_steps >= obj.warmup_steps,
+            f"must be >= optim.warmup_steps={obj.warmup_steps}")
+        chk("beta1", 0.0 <= obj.beta1 < 1.0, "must be in [0, 1)")
+        chk("beta2", 0.0 <= obj.beta2 < 1.0, "must be in [0, 1)")
+        chk("eps", finite("eps") and obj.eps > 0, "must be a positive number")
+        chk("weight_decay", finite("weight_decay") and obj.weight_decay >= 0, "must be >= 0")
+        chk("grad_clip", finite("grad_clip") and obj.grad_clip >= 0, "must be >= 0 (0 disables)")
+    elif isinstance(obj, TrainConfig):
+        for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_interval"):
+            chk(key, getattr(obj, key) >= 1, "must be >= 1")
+        for key in ("eval_interval", "eval_max_batches", "save_interval"):
+            chk(key, getattr(obj, key) >= 0, "must be >= 0 (0 disables)")
+        chk("keep_last", obj.keep_last >= 1, "must be >= 1")
+        chk("target_loss", finite("target_loss") and obj.target_loss >= 0, "must be >= 0 (0 disables)")
+        base = obj.device.split(":")[0]
+        chk("device", base in DEVICES and (obj.device.count(":") == 0 or
+                                          (base == "cuda" and obj.device.split(":")[1].isdigit())),
+            f"choose one of {', '.join(DEVICES)} or cuda:N")
+        chk("dtype", obj.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}")
+        chk("seed", 0 <= obj.seed < 2**63, "must be a non-negative integer")
+    elif isinstance(obj, SampleConfig):
+        chk("max_new_tokens", obj.max_new_tokens >= 1, "must be >= 1")
+        chk("top_k", obj.top_k >= 0, "must be >= 0 (0: no top-k filtering)")
+        chk("temperature", finite("temperature") and obj.temperature > 0, "must be > 0")
+        chk("num_samples", obj.num_samples >= 1, "must be >= 1")
+        chk("seed", 0 <= obj.seed < 2**63, "must be a non-negative integer")
+    else:  # pragma: no cover
+        raise AssertionError(type(obj))
+
+
+def validate_run(cfg: RunConfig) -> None:
+    for section in SECTIONS:
+        validate(getattr(cfg, section), section)
+    t, m = cfg.train, cfg.model
+    _check(t.seq_len <= m.block_size, "train.seq_len",
+           f"must be <= model.block_size={m.block_size}", t.seq_len)
+
+
+def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step, derived from the batch keys; errors when they do not divide."""
+    per_micro = train.batch_size * train.seq_len * world_size
+    if train.total_batch_tokens % per_micro != 0:
+        procs = f" x {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(
+            f"train.total_batch_tokens={train.total_batch_tokens} is not a multiple of "
+            f"train.batch_size x train.seq_len{procs} = {per_micro}: change one of them"
+        )
+    return train.total_batch_tokens // per_micro
+
+
+def format_config(cfg: RunConfig) -> str:
+    """The resolved config as TOML-like text, printed at start and saved with the run."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def field_help(obj_type: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(obj_type))
+    except (OSError, TypeError):  # source not available (e.g. zipped install)
+        return {}
+    cls = tree.body[0]
+    out: dict[str, str] = {}
+    body = cls.body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            out[node.target.id] = nxt.value.value
+    return out
+
+
+SECTION_TYPES: dict[str, type] = {
+    "model": GPTConfig, "data": DataConfig, "optim": OptimConfig,
+    "train": TrainConfig, "sample": SampleConfig,
+}

@@ -1,0 +1,417 @@
+"""The training loop: one visible loop built from small pure helpers.
+
+    resolve device and precision -> load data -> build model and AdamW -> (resume) ->
+    for each step: lr_at(step) -> train_step (accumulate, clip, step) -> log / eval / save
+
+Stops on ``train.max_steps``, on ``train.target_loss``, or on Ctrl-C / SIGTERM (the current step
+finishes, a checkpoint is saved, and the run ends cleanly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from gptforge.checkpoint import (
+    Checkpoint, CheckpointError, load_optimizer, load_weights, save_best, save_checkpoint,
+)
+from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
+from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
+from gptforge.device import autocast, pick_autocast_dtype, pick_device
+from gptforge.errors import GptforgeError
+from gptforge.metrics import MetricsLog, format_step
+from gptforge.model import GPT
+from gptforge.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingDiverged(GptforgeError):
+    """The loss or gradient norm stopped being a finite number."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the micro-steps
+    norm: float  # global gradient norm before clipping
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    accum_steps: int,
+    grad_clip: float,
+    amp: Callable[[], contextlib.AbstractContextManager],
+    scaler: torch.amp.GradScaler | None = None,
+    step: int = 0,
+) -> StepResult:
+    """Forward and backward over ``accum_steps`` micro-batches, clip, and one optimizer step.
+
+    Each micro-step's loss is divided by ``accum_steps`` so the summed gradient equals the
+    gradient of the mean loss over the whole batch. A non-finite loss or gradient norm stops
+    before the optimizer step, so the weights stay those of the last good step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = None
+    for _ in range(accum_steps):
+        x, y = batches()
+        with amp():
+            _, loss = model(x, y)
+        loss = loss / accum_steps
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # max_norm=inf measures the norm without changing the gradients.
+    norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf")
+    )
+    loss_value, norm_value = loss_sum.item(), norm.item()
+    if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm_value)):
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        raise TrainingDiverged(
+            f"the {what} became {loss_value if what == 'loss' else norm_value} at step {step}: "
+            "the run stopped and its last checkpoint is intact; lower optim.lr or raise "
+            "optim.warmup_steps, then resume"
+        )
+    if scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(loss_value, norm_value)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    amp: Callable[[], contextlib.AbstractContextManager],
+    max_batches: int = 0,
+) -> float:
+    """Mean next-token loss over consecutive windows of a split (all of it unless capped)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(iter_eval_batches(tokens, batch_size, seq_len)):
+        if max_batches and i >= max_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        with amp():
+            _, loss = model(x, y)
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state, for exact resume
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(_from_json(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _to_json(obj: Any) -> Any:
+    return [_to_json(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _from_json(obj: Any) -> Any:
+    return tuple(_from_json(o) for o in obj) if isinstance(obj, list) else obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step.
+
+    A second Ctrl-C restores the default handler's behaviour (KeyboardInterrupt) for the impatient.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    last_loss: float
+    val_loss: float | None
+    best_val_loss: float | None
+    checkpoint: Path | None
+    stopped_by: str  # "max_steps", "target_loss" or a signal name
+    wall_s: float
+
+
+def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    pin = device.type == "cuda"
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = loader.next_batch()
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+
+    return next_batch
+
+
+def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
+    """A new run needs an empty (or absent) directory, so one run never overwrites another."""
+    if resuming:
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptforgeError(f"--out {run_dir} is a file: choose a directory for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise GptforgeError(
+            f"--out {run_dir} already holds files: continue that run with --resume, "
+            "or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_model_vocab(cfg: RunConfig, meta: dict[str, Any]) -> None:
+    """Take the model's vocabulary from the data where the config leaves it at 0; else check."""
+    data_vocab = int(meta["vocab_size"])
+    tok_name = meta["tokenizer"]["name"]
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data_vocab
+    elif cfg.model.vocab_size != data_vocab:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} does not match the data's {tok_name} "
+            f"tokenizer ({data_vocab} tokens): set model.vocab_size={data_vocab} (or 0 to take "
+            "it from the data), or prepare the data with the tokenizer the model expects"
+        )
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    resume: Checkpoint | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train per ``cfg``, writing metrics and checkpoints under ``run_dir``.
+
+    With ``resume``, the weights, optimizer, data cursor and RNG state continue from that
+    checkpoint, so the run goes on exactly as if it had never stopped.
+    """
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    tc, oc = cfg.train, cfg.optim
+
+    # 1. data, and the model's vocabulary from it
+    meta = load_meta(cfg.data.path)
+    if resume is not None and meta["tokenizer"] != resume.tokenizer:
+        raise CheckpointError(
+            f"checkpoint {resume.path} was trained with a different tokenizer than the data in "
+            f"{cfg.data.path}: resume with the data the run was started with"
+        )
+    resolve_model_vocab(cfg, meta)
+    validate_run(cfg)
+    accum = grad_accum_steps(tc)
+    train_tokens = read_shard(Path(cfg.data.path) / "train.bin")
+    val_tokens = read_shard(Path(cfg.data.path) / "val.bin") if meta["val_tokens"] > 0 else None
+    loader = TokenLoader(train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader, seed=tc.seed)
+
+    # 2. device and precision
+    device = pick_device(tc.device)
+    amp_dtype = pick_autocast_dtype(device, tc.dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for what autocast leaves in fp32
+        torch.backends.cudnn.allow_tf32 = True
+
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast(device, amp_dtype)
+
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    # 3. model and optimizer (seeded, so the same seed gives the same initial weights)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = build_optimizer(model, oc, device.type)
+
+    step, tokens_seen, best_val = 0, 0, None
+    if resume is not None:
+        load_weights(model, resume)
+        load_optimizer(optimizer, resume)
+        state = resume.trainer
+        step, tokens_seen = int(state["step"]), int(state["tokens"])
+        best_val = state.get("best_val_loss")
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"], device)
+        if step >= tc.max_steps:
+            raise GptforgeError(
+                f"the run in {resume.path} is already at step {step} = train.max_steps: "
+                f"resume with --set train.max_steps=N for N > {step} to train further"
+            )
+
+    prepare_run_dir(run_dir, resuming=resume is not None)
+    (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    tokenizer = meta["tokenizer"]
+
+    log(format_config(cfg).rstrip())
+    prec = {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}
+    log(f"device: {device} ({platform.processor() or platform.machine()}), precision: "
+        f"{prec[amp_dtype]}, threads: {torch.get_num_threads()}")
+    log(f"model: {model.num_params():,} parameters; data: {len(train_tokens):,} train tokens, "
+        f"{0 if val_tokens is None else len(val_tokens):,} val tokens ({tokenizer['name']})")
+    log(f"batch: {tc.batch_size} x {tc.seq_len} tokens x {accum} accumulation steps = "
+        f"{tc.total_batch_tokens:,} tokens per step")
+    if resume is not None:
+        log(f"resuming from {resume.path} at step {step}")
+
+    def trainer_state(last_loss: float) -> dict[str, Any]:
+        return {
+            "step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
+            "rng": rng_state(device), "best_val_loss": best_val, "last_loss": last_loss,
+            "wall_s": time.time() - t_start,
+        }
+
+    def save(last_loss: float, val_loss: float | None) -> Path:
+        nonlocal best_val
+        is_best = val_loss is not None and (best_val is None or val_loss < best_val)
+        if is_best:
+            best_val = val_loss
+        path = save_checkpoint(run_dir, model, optimizer, cfg, tokenizer, trainer_state(last_loss),
+                               keep_last=tc.keep_last)
+        if is_best:
+            save_best(run_dir, path)
+        return path
+
+    def validate() -> float | None:
+        if val_tokens is None or len(val_tokens) < tc.seq_len + 1:
+            return None
+        return evaluate_loss(model, val_tokens, tc.batch_size, tc.seq_len, device, amp,
+                             tc.eval_max_batches)
+
+    # 4. the loop
+    next_batch = _device_batches(loader, device)
+    model.train()
+    last_loss, val_loss, ckpt_path = float("nan"), None, None
+    stopped_by = "max_steps"
+    saved_step = step  # a resumed run's starting point is already on disk
+    try:
+        with StopFlag() as stop:
+            while step < tc.max_steps:
+                lr = lr_at(step, oc)
+                set_lr(optimizer, lr)
+                t0 = time.perf_counter()
+                result = train_step(model, optimizer, next_batch, accum, oc.grad_clip, amp,
+                                    scaler, step)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                last_loss = result.loss
+                done_step = step
+                step += 1
+                tokens_seen += tc.total_batch_tokens
+
+                val_loss = None
+                if tc.eval_interval and step % tc.eval_interval == 0:
+                    val_loss = validate()
+                reached_target = tc.target_loss > 0 and result.loss < tc.target_loss
+                last = step >= tc.max_steps or reached_target or bool(stop)
+                if done_step % tc.log_interval == 0 or last or val_loss is not None:
+                    tok_per_s = tc.total_batch_tokens / dt
+                    if done_step % tc.log_interval == 0 or last:
+                        log(format_step(done_step, result.loss, lr, result.norm, dt * 1000, tok_per_s))
+                    if val_loss is not None:
+                        log(f"step {done_step:5d} | val loss: {val_loss:.6f}")
+                    record = dict(step=done_step, loss=result.loss, lr=lr, norm=result.norm,
+                                  dt_ms=dt * 1000, tok_per_s=tok_per_s, tokens=tokens_seen)
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                    metrics.write(**record)
+                if tc.save_interval and step % tc.save_interval == 0 and not last:
+                    ckpt_path = save(result.loss, val_loss)
+                    saved_step = step
+                if reached_target:
+                    stopped_by = "target_loss"
+                    log(f"training loss {result.loss:.6f} is below train.target_loss="
+                        f"{tc.target_loss} at step {done_step}: stopping")
+                    break
+                if stop:
+                    stopped_by = stop.signal_name or "signal"
+                    log(f"{stopped_by} received: finished step {done_step}, saving and stopping")
+                    break
+
+            # 5. the end: a final evaluation and a checkpoint of where the run stopped
+            if val_loss is None and step > 0 and stopped_by in ("max_steps", "target_loss"):
+                val_loss = validate()
+                if val_loss is not None:
+                    log(f"step {step - 1:5d} | val loss: {val_loss:.6f}")
+                    metrics.write(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
+            if step != saved_step and step > 0:
+                ckpt_path = save(last_loss, val_loss)
+    finally:
+        metrics.close()
+
+    wall = time.time() - t_start
+    return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, best_val, ckpt_path,
+                       stopped_by, wall)

@@ -1,0 +1,103 @@
+"""Typed configs: presets, TOML, dotted overrides, validation that names the key."""
+
+import pytest
+
+from gptforge.config import (
+    ConfigError, RUN_PRESETS, grad_accum_steps, parse_override, resolve, run_preset,
+)
+
+
+def test_gpt2_shakespeare_is_the_original_recipe():
+    cfg = run_preset("gpt2-shakespeare")
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (12, 12, 768, 1024, 50257)
+    assert m.pad_vocab_multiple == 1 and m.dropout == 0.0 and m.bias
+    assert (o.lr, o.min_lr, o.warmup_steps, o.decay_steps) == (6e-4, 6e-5, 1000, 300_000)
+    assert (o.beta1, o.beta2, o.weight_decay, o.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert (t.batch_size, t.seq_len, t.total_batch_tokens) == (16, 64, 4096)
+    assert grad_accum_steps(t) == 4
+    assert t.target_loss == 0.09 and t.log_interval == 100
+    assert cfg.data.loader == "sequential"
+
+
+def test_shakespeare_char_is_nanogpts_cpu_recipe():
+    cfg = run_preset("shakespeare-char")
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (t.batch_size, t.seq_len, t.max_steps, grad_accum_steps(t)) == (12, 64, 2000, 1)
+    assert (o.lr, o.min_lr, o.warmup_steps, o.decay_steps, o.beta2) == (1e-3, 1e-4, 100, 2000, 0.99)
+
+
+def test_every_preset_is_valid():
+    for name in RUN_PRESETS:
+        resolve(name, None, [])
+
+
+def test_dotted_overrides_are_typed_by_field():
+    cfg = resolve("gpt2-tiny", None, ["optim.lr=3e-4", "train.max_steps=7", "model.bias=false",
+                                      "train.device=cpu", "sample.prompt='hi there'"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7 and cfg.model.bias is False
+    assert cfg.train.device == "cpu" and cfg.sample.prompt == "hi there"
+    assert parse_override("a.b = 1") == ("a.b", "1")
+
+
+def test_toml_file_then_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("[optim]\nlr = 1e-3\n[train]\nmax_steps = 50\nseed = 3\n")
+    cfg = resolve("gpt2-tiny", str(f), ["train.seed=4"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.max_steps == 50 and cfg.train.seed == 4
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["optimizer.lr=1"], "not a config key"),
+    (["optim.lr"], "expected KEY=VALUE"),
+    (["train.max_steps=ten"], "train.max_steps must be int"),
+    (["train.max_steps=1.5"], "train.max_steps must be int"),
+    (["model.bias=maybe"], "model.bias must be bool"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is out of range"),
+    (["optim.lr=nan"], "optim.lr"),
+    (["optim.beta2=1.0"], "optim.beta2"),
+    (["train.seq_len=100"], "train.seq_len=100 is out of range: must be <= model.block_size=64"),
+    (["train.device=tpu"], "train.device"),
+    (["train.dtype=fp8"], "train.dtype"),
+    (["data.loader=shuffle"], "data.loader"),
+    (["model.n_head=3"], "model.n_embd"),
+    (["model.vocab_size=70000"], "model.vocab_size"),
+])
+def test_bad_values_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve("gpt2-tiny", None, overrides)
+
+
+def test_bad_toml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(None, str(tmp_path / "nope.toml"), [])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(None, str(bad), [])
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[optim]\nlearning_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        resolve(None, str(unknown), [])
+    section = tmp_path / "section.toml"
+    section.write_text("[trainer]\nmax_steps = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[trainer\]"):
+        resolve(None, str(section), [])
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text("[train]\nmax_steps = \"many\"\n")
+    with pytest.raises(ConfigError, match="train.max_steps must be int"):
+        resolve(None, str(wrong_type), [])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'gpt3'"):
+        resolve("gpt3", None, [])
+
+
+def test_accumulation_steps_must_divide():
+    cfg = resolve("gpt2-shakespeare", None, ["train.total_batch_tokens=5000"])
+    with pytest.raises(ConfigError, match="not a multiple of train.batch_size x train.seq_len = 1024"):
+        grad_accum_steps(cfg.train)
+    assert grad_accum_steps(resolve("gpt2-shakespeare", None, []).train, world_size=2) == 2

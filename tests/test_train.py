@@ -1,0 +1,259 @@
+"""The trainer: accumulation, determinism, logging, stopping, checkpoints, the CLI end to end."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge import GPT, GPTConfig
+from gptforge.checkpoint import build_model, load_checkpoint
+from gptforge.cli import main
+from gptforge.config import resolve
+from gptforge.data import prepare
+from gptforge.metrics import format_step, read_metrics
+from gptforge.train import train, train_step
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare not found")
+
+
+def shakespeare_head(n_chars: int) -> str:
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
+    # Enough varied text for the tests that only need some text.
+    return ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400)[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    src = d / "input.txt"
+    src.write_text(shakespeare_head(20_000), encoding="utf-8")
+    prepare([str(src)], str(d / "char"), tokenizer="char", val_fraction=0.1, progress=False)
+    return d / "char"
+
+
+def tiny_cfg(data: Path, *extra: str):
+    return resolve("gpt2-tiny", None, [f"data.path={data}", "train.device=cpu",
+                                       "train.dtype=float32", *extra])
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_log_line_has_the_originals_format():
+    line = format_step(100, 6.61, 6.06e-5, 1.642, 828.0, 4946.0)
+    assert line == ("step   100 | loss: 6.610000 | lr: 6.06e-05 | norm: 1.6420 | "
+                    "dt: 828.00ms | tok/sec: 4946.00")
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """4 micro-steps of 16 sequences give the gradient of one step of 64 sequences."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("gpt2-tiny", vocab_size=97)
+    x = torch.randint(0, 97, (64, 32))
+    y = torch.randint(0, 97, (64, 32))
+    grads = []
+    for micro, accum in [(64, 1), (16, 4)]:
+        torch.manual_seed(1)
+        model = GPT(cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: look at gradients only
+        chunks = iter([(x[i:i + micro], y[i:i + micro]) for i in range(0, 64, micro)])
+        result = train_step(model, opt, lambda: next(chunks), accum, 0.0, lambda: torch.autocast("cpu", enabled=False))
+        grads.append(([p.grad.clone() for p in model.parameters()], result.loss, result.norm))
+    (g1, loss1, norm1), (g4, loss4, norm4) = grads
+    for a, b in zip(g1, g4):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert loss1 == pytest.approx(loss4, rel=1e-5)
+    assert norm1 == pytest.approx(norm4, rel=1e-4)
+
+
+def test_same_seed_same_losses_and_loss_decreases(char_data, tmp_path):
+    runs = []
+    for name in ["a", "b"]:
+        cfg = tiny_cfg(char_data, "train.max_steps=40", "train.log_interval=1")
+        train(cfg, tmp_path / name, log=quiet)
+        runs.append([m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m])
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 40
+    losses = runs[0]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5  # char vocab ~60: starts near ln(60) = 4.1
+    other = tiny_cfg(char_data, "train.max_steps=5", "train.log_interval=1", "train.seed=7")
+    train(other, tmp_path / "c", log=quiet)
+    other_losses = [m["loss"] for m in read_metrics(tmp_path / "c" / "metrics.jsonl") if "loss" in m]
+    assert other_losses != losses[:5]
+
+
+def test_metrics_and_log_lines_every_interval(char_data, tmp_path):
+    lines: list[str] = []
+    cfg = tiny_cfg(char_data, "train.max_steps=25", "train.log_interval=10", "train.eval_interval=10")
+    result = train(cfg, tmp_path / "run", log=lines.append)
+    steps = [l for l in lines if l.startswith("step") and "| loss:" in l]
+    assert [int(l.split("|")[0].split()[1]) for l in steps] == [0, 10, 20, 24]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"step", "loss", "lr", "norm", "dt_ms", "tok_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [9, 19, 24]
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+    assert result.step == 25 and result.tokens == 25 * 8 * 32
+    assert (tmp_path / "run" / "config.toml").read_text().startswith("[model]")
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 25 and ckpt.path.name == "step_0000025"
+    assert ckpt.config.model.vocab_size == result_vocab(char_data)
+
+
+def result_vocab(data: Path) -> int:
+    return json.loads((data / "meta.json").read_text())["vocab_size"]
+
+
+def test_target_loss_stops_the_run(char_data, tmp_path):
+    cfg = tiny_cfg(char_data, "train.max_steps=100", "train.target_loss=3.5", "train.log_interval=1")
+    result = train(cfg, tmp_path / "run", log=quiet)
+    assert result.stopped_by == "target_loss"
+    assert result.step < 100 and result.last_loss < 3.5
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert all(l >= 3.5 for l in losses[:-1])
+
+
+def test_checkpoint_reloads_the_same_model(char_data, tmp_path):
+    cfg = tiny_cfg(char_data, "train.max_steps=5")
+    train(cfg, tmp_path / "run", log=quiet)
+    ckpt = load_checkpoint(tmp_path / "run")
+    model = build_model(ckpt)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    again = build_model(load_checkpoint(ckpt.path))
+    torch.testing.assert_close(model(x)[0], again(x)[0], rtol=0, atol=0)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_resume_continues_bit_identically(char_data, tmp_path):
+    """N steps, stop, resume N more == 2N straight: every loss and the final weights (fp32, CPU)."""
+    extra = ["train.log_interval=1", "train.total_batch_tokens=512"]  # 2 accumulation steps
+    for loader in ["sequential", "random"]:
+        full = tiny_cfg(char_data, "train.max_steps=12", f"data.loader={loader}", *extra)
+        train(full, tmp_path / f"full-{loader}", log=quiet)
+        half = tiny_cfg(char_data, "train.max_steps=6", f"data.loader={loader}", *extra)
+        train(half, tmp_path / f"half-{loader}", log=quiet)
+        ckpt = load_checkpoint(tmp_path / f"half-{loader}")
+        cfg = ckpt.config
+        cfg.train.max_steps = 12
+        train(cfg, tmp_path / f"half-{loader}", resume=ckpt, log=quiet)
+        a = read_metrics(tmp_path / f"full-{loader}" / "metrics.jsonl")
+        b = read_metrics(tmp_path / f"half-{loader}" / "metrics.jsonl")
+        key = lambda r: (r["step"], r.get("loss"), r.get("norm"))  # noqa: E731
+        assert [key(r) for r in a if "loss" in r] == [key(r) for r in b if "loss" in r]
+        wa = build_model(load_checkpoint(tmp_path / f"full-{loader}")).state_dict()
+        wb = build_model(load_checkpoint(tmp_path / f"half-{loader}")).state_dict()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), k
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+def test_cli_prepare_train_sample_end_to_end(tmp_path, capsys):
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare_head(30_000), encoding="utf-8")
+    assert run_cli("prepare", str(src), "--out", str(tmp_path / "data"), "--tokenizer", "char") == 0
+    assert run_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                   "--preset", "gpt2-tiny", "--set", "train.max_steps=30",
+                   "--set", "train.device=cpu") == 0
+    out = capsys.readouterr().out
+    assert "[model]" in out and "step    29 | loss:" in out and "gptforge sample --ckpt" in out
+    assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "ROMEO:",
+                   "--max-new-tokens", "40", "--num-samples", "2", "--seed", "3") == 0
+    first = capsys.readouterr().out
+    assert first.count("ROMEO:") == 2 and "-" * 40 in first
+    assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "ROMEO:",
+                   "--max-new-tokens", "40", "--num-samples", "2", "--seed", "3") == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+    # A new run into the same directory is refused rather than overwriting it.
+    assert run_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                   "--preset", "gpt2-tiny") == 2
+    assert "already holds files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.lr=-3"], "optim.lr=-3.0 is out of range"),
+    (["--set", "train.nope=1"], "unknown key 'train.nope'"),
+    (["--set", "model.vocab_size=50257"], "model.vocab_size=50257 does not match"),
+    (["--set", "train.total_batch_tokens=1000"], "not a multiple of"),
+    (["--set", "train.device=cuda"] if not torch.cuda.is_available() else ["--set", "train.dtype=x"],
+     "train.d"),
+])
+def test_cli_config_errors_are_one_line_exit_2(char_data, tmp_path, capsys, args, message):
+    code = run_cli("train", "--data", str(char_data), "--out", str(tmp_path / "run"),
+                   "--preset", "gpt2-tiny", *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_cli_missing_data_and_checkpoint(tmp_path, capsys):
+    assert run_cli("train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")) == 2
+    assert "gptforge prepare" in capsys.readouterr().err
+    assert run_cli("sample", "--ckpt", str(tmp_path / "nothing")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_cli("sample", "--ckpt", str(tmp_path / "empty")) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_0(char_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out",
+         str(tmp_path / "run"), "--preset", "gpt2-tiny", "--set", "train.max_steps=100000",
+         "--set", "train.log_interval=1", "--set", "train.device=cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGINT received" in out
+    ckpt = load_checkpoint(tmp_path / "run")
+    logged = read_metrics(metrics)
+    assert ckpt.step == logged[-1]["step"] + 1 >= 3
+
+
+@needs_shakespeare
+def test_the_original_result_in_miniature(tmp_path, capsys):
+    """The original recipe's optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0, warmup then cosine, the
+    sequential loader, stop under 0.09) memorises a few thousand GPT-2 tokens of Shakespeare."""
+    src = tmp_path / "input.txt"
+    src.write_text(shakespeare_head(12_000), encoding="utf-8")
+    assert run_cli("prepare", str(src), "--out", str(tmp_path / "data"), "--val-fraction", "0") == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["tokenizer"]["name"] == "gpt2" and 2000 < meta["train_tokens"] < 5000
+    code = run_cli(
+        "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+        "--preset", "gpt2-shakespeare",
+        "--set", "model.n_layer=2", "--set", "model.n_head=4", "--set", "model.n_embd=128",
+        "--set", "model.block_size=64", "--set", "optim.lr=2e-3", "--set", "optim.min_lr=2e-4",
+        "--set", "optim.warmup_steps=20", "--set", "optim.decay_steps=600",
+        "--set", "train.max_steps=600", "--set", "train.log_interval=20",
+        "--set", "train.device=cpu")
+    out = capsys.readouterr().out
+    assert code == 0
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert losses[-1] < 0.09, out[-2000:]
+    assert "below train.target_loss=0.09" in out
+    assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "First Citizen:",
+                   "--max-new-tokens", "20", "--top-k", "50") == 0
+    text = capsys.readouterr().out
+    assert text.startswith("First Citizen:") and len(text) > len("First Citizen:") + 20
