@@ -232,26 +232,30 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_0(char_data, tmp_path):
 
 
 @needs_shakespeare
+@pytest.mark.slow
 def test_the_original_result_in_miniature(tmp_path, capsys):
     """The original recipe's optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0, warmup then cosine, the
-    sequential loader, stop under 0.09) memorises a few thousand GPT-2 tokens of Shakespeare."""
+    sequential loader, stop under 0.09) memorises ~1,700 GPT-2 tokens of Shakespeare with a
+    2-layer model. Micro-batch 4 x 64 keeps the 50,257-way output layer affordable on 2 cores
+    (about a minute); the full 124M result needs a GPU (see BENCHMARKS.md)."""
     src = tmp_path / "input.txt"
-    src.write_text(shakespeare_head(12_000), encoding="utf-8")
+    src.write_text(shakespeare_head(6_000), encoding="utf-8")
     assert run_cli("prepare", str(src), "--out", str(tmp_path / "data"), "--val-fraction", "0") == 0
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    assert meta["tokenizer"]["name"] == "gpt2" and 2000 < meta["train_tokens"] < 5000
+    assert meta["tokenizer"]["name"] == "gpt2" and 1500 < meta["train_tokens"] < 2000
     code = run_cli(
         "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
         "--preset", "gpt2-shakespeare",
-        "--set", "model.n_layer=2", "--set", "model.n_head=4", "--set", "model.n_embd=128",
-        "--set", "model.block_size=64", "--set", "optim.lr=2e-3", "--set", "optim.min_lr=2e-4",
-        "--set", "optim.warmup_steps=20", "--set", "optim.decay_steps=600",
-        "--set", "train.max_steps=600", "--set", "train.log_interval=20",
-        "--set", "train.device=cpu")
+        "--set", "model.n_layer=2", "--set", "model.n_head=4", "--set", "model.n_embd=64",
+        "--set", "model.block_size=64", "--set", "optim.lr=3e-3", "--set", "optim.min_lr=2e-4",
+        "--set", "optim.warmup_steps=10", "--set", "optim.decay_steps=500",
+        "--set", "train.batch_size=4", "--set", "train.total_batch_tokens=256",
+        "--set", "train.max_steps=500", "--set", "train.log_interval=50",
+        "--set", "train.device=cpu", "--set", "train.dtype=float32")
     out = capsys.readouterr().out
     assert code == 0
     losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
-    assert losses[-1] < 0.09, out[-2000:]
+    assert losses[0] > 10 and losses[-1] < 0.09, out[-2000:]
     assert "below train.target_loss=0.09" in out
     assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "First Citizen:",
                    "--max-new-tokens", "20", "--top-k", "50") == 0
