@@ -3,7 +3,12 @@
 import pytest
 
 from gptforge.config import (
-    ConfigError, RUN_PRESETS, grad_accum_steps, parse_override, resolve, run_preset,
+    RUN_PRESETS,
+    ConfigError,
+    grad_accum_steps,
+    parse_override,
+    resolve,
+    run_preset,
 )
 
 

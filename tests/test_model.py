@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptforge import GPT, GPTConfig
-from gptforge.config import ConfigError, MODEL_PRESETS
+from gptforge.config import MODEL_PRESETS, ConfigError
 
 
 def tiny(**kw) -> GPTConfig:

@@ -147,7 +147,7 @@ def test_resume_continues_bit_identically(char_data, tmp_path):
         train(cfg, tmp_path / f"half-{loader}", resume=ckpt, log=quiet)
         a = read_metrics(tmp_path / f"full-{loader}" / "metrics.jsonl")
         b = read_metrics(tmp_path / f"half-{loader}" / "metrics.jsonl")
-        key = lambda r: (r["step"], r.get("loss"), r.get("norm"))  # noqa: E731
+        key = lambda r: (r["step"], r.get("loss"), r.get("norm"))
         assert [key(r) for r in a if "loss" in r] == [key(r) for r in b if "loss" in r]
         wa = build_model(load_checkpoint(tmp_path / f"full-{loader}")).state_dict()
         wb = build_model(load_checkpoint(tmp_path / f"half-{loader}")).state_dict()

@@ -2,6 +2,6 @@
 
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.model import GPT
+from gptforge.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "RunConfig", "__version__"]

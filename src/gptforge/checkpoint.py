@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from gptforge.config import ConfigError, GPTConfig, RunConfig
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
+from gptforge.version import __version__
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -142,8 +143,6 @@ def save_checkpoint(
     keep_last: int = 3,
 ) -> Path:
     """Write ``RUN/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune old ones."""
-    from gptforge import __version__
-
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(trainer['step']):07d}"

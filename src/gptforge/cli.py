@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 from gptforge.config import (
-    DEFAULT_PRESET, RUN_PRESETS, SECTION_TYPES, SECTIONS, SampleConfig, field_help, validate,
+    DEFAULT_PRESET,
+    RUN_PRESETS,
+    SECTION_TYPES,
+    SECTIONS,
+    SampleConfig,
+    field_help,
+    validate,
 )
 from gptforge.errors import GptforgeError
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
+from gptforge.version import __version__
 
 MAGIC = b"GPTFTOK\0"
 FORMAT_VERSION = 1
@@ -423,17 +424,6 @@ def _check_inputs(inputs: list[str], url: str | None, cache_dir: str | None) -> 
     return sources
 
 
-def _gptforge_version() -> str:
-    try:
-        import importlib.metadata
-
-        return importlib.metadata.version("gptforge")
-    except Exception:  # not installed (running from a source tree)
-        import gptforge
-
-        return str(getattr(gptforge, "__version__", "unknown"))
-
-
 def _split_sizes(n_tokens: int, val_fraction: float) -> tuple[int, int]:
     # Decimal so that 0.29 of 100 tokens is 29, not float's 28.999... rounded down to 28.
     n_val = int(decimal.Decimal(repr(val_fraction)) * n_tokens)
@@ -569,7 +559,7 @@ def prepare(
                 for s in sources
             ],
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gptforge_version": _gptforge_version(),
+            "gptforge_version": __version__,
         }
         meta_path = os.path.join(out, "meta.json")
         meta_tmp = _temp_path(meta_path)

@@ -9,8 +9,6 @@ Shapes: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import platform
 import random
 import signal
@@ -24,7 +23,12 @@ import numpy as np
 import torch
 
 from gptforge.checkpoint import (
-    Checkpoint, CheckpointError, load_optimizer, load_weights, save_best, save_checkpoint,
+    Checkpoint,
+    CheckpointError,
+    load_optimizer,
+    load_weights,
+    save_best,
+    save_checkpoint,
 )
 from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard

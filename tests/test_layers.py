@@ -1,0 +1,71 @@
+"""The package's layers import one way: each module only from layers below it (STYLE.md, 1)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
+
+# Lower layers first. A module may import gptforge modules of strictly lower rank only.
+RANK = {
+    "version": 0, "errors": 0,
+    "config": 1,
+    "tokenizer": 2, "metrics": 2,
+    "data": 3, "model": 3, "device": 3,
+    "optim": 4,
+    "checkpoint": 5,
+    "train": 6, "generate": 6,
+    "cli": 7,
+}
+
+
+def gptforge_imports(path: Path) -> set[str]:
+    """Every gptforge module imported anywhere in the file, lazy imports inside functions too."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gptforge"):
+            parts = node.module.split(".")
+            if len(parts) == 1:  # from gptforge import X
+                out.update(alias.name for alias in node.names)
+            else:
+                out.add(parts[1])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("gptforge."):
+                    out.add(alias.name.split(".")[1])
+                elif alias.name == "gptforge":
+                    out.add("gptforge")
+    return out
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set(RANK)
+
+
+def test_imports_point_down_only():
+    for name, rank in RANK.items():
+        for dep in gptforge_imports(SRC / f"{name}.py"):
+            assert dep in RANK, f"{name} imports {dep}, which is not a layer"
+            assert RANK[dep] < rank, f"{name} (layer {rank}) imports {dep} (layer {RANK[dep]})"
+
+
+def test_model_imports_only_torch_and_its_config():
+    tree = ast.parse((SRC / "model.py").read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            roots.add(node.module.split(".")[0] if node.module != "gptforge.config" else "config")
+    assert roots <= {"__future__", "torch", "config"}
+
+
+def test_core_import_pulls_no_optional_extras():
+    code = ("import sys, gptforge, gptforge.cli, gptforge.train, gptforge.generate; "
+            "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
