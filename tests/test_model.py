@@ -152,10 +152,11 @@ def test_gpt2_124m_takes_one_training_step():
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2"))
     opt = build_optimizer(model, run_preset("gpt2-shakespeare").optim, "cpu")
-    idx = torch.randint(0, 50257, (1, 16))
-    targets = torch.randint(0, 50257, (1, 16))
+    idx = torch.randint(0, 50257, (2, 64))
+    targets = torch.randint(0, 50257, (2, 64))
     _, loss = model(idx, targets)
-    assert abs(loss.item() - math.log(50257)) < 0.3  # near-uniform at init
+    # Near-uniform at init: ln(50257) = 10.82, plus ~var/2 = 0.15 for logits of std ~0.55.
+    assert abs(loss.item() - math.log(50257)) < 0.5
     loss.backward()
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     opt.step()
