@@ -3,13 +3,14 @@
 Layout of one checkpoint, ``RUN/checkpoints/step_0001000/``:
     model.safetensors      weights of the unwrapped model, the tied wte/lm_head matrix stored once
     optimizer.safetensors  AdamW moment tensors, keyed ``state.<param index>.<name>``
-    checkpoint.json        run config, tokenizer, trainer state (step, tokens, loader cursor, RNG
-                           states, best val loss), optimizer hyper-parameters, version, git commit
+    config.json            the resolved run config, tokenizer, gptforge version, git commit
+    trainer_state.json     step, tokens seen, loader cursor, every RNG state, best val loss, and
+                           the optimizer's hyper-parameters; written last, it marks completeness
 
 No pickle anywhere: tensors go through safetensors, everything else is JSON, so a crafted file
 cannot run code when loaded. A checkpoint is written into a hidden temporary directory, flushed,
 and renamed into place; ``RUN/checkpoints/latest`` is updated only after that. A directory without
-a complete ``checkpoint.json`` is never picked up.
+a ``trainer_state.json`` is never picked up.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-META_FILE = "checkpoint.json"
+CONFIG_FILE = "config.json"
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 TIED_KEY = "lm_head.weight"  # same storage as transformer.wte.weight: saved once, under wte
 
 
@@ -54,7 +56,7 @@ class Checkpoint:
     @property
     def config(self) -> RunConfig:
         try:
-            return RunConfig.from_dict(self.meta["config"], origin=str(self.path / META_FILE))
+            return RunConfig.from_dict(self.meta["config"], origin=str(self.path / CONFIG_FILE))
         except ConfigError as e:
             raise CheckpointError(f"checkpoint {self.path} has an unusable config: {e}") from None
 
@@ -154,23 +156,22 @@ def save_checkpoint(
     try:
         save_file(model_state(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _fsync_file(tmp / MODEL_FILE)
-        meta = {
+        _write_json(tmp / CONFIG_FILE, {
             "format_version": FORMAT_VERSION,
             "gptforge_version": __version__,
             "git_commit": git_commit(),
             "torch_version": torch.__version__,
             "config": config.to_dict(),
             "tokenizer": tokenizer,
-            "trainer": trainer,
-            "optimizer": None,
-        }
+        })
+        state = {"format_version": FORMAT_VERSION, "trainer": trainer, "optimizer": None}
         if optimizer is not None:
             tensors, rest = _optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             _fsync_file(tmp / OPTIMIZER_FILE)
-            meta["optimizer"] = rest
-        # checkpoint.json last: its presence marks the directory complete.
-        _write_json(tmp / META_FILE, meta)
+            state["optimizer"] = rest
+        # trainer_state.json last: its presence marks the directory complete.
+        _write_json(tmp / STATE_FILE, state)
         _fsync_dir(tmp)
         if final.exists():  # e.g. a re-save of the same step after a resume
             shutil.rmtree(final)
@@ -196,7 +197,7 @@ def _step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and p.name[5:].isdigit() and (p / META_FILE).is_file()]
+            and p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -226,12 +227,20 @@ def save_best(run_dir: str | Path, step_dir: Path) -> Path:
 # Finding and loading
 
 
+def remove_incomplete(run_dir: str | Path) -> None:
+    """Delete temporary directories left by saves that were killed half-way."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if root.is_dir():
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint path, or the latest complete one of a run."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: pass a run directory or a checkpoint directory")
-    if (p / META_FILE).is_file():
+    if (p / STATE_FILE).is_file():
         return p
     root = p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR).is_dir() else p
     for stale in sorted(root.glob(".tmp-*")) if root.is_dir() else []:
@@ -239,7 +248,7 @@ def find_checkpoint(path: str | Path) -> Path:
     pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / META_FILE).is_file():
+        if (candidate / STATE_FILE).is_file():
             return candidate
     dirs = _step_dirs(root)
     if dirs:
@@ -250,20 +259,32 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ``checkpoint.json`` of a checkpoint (or of a run's latest one); tensors load lazily."""
-    ckpt_dir = find_checkpoint(path)
+def _read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
     try:
-        meta = json.loads((ckpt_dir / META_FILE).read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing: use an earlier checkpoint") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} is corrupt ({META_FILE}: {e}): use an earlier checkpoint"
+            f"checkpoint file {path} is corrupt ({e}): use an earlier checkpoint"
         ) from None
-    required = ("format_version", "config", "tokenizer", "trainer")
-    if not isinstance(meta, dict) or any(k not in meta for k in required):
+    if not isinstance(obj, dict) or any(k not in obj for k in required):
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} is corrupt ({META_FILE} lacks {', '.join(required)}): "
+            f"checkpoint file {path} is corrupt (it lacks {', '.join(required)}): "
             "use an earlier checkpoint"
+        )
+    return obj
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read the JSON parts of a checkpoint (or of a run's latest one); tensors load lazily."""
+    ckpt_dir = find_checkpoint(path)
+    meta = _read_json(ckpt_dir / CONFIG_FILE, ("format_version", "config", "tokenizer"))
+    state = _read_json(ckpt_dir / STATE_FILE, ("trainer", "optimizer"))
+    meta.update(trainer=state["trainer"], optimizer=state["optimizer"])
+    if not isinstance(meta["trainer"], dict) or "step" not in meta["trainer"]:
+        raise CheckpointError(
+            f"checkpoint file {ckpt_dir / STATE_FILE} is corrupt (no step): use an earlier checkpoint"
         )
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if line:
                 out.append(json.loads(line))
     return out
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Keep only records of steps before ``step``: a resumed run re-logs the steps after its
+    checkpoint, and a crash may have logged some of them already. Rewritten atomically."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and _record_step(line) < step]
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", float("inf"))
+    except json.JSONDecodeError:  # a line cut short by a kill: drop it
+        return float("inf")

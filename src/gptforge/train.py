@@ -27,6 +27,7 @@ from gptforge.checkpoint import (
     CheckpointError,
     load_optimizer,
     load_weights,
+    remove_incomplete,
     save_best,
     save_checkpoint,
 )
@@ -34,7 +35,7 @@ from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_st
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
 from gptforge.device import autocast, pick_autocast_dtype, pick_device
 from gptforge.errors import GptforgeError
-from gptforge.metrics import MetricsLog, format_step
+from gptforge.metrics import MetricsLog, format_step, truncate_metrics
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at, set_lr
 
@@ -315,6 +316,9 @@ def train(
             )
 
     prepare_run_dir(run_dir, resuming=resume is not None)
+    if resume is not None:
+        remove_incomplete(run_dir)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     tokenizer = meta["tokenizer"]
