@@ -1,0 +1,268 @@
+"""Checkpoints that never lose work: exact resume, crash safety, safe loading, bad input."""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.checkpoint import CheckpointError, build_model, find_checkpoint, load_checkpoint
+from gptforge.cli import main
+from gptforge.data import prepare
+from gptforge.metrics import read_metrics
+from gptforge.model import GPT
+from gptforge.train import TrainingDiverged, train
+from test_train import quiet, shakespeare_head, tiny_cfg
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ckpt-data")
+    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
+    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", progress=False)
+    return d / "char"
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(find_checkpoint(run) / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+TRAIN_ARGS = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.dtype=float32",
+              "--set", "train.log_interval=1", "--set", "train.total_batch_tokens=512"]
+
+
+def test_cli_resume_is_bit_identical(data, tmp_path):
+    assert run_cli("train", "--data", str(data), "--out", str(tmp_path / "full"), *TRAIN_ARGS,
+                   "--set", "train.max_steps=10") == 0
+    assert run_cli("train", "--data", str(data), "--out", str(tmp_path / "half"), *TRAIN_ARGS,
+                   "--set", "train.max_steps=5") == 0
+    assert run_cli("train", "--out", str(tmp_path / "half"), "--resume",
+                   "--set", "train.max_steps=10") == 0
+    full = [(r["step"], r["loss"], r["norm"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    half = [(r["step"], r["loss"], r["norm"]) for r in read_metrics(tmp_path / "half" / "metrics.jsonl") if "loss" in r]
+    assert full == half and len(full) == 10
+    assert_same_weights(tmp_path / "full", tmp_path / "half")
+    state = json.loads((find_checkpoint(tmp_path / "half") / "trainer_state.json").read_text())
+    assert state["trainer"]["step"] == 10 and state["trainer"]["tokens"] == 10 * 512
+    assert {"python", "numpy", "torch"} <= set(state["trainer"]["rng"])
+    assert state["trainer"]["loader"]["cursor"] == 10 * 2 * 8
+    cfg = json.loads((find_checkpoint(tmp_path / "half") / "config.json").read_text())
+    assert cfg["config"]["train"]["max_steps"] == 10 and "gptforge_version" in cfg
+
+
+def spawn(data: Path, run: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-m", "gptforge", "train", "--out", str(run)]
+    if resume:
+        args += ["--resume", *extra]
+    else:
+        args += ["--data", str(data), *TRAIN_ARGS, *extra]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigkill_mid_step_and_mid_save_then_resume_matches(data, tmp_path):
+    steps = ["--set", "train.max_steps=30", "--set", "train.save_interval=1", "--set", "train.keep_last=2"]
+    ref = spawn(data, tmp_path / "ref", *steps)
+    assert ref.wait(timeout=120) == 0, ref.stderr.read()
+
+    run = tmp_path / "killed"
+    # 1. killed at an arbitrary moment of training
+    proc = spawn(data, run, *steps)
+    deadline = time.time() + 60
+    while logged_steps(run) < 8 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # 2. resumed, then killed while a checkpoint is being written
+    proc = spawn(data, run, "--set", "train.max_steps=30", resume=True)
+    ckpts = run / "checkpoints"
+    caught = False
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if any(ckpts.glob(".tmp-step_*")) and logged_steps(run) > 12:
+            proc.send_signal(signal.SIGKILL)
+            caught = True
+            break
+    proc.wait(timeout=30)
+    assert caught, "the run ended before a save could be interrupted"
+    assert any(ckpts.glob(".tmp-step_*"))  # the half-written save is still there ...
+    latest = load_checkpoint(run)  # ... and ignored: the latest complete one loads
+    assert latest.step >= 12
+    # 3. resumed to the end: the same weights and losses as the uninterrupted run
+    proc = spawn(data, run, "--set", "train.max_steps=30", resume=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "incomplete checkpoint" in err
+    assert not any(ckpts.glob(".tmp-*"))
+    assert_same_weights(tmp_path / "ref", run)
+    ref_losses = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
+    run_losses = [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert ref_losses == run_losses
+    assert len([p for p in ckpts.iterdir() if p.name.startswith("step_")]) == 2  # keep_last
+
+
+def test_sigterm_finishes_the_step_and_saves(data, tmp_path):
+    proc = spawn(data, tmp_path / "run", "--set", "train.max_steps=100000")
+    deadline = time.time() + 60
+    while logged_steps(tmp_path / "run") < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in out
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    assert load_checkpoint(tmp_path / "run").step == last["step"] + 1
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 5:  # 2 micro-steps per step: steps 0-4 are fine
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    cfg = tiny_cfg(data, "train.max_steps=20", "train.save_interval=2", "train.total_batch_tokens=512")
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 5"):
+        train(cfg, tmp_path / "run", log=quiet)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 4
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
+    # Through the CLI: one line, exit code 2.
+    calls["n"] = 0
+    code = run_cli("train", "--data", str(data), "--out", str(tmp_path / "cli"), *TRAIN_ARGS,
+                   "--set", "train.max_steps=20")
+    err = capsys.readouterr().err
+    assert code == 2 and "at step 5" in err and err.count("\n") == 1
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_is_refused_without_running(data, tmp_path):
+    train(tiny_cfg(data, "train.max_steps=2"), tmp_path / "run", log=quiet)
+    ckpt = find_checkpoint(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    for name in ["model.safetensors", "optimizer.safetensors"]:
+        evil = tmp_path / f"evil-{name}"
+        shutil.copytree(ckpt, evil)
+        with open(evil / name, "wb") as f:
+            pickle.dump(Payload(marker), f)
+        torch.save({"x": Payload(marker)}, evil / "extra.pt")  # never looked at either
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            c = load_checkpoint(evil)
+            build_model(c)
+            from gptforge.checkpoint import load_optimizer
+            from gptforge.optim import build_optimizer
+            load_optimizer(build_optimizer(build_model(load_checkpoint(ckpt)), c.config.optim, "cpu"), c)
+    assert not marker.exists()
+
+
+def test_keep_last_and_best(data, tmp_path):
+    cfg = tiny_cfg(data, "train.max_steps=12", "train.save_interval=2", "train.eval_interval=2",
+                   "train.keep_last=3")
+    result = train(cfg, tmp_path / "run", log=quiet)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
+        "step_0000008", "step_0000010", "step_0000012"]
+    assert (root / "latest").read_text().strip() == "step_0000012"
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    best = load_checkpoint(root / "best")
+    assert best.trainer["best_val_loss"] == min(vals) == result.best_val_loss
+
+
+def test_bad_checkpoints_and_resumes_are_one_line_exit_2(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", str(data), "--out", str(run), *TRAIN_ARGS,
+                   "--set", "train.max_steps=3") == 0
+    capsys.readouterr()
+    before = tree_digest(run)
+
+    def fails(*args: str, match: str) -> None:
+        assert run_cli(*args) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+
+    # nothing to resume / missing directory
+    fails("train", "--out", str(tmp_path / "nothing"), "--resume", match="does not exist")
+    (tmp_path / "empty").mkdir()
+    fails("train", "--out", str(tmp_path / "empty"), "--resume", match="no complete checkpoint")
+    # a different model shape than the checkpoint
+    fails("train", "--out", str(run), "--resume", "--set", "model.n_embd=64",
+          "--set", "train.max_steps=6", match="does not fit this model")
+    # data with another tokenizer
+    other = tmp_path / "gpt2data"
+    (tmp_path / "t.txt").write_text(shakespeare_head(5000), encoding="utf-8")
+    prepare([str(tmp_path / "t.txt")], str(other), progress=False)
+    fails("train", "--out", str(run), "--resume", "--data", str(other),
+          "--set", "train.max_steps=6", match="different tokenizer")
+    # already finished
+    fails("train", "--out", str(run), "--resume", match="already at step 3")
+    assert tree_digest(run) == before  # nothing was overwritten by any of the above
+
+    # truncated weights, and corrupt JSON
+    ckpt = find_checkpoint(run)
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    data_bytes = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data_bytes[: len(data_bytes) // 2])
+    fails("sample", "--ckpt", str(broken), match="corrupt or truncated")
+    shutil.copytree(ckpt, tmp_path / "badjson")
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    fails("sample", "--ckpt", str(tmp_path / "badjson"), match="config.json is corrupt")
+    (tmp_path / "badjson" / "config.json").write_text('{"format_version": 99, "config": {}, "tokenizer": {}}')
+    fails("sample", "--ckpt", str(tmp_path / "badjson"), match="upgrade gptforge")
+    # resuming a truncated checkpoint leaves the run untouched
+    shutil.copy(broken / "model.safetensors", ckpt / "model.safetensors")
+    mid = tree_digest(run)
+    fails("train", "--out", str(run), "--resume", "--set", "train.max_steps=6", match="corrupt or truncated")
+    assert tree_digest(run) == mid
