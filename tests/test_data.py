@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from shared_data import SHAKESPEARE
 
 from gptforge import data
 from gptforge.data import (
@@ -25,7 +26,6 @@ from gptforge.data import (
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
 needs_shakespeare = pytest.mark.skipif(
     not os.path.isfile(SHAKESPEARE), reason="Tiny Shakespeare is not here"
 )
@@ -34,14 +34,6 @@ needs_shakespeare = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def gpt2() -> GPT2Tokenizer:
     return GPT2Tokenizer()
-
-
-@pytest.fixture(scope="module")
-def shakespeare_text() -> str:
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip("Tiny Shakespeare is not here")
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        return f.read()
 
 
 @pytest.fixture(scope="module")

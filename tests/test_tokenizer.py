@@ -15,16 +15,6 @@ from gptforge.tokenizer import (
     tokenizer_from_dict,
 )
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip("Tiny Shakespeare is not on this machine")
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        return f.read()
-
 
 @pytest.fixture(scope="module")
 def gpt2() -> GPT2Tokenizer:
@@ -37,10 +27,10 @@ def test_gpt2_known_ids(gpt2):
     assert gpt2.decode([50256]) == "<|endoftext|>"
 
 
-def test_gpt2_shakespeare_exact(gpt2, shakespeare):
-    ids = gpt2.encode(shakespeare)
+def test_gpt2_shakespeare_exact(gpt2, shakespeare_text):
+    ids = gpt2.encode(shakespeare_text)
     assert len(ids) == 338_025
-    assert gpt2.decode(ids) == shakespeare
+    assert gpt2.decode(ids) == shakespeare_text
 
 
 @pytest.mark.parametrize(
@@ -86,14 +76,14 @@ def test_gpt2_dict_round_trip(gpt2):
     assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
 
 
-def test_char_shakespeare(shakespeare):
-    tok = CharTokenizer.from_text(shakespeare)
+def test_char_shakespeare(shakespeare_text):
+    tok = CharTokenizer.from_text(shakespeare_text)
     assert tok.vocab_size == 65 and tok.eot_id is None
-    ids = tok.encode(shakespeare)
-    assert len(ids) == len(shakespeare) and max(ids) == 64
-    assert tok.decode(ids) == shakespeare
+    ids = tok.encode(shakespeare_text)
+    assert len(ids) == len(shakespeare_text) and max(ids) == 64
+    assert tok.decode(ids) == shakespeare_text
     again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
-    assert again.encode(shakespeare[:1000]) == ids[:1000]
+    assert again.encode(shakespeare_text[:1000]) == ids[:1000]
 
 
 def test_char_order_and_unicode():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SHAKESPEARE as _SHAKESPEARE
 
 from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import build_model, load_checkpoint
@@ -20,7 +21,7 @@ from gptforge.data import prepare
 from gptforge.metrics import format_step, read_metrics
 from gptforge.train import train, train_step
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(_SHAKESPEARE)
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare not found")
 
 
