@@ -13,7 +13,7 @@ RANK = {
     "config": 1,
     "tokenizer": 2, "metrics": 2,
     "data": 3, "model": 3, "device": 3,
-    "optim": 4,
+    "optim": 4, "distributed": 4,
     "checkpoint": 5,
     "train": 6, "generate": 6,
     "cli": 7,

@@ -11,6 +11,9 @@ No pickle anywhere: tensors go through safetensors, everything else is JSON, so 
 cannot run code when loaded. A checkpoint is written into a hidden temporary directory, flushed,
 and renamed into place; ``RUN/checkpoints/latest`` is updated only after that. A directory without
 a ``trainer_state.json`` is never picked up.
+
+``load_pretrained`` and ``load_model`` also read a Hugging Face GPT-2 directory (via hf.py),
+so sampling, evaluation and ``train --init-from`` take either kind of path.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from gptforge.config import ConfigError, GPTConfig, RunConfig
 from gptforge.errors import GptforgeError
+from gptforge.hf import HFFormatError, is_hf_dir
+from gptforge.hf import load_pretrained as load_hf_pretrained
 from gptforge.model import GPT
 from gptforge.version import __version__
 
@@ -77,15 +82,21 @@ class Checkpoint:
 # Saving
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the bare GPT (no ``module.``/``_orig_mod.`` prefixes), tied matrix once."""
-    sd = model.state_dict()
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if k != TIED_KEY}
+def clean_model_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as saved: CPU, contiguous, the tied matrix once (under wte), and no wrapper
+    prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile)."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        if k != TIED_KEY:
+            out[k] = v.detach().contiguous().cpu()
+    return out
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (safetensors) and plain JSON."""
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an index-keyed optimizer state dict into flat tensors (safetensors) and plain JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -137,14 +148,18 @@ def _fsync_file(path: Path) -> None:
 
 def save_checkpoint(
     run_dir: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
     config: RunConfig,
     tokenizer: dict[str, Any],
     trainer: dict[str, Any],
     keep_last: int = 3,
 ) -> Path:
-    """Write ``RUN/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``RUN/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune old ones.
+
+    ``model_state`` and ``optimizer_state`` are full (unsharded) state dicts, the optimizer's
+    keyed by parameter index as ``optimizer.state_dict()`` gives them on one device.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(trainer['step']):07d}"
@@ -154,7 +169,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(model_state(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(clean_model_state(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _fsync_file(tmp / MODEL_FILE)
         _write_json(tmp / CONFIG_FILE, {
             "format_version": FORMAT_VERSION,
@@ -165,8 +180,8 @@ def save_checkpoint(
             "tokenizer": tokenizer,
         })
         state = {"format_version": FORMAT_VERSION, "trainer": trainer, "optimizer": None}
-        if optimizer is not None:
-            tensors, rest = _optimizer_tensors(optimizer)
+        if optimizer_state is not None:
+            tensors, rest = _optimizer_tensors(optimizer_state)
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             _fsync_file(tmp / OPTIMIZER_FILE)
             state["optimizer"] = rest
@@ -324,7 +339,8 @@ def load_weights(model: GPT, ckpt: Checkpoint) -> None:
     model.load_state_dict(sd, strict=False)  # strict except the tied key, checked above
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+def read_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """The optimizer state a checkpoint holds, as an index-keyed ``optimizer.state_dict()``."""
     if ckpt.meta.get("optimizer") is None:
         raise CheckpointError(f"checkpoint {ckpt.path} has no optimizer state: it cannot be resumed")
     tensors = _load_tensors(ckpt.path / OPTIMIZER_FILE)
@@ -335,8 +351,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
         state.setdefault(int(idx), {})[name] = value
     for idx, scalars in rest.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(scalars)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+        optimizer.load_state_dict(read_optimizer_state(ckpt))
     except (ValueError, KeyError) as e:
         raise CheckpointError(
             f"optimizer state in {ckpt.path} does not fit this model ({e}): "
@@ -350,3 +370,36 @@ def build_model(ckpt: Checkpoint) -> GPT:
     model = GPT(GPTConfig(**vars(cfg)))
     load_weights(model, ckpt)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a model from either a gptforge checkpoint or a Hugging Face GPT-2 directory
+
+
+def load_pretrained(
+    path: str | Path,
+) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(model config, state dict without lm_head.weight, tokenizer dict) from a run directory, a
+    checkpoint directory or a Hugging Face GPT-2 directory (config.json with a model_type; a
+    gptforge checkpoint's config.json has none). Bad input raises CheckpointError."""
+    if is_hf_dir(path):
+        try:
+            return load_hf_pretrained(path)
+        except HFFormatError as e:
+            raise CheckpointError(str(e)) from None
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt)  # checks every key and shape
+    sd = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    return model.config, sd, ckpt.tokenizer
+
+
+def load_model(path: str | Path) -> tuple[GPT, dict[str, Any]]:
+    """The model at ``path`` (either kind, see load_pretrained) in eval mode on the CPU, and its
+    tokenizer dict (for ``tokenizer.tokenizer_from_dict``)."""
+    if is_hf_dir(path):
+        cfg, sd, tokenizer = load_pretrained(path)
+        model = GPT(cfg)
+        model.load_state_dict(sd, strict=False)  # every key but the tied one, checked in hf.py
+        return model.eval(), tokenizer
+    ckpt = load_checkpoint(path)
+    return build_model(ckpt), ckpt.tokenizer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptforge.config import parse_override, resolve, set_value, validate_run
     from gptforge.train import train
 
+    if args.nproc is not None:
+        return launch_torchrun(args.nproc, args.argv)
     resume = None
     if args.resume is not None:
         if args.preset or args.config:
@@ -85,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
 
     result = train(cfg, args.out, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     print()
     print(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
           f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
@@ -95,6 +100,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
     print(f"sample:     gptforge sample --ckpt {args.out}")
     return 0
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``gptforge train --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge train ...``."""
+    import subprocess
+
+    if nproc < 1:
+        raise GptforgeError(f"--nproc {nproc}: give the number of processes, 1 or more")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "gptforge", *rest]
+    print("launching: torchrun " + " ".join(cmd[3:]), flush=True)
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:  # torchrun forwards the signal; its workers save and exit
+        return 130
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -157,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
     tp.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                     help="continue the run in --out (or from checkpoint PATH) exactly where it stopped")
-    tp.set_defaults(func=cmd_train)
+    tp.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="train with N processes on this machine (launches torchrun; one per GPU, "
+                         "or N CPU processes with gloo); for several machines run torchrun yourself")
+    tp.set_defaults(func=cmd_train, argv=None)
 
     d = SampleConfig()
     helps = field_help(SampleConfig)
@@ -186,6 +220,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "argv"):  # train --nproc re-launches itself with the same arguments
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _one_line_warning
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -152,6 +152,10 @@ class TrainConfig:
     "auto (bf16 autocast where the hardware supports it, else fp32), float32, bfloat16 or float16"
     seed: int = 1337
     "seed for model initialisation, data order and dropout"
+    parallel: str = "ddp"
+    "with several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer state"
+    dist_timeout_s: int = 900
+    "seconds a collective may wait before the job fails (a dead rank then stops the others)"
 
 
 @dataclass
@@ -359,6 +363,7 @@ def resolve(preset: str | None, config_file: str | None, overrides: list[str]) -
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOADERS = ("sequential", "random")
+PARALLEL = ("ddp", "fsdp")
 
 
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -411,6 +416,8 @@ def validate(obj: Any, section: str) -> None:
             f"choose one of {', '.join(DEVICES)} or cuda:N")
         chk("dtype", obj.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}")
         chk("seed", 0 <= obj.seed < 2**63, "must be a non-negative integer")
+        chk("parallel", obj.parallel in PARALLEL, f"choose one of {', '.join(PARALLEL)}")
+        chk("dist_timeout_s", obj.dist_timeout_s >= 1, "must be >= 1")
     elif isinstance(obj, SampleConfig):
         chk("max_new_tokens", obj.max_new_tokens >= 1, "must be >= 1")
         chk("top_k", obj.top_k >= 0, "must be >= 0 (0: no top-k filtering)")

@@ -23,17 +23,34 @@ import numpy as np
 import torch
 
 from gptforge.checkpoint import (
+    CHECKPOINT_DIR,
     Checkpoint,
     CheckpointError,
-    load_optimizer,
     load_weights,
+    read_optimizer_state,
     remove_incomplete,
     save_best,
     save_checkpoint,
 )
 from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
-from gptforge.device import autocast, pick_autocast_dtype, pick_device
+from gptforge.device import autocast, pick_autocast_dtype
+from gptforge.distributed import (
+    DistEnv,
+    any_rank,
+    as_scalar,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    grad_sync,
+    init_distributed,
+    load_optimizer_state,
+    mean_over_ranks,
+    shutdown,
+    sum_over_ranks,
+    wrap_model,
+)
 from gptforge.errors import GptforgeError
 from gptforge.metrics import MetricsLog, format_step, truncate_metrics
 from gptforge.model import GPT
@@ -63,29 +80,36 @@ def train_step(
     amp: Callable[[], contextlib.AbstractContextManager],
     scaler: torch.amp.GradScaler | None = None,
     step: int = 0,
+    grad_sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> StepResult:
     """Forward and backward over ``accum_steps`` micro-batches, clip, and one optimizer step.
 
     Each micro-step's loss is divided by ``accum_steps`` so the summed gradient equals the
     gradient of the mean loss over the whole batch. A non-finite loss or gradient norm stops
     before the optimizer step, so the weights stay those of the last good step.
+
+    Under DDP/FSDP, ``grad_sync(False)`` skips the gradient all-reduce on all but the last
+    micro-step, and ``reduce_mean`` averages the logged loss over ranks so that every rank takes
+    the same decisions (stop at the target, stop on NaN).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = None
-    for _ in range(accum_steps):
+    for micro in range(accum_steps):
         x, y = batches()
-        with amp():
-            _, loss = model(x, y)
-        loss = loss / accum_steps
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with grad_sync(micro == accum_steps - 1):
+            with amp():
+                _, loss = model(x, y)
+            loss = loss / accum_steps
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
     # max_norm=inf measures the norm without changing the gradients.
     norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), grad_clip if grad_clip > 0 else float("inf")
     )
-    loss_value, norm_value = loss_sum.item(), norm.item()
+    loss_value, norm_value = reduce_mean(loss_sum).item(), as_scalar(norm)
     if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm_value)):
         what = "loss" if not math.isfinite(loss_value) else "gradient norm"
         raise TrainingDiverged(
@@ -110,20 +134,30 @@ def evaluate_loss(
     device: torch.device,
     amp: Callable[[], contextlib.AbstractContextManager],
     max_batches: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> float:
-    """Mean next-token loss over consecutive windows of a split (all of it unless capped)."""
+    """Mean next-token loss over consecutive windows of a split (all of it unless capped).
+
+    With ``shard=(rank, world)`` each rank takes every world-th batch and ``reduce_sum`` adds
+    the ranks' totals, so the result is the same as one process evaluating everything.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
+    rank, world = shard
     for i, (x, y) in enumerate(iter_eval_batches(tokens, batch_size, seq_len)):
         if max_batches and i >= max_batches:
             break
+        if i % world != rank:
+            continue
         x, y = x.to(device), y.to(device)
         with amp():
             _, loss = model(x, y)
-        total += loss.item() * y.numel()
-        count += y.numel()
+        sums[0] += loss.double() * y.numel()
+        sums[1] += y.numel()
     model.train(was_training)
+    total, count = reduce_sum(sums).tolist()
     return total / count if count else float("nan")
 
 
@@ -212,6 +246,10 @@ class TrainResult:
     wall_s: float
 
 
+def _silent(_: str) -> None:
+    pass
+
+
 def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     pin = device.type == "cuda"
 
@@ -224,7 +262,7 @@ def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], t
     return next_batch
 
 
-def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
     """A new run needs an empty (or absent) directory, so one run never overwrites another."""
     if resuming:
         return
@@ -235,7 +273,6 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
             f"--out {run_dir} already holds files: continue that run with --resume, "
             "or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def resolve_model_vocab(cfg: RunConfig, meta: dict[str, Any]) -> None:
@@ -265,9 +302,10 @@ def train(
     """
     t_start = time.time()
     run_dir = Path(run_dir)
-    tc, oc = cfg.train, cfg.optim
+    tc = cfg.train
 
-    # 1. data, and the model's vocabulary from it
+    # 1. data, and the model's vocabulary from it (every rank checks the same things, so a
+    #    mistake stops all of them before any collective)
     meta = load_meta(cfg.data.path)
     if resume is not None and meta["tokenizer"] != resume.tokenizer:
         raise CheckpointError(
@@ -276,13 +314,30 @@ def train(
         )
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
-    accum = grad_accum_steps(tc)
+    check_run_dir(run_dir, resuming=resume is not None)
     train_tokens = read_shard(Path(cfg.data.path) / "train.bin")
     val_tokens = read_shard(Path(cfg.data.path) / "val.bin") if meta["val_tokens"] > 0 else None
-    loader = TokenLoader(train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader, seed=tc.seed)
 
-    # 2. device and precision
-    device = pick_device(tc.device)
+    # 2. processes, device and precision
+    env = init_distributed(tc.device, tc.dist_timeout_s)
+    try:
+        return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start)
+    finally:
+        shutdown(env)
+
+
+def _train(
+    cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
+    env: DistEnv, meta: dict[str, Any], train_tokens: np.ndarray, val_tokens: np.ndarray | None,
+    t_start: float,
+) -> TrainResult:
+    tc, oc = cfg.train, cfg.optim
+    if not env.is_main:
+        log = _silent
+    device = env.device
+    accum = grad_accum_steps(tc, env.world_size)
+    loader = TokenLoader(train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
+                         seed=tc.seed, rank=env.rank, world_size=env.world_size)
     amp_dtype = pick_autocast_dtype(device, tc.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for what autocast leaves in fp32
@@ -293,74 +348,108 @@ def train(
 
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    # 3. model and optimizer (seeded, so the same seed gives the same initial weights)
+    # 3. model and optimizer (seeded, so the same seed gives the same initial weights on every
+    #    rank); a checkpoint's weights go in before wrapping, so FSDP shards the loaded values
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
+    if resume is not None:
+        load_weights(model, resume)
+    wrapped = wrap_model(model, env, tc.parallel)
     optimizer = build_optimizer(model, oc, device.type)
 
     step, tokens_seen, best_val = 0, 0, None
     if resume is not None:
-        load_weights(model, resume)
-        load_optimizer(optimizer, resume)
+        try:
+            load_optimizer_state(wrapped, optimizer, read_optimizer_state(resume), env, tc.parallel)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"optimizer state in {resume.path} does not fit this model ({e}): "
+                "resume with the config the run was started with"
+            ) from None
         state = resume.trainer
         step, tokens_seen = int(state["step"]), int(state["tokens"])
         best_val = state.get("best_val_loss")
         loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"], device)
+        # Each rank continues its own random stream when the world size is unchanged.
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(per_rank[env.rank] if len(per_rank) == env.world_size else per_rank[0], device)
         if step >= tc.max_steps:
             raise GptforgeError(
                 f"the run in {resume.path} is already at step {step} = train.max_steps: "
                 f"resume with --set train.max_steps=N for N > {step} to train further"
             )
 
-    prepare_run_dir(run_dir, resuming=resume is not None)
-    if resume is not None:
-        remove_incomplete(run_dir)
-        truncate_metrics(run_dir / "metrics.jsonl", step)
-    (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    barrier(env)  # every rank has checked the run directory before rank 0 writes into it
+    metrics = None
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            remove_incomplete(run_dir)
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+        (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
     tokenizer = meta["tokenizer"]
 
     log(format_config(cfg).rstrip())
     prec = {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}
-    log(f"device: {device} ({platform.processor() or platform.machine()}), precision: "
+    procs = f" x {env.world_size} processes ({tc.parallel})" if env.distributed else ""
+    log(f"device: {device}{procs} ({platform.processor() or platform.machine()}), precision: "
         f"{prec[amp_dtype]}, threads: {torch.get_num_threads()}")
     log(f"model: {model.num_params():,} parameters; data: {len(train_tokens):,} train tokens, "
         f"{0 if val_tokens is None else len(val_tokens):,} val tokens ({tokenizer['name']})")
-    log(f"batch: {tc.batch_size} x {tc.seq_len} tokens x {accum} accumulation steps = "
+    log(f"batch: {tc.batch_size} x {tc.seq_len} tokens x {accum} accumulation steps"
+        f"{f' x {env.world_size} processes' if env.distributed else ''} = "
         f"{tc.total_batch_tokens:,} tokens per step")
     if resume is not None:
         log(f"resuming from {resume.path} at step {step}")
 
     def trainer_state(last_loss: float) -> dict[str, Any]:
+        rngs = gather_objects(rng_state(device), env)
         return {
             "step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
-            "rng": rng_state(device), "best_val_loss": best_val, "last_loss": last_loss,
-            "wall_s": time.time() - t_start,
+            "rng": rngs[0], "rng_ranks": rngs, "world_size": env.world_size,
+            "best_val_loss": best_val, "last_loss": last_loss, "wall_s": time.time() - t_start,
         }
 
     def save(last_loss: float, val_loss: float | None) -> Path:
+        """Collective: every rank gathers, rank 0 writes, all wait for it."""
         nonlocal best_val
         is_best = val_loss is not None and (best_val is None or val_loss < best_val)
         if is_best:
             best_val = val_loss
-        path = save_checkpoint(run_dir, model, optimizer, cfg, tokenizer, trainer_state(last_loss),
-                               keep_last=tc.keep_last)
-        if is_best:
-            save_best(run_dir, path)
+        model_sd = full_model_state(wrapped, env, tc.parallel)
+        optim_sd = full_optimizer_state(wrapped, optimizer, env, tc.parallel)
+        trainer = trainer_state(last_loss)
+        path = run_dir / CHECKPOINT_DIR / f"step_{step:07d}"
+        if env.is_main:
+            path = save_checkpoint(run_dir, model_sd, optim_sd, cfg, tokenizer, trainer,
+                                   keep_last=tc.keep_last)
+            if is_best:
+                save_best(run_dir, path)
+        barrier(env)
         return path
+
+    # DDP evaluates through the bare module, each rank a share of the batches; FSDP must run
+    # every forward on every rank (the weights are gathered collectively), so all see all.
+    eval_model = wrapped if tc.parallel == "fsdp" else model
+    eval_shard = (env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1)
 
     def validate() -> float | None:
         if val_tokens is None or len(val_tokens) < tc.seq_len + 1:
             return None
-        return evaluate_loss(model, val_tokens, tc.batch_size, tc.seq_len, device, amp,
-                             tc.eval_max_batches)
+        return evaluate_loss(eval_model, val_tokens, tc.batch_size, tc.seq_len, device, amp,
+                             tc.eval_max_batches, shard=eval_shard,
+                             reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
+
+    def write_metrics(**record: Any) -> None:
+        if metrics is not None:
+            metrics.write(**record)
 
     # 4. the loop
     next_batch = _device_batches(loader, device)
-    model.train()
+    wrapped.train()
     last_loss, val_loss, ckpt_path = float("nan"), None, None
     stopped_by = "max_steps"
     saved_step = step  # a resumed run's starting point is already on disk
@@ -370,8 +459,10 @@ def train(
                 lr = lr_at(step, oc)
                 set_lr(optimizer, lr)
                 t0 = time.perf_counter()
-                result = train_step(model, optimizer, next_batch, accum, oc.grad_clip, amp,
-                                    scaler, step)
+                result = train_step(
+                    wrapped, optimizer, next_batch, accum, oc.grad_clip, amp, scaler, step,
+                    grad_sync=lambda last: grad_sync(wrapped, env, tc.parallel, last),
+                    reduce_mean=lambda t: mean_over_ranks(t, env))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -384,7 +475,8 @@ def train(
                 if tc.eval_interval and step % tc.eval_interval == 0:
                     val_loss = validate()
                 reached_target = tc.target_loss > 0 and result.loss < tc.target_loss
-                last = step >= tc.max_steps or reached_target or bool(stop)
+                stopping = any_rank(bool(stop), env)  # a signal may reach one rank first
+                last = step >= tc.max_steps or reached_target or stopping
                 if done_step % tc.log_interval == 0 or last or val_loss is not None:
                     tok_per_s = tc.total_batch_tokens / dt
                     if done_step % tc.log_interval == 0 or last:
@@ -395,7 +487,7 @@ def train(
                                   dt_ms=dt * 1000, tok_per_s=tok_per_s, tokens=tokens_seen)
                     if val_loss is not None:
                         record["val_loss"] = val_loss
-                    metrics.write(**record)
+                    write_metrics(**record)
                 if tc.save_interval and step % tc.save_interval == 0 and not last:
                     ckpt_path = save(result.loss, val_loss)
                     saved_step = step
@@ -404,7 +496,7 @@ def train(
                     log(f"training loss {result.loss:.6f} is below train.target_loss="
                         f"{tc.target_loss} at step {done_step}: stopping")
                     break
-                if stop:
+                if stopping:
                     stopped_by = stop.signal_name or "signal"
                     log(f"{stopped_by} received: finished step {done_step}, saving and stopping")
                     break
@@ -414,11 +506,12 @@ def train(
                 val_loss = validate()
                 if val_loss is not None:
                     log(f"step {step - 1:5d} | val loss: {val_loss:.6f}")
-                    metrics.write(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
+                    write_metrics(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
             if step != saved_step and step > 0:
                 ckpt_path = save(last_loss, val_loss)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     wall = time.time() - t_start
     return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, best_val, ckpt_path,

@@ -1,0 +1,235 @@
+"""Running under torchrun: process groups, DDP / FSDP2 wrapping, gradient sync, reductions.
+
+The model knows nothing of this module. ``train`` asks it for the environment, wraps the bare
+model with it, and uses its helpers to turn off gradient sync on all but the last micro-step, to
+average values over ranks, and to gather full state dicts for rank 0 to save. With one process
+every helper is the identity, so the single-device path runs the same code.
+
+Checkpoints always hold the full, unsharded model and an optimizer state keyed by parameter index
+(the order of ``model.parameters()``), whatever wrote them, so DDP, FSDP and single-device
+checkpoints load into each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gptforge.config import ConfigError
+from gptforge.device import pick_device
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def init_distributed(device_name: str, timeout_s: int) -> DistEnv:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo otherwise), or run alone.
+
+    The timeout bounds every collective, so a rank that dies takes the others down with an
+    error instead of leaving them waiting forever.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistEnv(device=pick_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                "use --nproc_per_node no larger than the number of GPUs"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "mps":
+        raise ConfigError("multi-process training on MPS is not supported: use one process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # pragma: no cover - torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
+    """DDP, or FSDP2 (each block sharded, then the root), around a model already on its device.
+
+    FSDP2 shards in place: ``model`` itself then holds DTensor parameters, and the returned
+    module is that same object.
+    """
+    if not env.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    fully_shard = _fully_shard()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)  # the root group holds wte/lm_head (tied), wpe and ln_f
+    return model
+
+
+def grad_sync(wrapped: nn.Module, env: DistEnv, parallel: str, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on micro-steps that are not the last of a step."""
+    if not env.distributed:
+        return contextlib.nullcontext()
+    if parallel == "ddp":
+        return contextlib.nullcontext() if enabled else wrapped.no_sync()
+    wrapped.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if env.device.type == "cuda" else dist.ReduceOp.SUM)
+        if env.device.type != "cuda":  # gloo has no AVG
+            value /= env.world_size
+    return value
+
+
+def sum_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if it is true on any: all ranks must agree to stop at the same step."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def as_scalar(t: torch.Tensor) -> float:
+    """A float from a tensor or DTensor (FSDP's gradient norm is a replicated DTensor)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return float(t.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Full state dicts (collective under FSDP: every rank must call these)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def unwrap(wrapped: nn.Module) -> nn.Module:
+    """The bare model under DDP's ``module`` and torch.compile's ``_orig_mod``."""
+    while True:
+        if hasattr(wrapped, "module") and isinstance(wrapped.module, nn.Module):
+            wrapped = wrapped.module
+        elif hasattr(wrapped, "_orig_mod"):
+            wrapped = wrapped._orig_mod
+        else:
+            return wrapped
+
+
+def full_model_state(model: nn.Module, env: DistEnv, parallel: str) -> dict[str, torch.Tensor]:
+    """Unsharded weights with GPT-2 names (meaningful on rank 0)."""
+    if env.distributed and parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options())
+    return unwrap(model).state_dict()
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
+                         parallel: str) -> dict[str, Any]:
+    """The optimizer state as ``optimizer.state_dict()`` would give it on one device: keyed by
+    parameter index, full tensors (meaningful on rank 0)."""
+    if not (env.distributed and parallel == "fsdp"):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not by_name:  # ranks other than 0 get nothing back with cpu_offload
+        return {}
+    index: dict[str, int] = {}
+    groups = []
+    for group in by_name["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            index[name] = len(index)
+            ids.append(index[name])
+        groups.append({**group, "params": ids})
+    state = {index[name]: s for name, s in by_name["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         state: dict[str, Any], env: DistEnv, parallel: str) -> None:
+    """Load a full, index-keyed optimizer state (from any checkpoint) into a possibly sharded one."""
+    if not (env.distributed and parallel == "fsdp"):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = [n for n, _ in unwrap(model).named_parameters()]  # parameters() order, tied once
+    # Our optimizer's groups list parameters in the order param_groups() put them; map back.
+    order = {id(p): n for n, p in unwrap(model).named_parameters()}
+    group_names = [[order[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    flat = [n for g in group_names for n in g]
+    assert sorted(flat) == sorted(names), "optimizer and model parameters differ"
+    by_name = {
+        "state": {flat[int(i)]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": group_names[k]} for k, g in enumerate(state["param_groups"])],
+    }
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=by_name, options=_full_options())

@@ -1,0 +1,135 @@
+"""torchrun on the CPU with gloo: DDP and FSDP2 equal one process, checkpoints cross over."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from gptforge.checkpoint import find_checkpoint, load_checkpoint
+from gptforge.data import prepare
+from gptforge.metrics import read_metrics
+from test_train import shakespeare_head
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+COMMON = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.dtype=float32",
+          "--set", "train.log_interval=1", "--set", "train.total_batch_tokens=512",
+          "--set", "train.eval_interval=4", "--set", "train.save_interval=4", "--set", "train.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("dist-data")
+    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
+    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", progress=False)
+    return d / "char"
+
+
+def gptforge(*args: str, nproc: int = 1, timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gptforge", "train", *args]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def losses(run: Path) -> list[tuple[int, float, float | None]]:
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(find_checkpoint(ckpt) / "model.safetensors"))
+
+
+def assert_close_runs(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert [s for s, _, _ in la] == [s for s, _, _ in lb]
+    for (_, x, vx), (_, y, vy) in zip(la, lb):
+        assert (x is None) == (y is None) and (x is None or abs(x - y) < 1e-5)
+        assert (vx is None) == (vy is None) and (vx is None or abs(vx - vy) < 1e-5)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(data, tmp_path):
+    d = ["--data", str(data)]
+    # reference: one process, 2 accumulation steps per optimizer step
+    gptforge("--out", str(tmp_path / "one"), *d, *COMMON, "--set", "train.max_steps=8")
+    # DDP: 2 processes, 1 accumulation step each, the same global batch
+    gptforge("--out", str(tmp_path / "ddp"), *d, *COMMON, "--set", "train.max_steps=8", nproc=2)
+    assert_close_runs(tmp_path / "one", tmp_path / "ddp")
+    ckpt = load_checkpoint(tmp_path / "ddp")
+    assert ckpt.trainer["world_size"] == 2 and len(ckpt.trainer["rng_ranks"]) == 2
+    # DDP stopped at 4 and resumed with 2 ranks is bit-identical to DDP straight through
+    gptforge("--out", str(tmp_path / "ddp-resumed"), *d, *COMMON, "--set", "train.max_steps=4", nproc=2)
+    gptforge("--out", str(tmp_path / "ddp-resumed"), "--resume", "--set", "train.max_steps=8", nproc=2)
+    assert losses(tmp_path / "ddp-resumed") == losses(tmp_path / "ddp")
+    wa, wb = weights(tmp_path / "ddp"), weights(tmp_path / "ddp-resumed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # FSDP: 2 processes, sharded; its checkpoints hold full weights with GPT-2 names
+    gptforge("--out", str(tmp_path / "fsdp"), *d, *COMMON, "--set", "train.max_steps=4",
+             "--set", "train.parallel=fsdp", nproc=2)
+    # ... and an FSDP checkpoint resumes in one process,
+    gptforge("--out", str(tmp_path / "fsdp"), "--resume", "--set", "train.max_steps=8",
+             "--set", "train.parallel=ddp")
+    assert_close_runs(tmp_path / "one", tmp_path / "fsdp")
+    # ... and a one-process checkpoint resumes under FSDP.
+    step4 = tmp_path / "one" / "checkpoints" / "step_0000004"
+    gptforge("--out", str(tmp_path / "one-to-fsdp"), "--resume", str(step4),
+             "--set", "train.max_steps=8", "--set", "train.parallel=fsdp", nproc=2)
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "one-to-fsdp")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+def test_a_dead_rank_stops_the_job_and_the_run_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptforge", "train", "--out", str(run), "--data", str(data), *COMMON,
+         "--set", "train.max_steps=100000", "--set", "train.save_interval=2",
+         "--set", "train.dist_timeout_s=30", "--nproc", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 90
+    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.2)
+    assert (run / "checkpoints" / "latest").exists(), "the job did not start"
+    workers = [w for t in children(proc.pid) for w in children(t)]
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    started = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - started < 60  # taken down, not hanging until a timeout
+    assert "Signals.SIGKILL" in err or "SIGKILL" in err or "exitcode" in err, err[-2000:]
+    for w in workers:
+        assert not Path(f"/proc/{w}").exists() or "Z" in Path(f"/proc/{w}/stat").read_text().split()[2]
+    step = load_checkpoint(run).step
+    gptforge("--out", str(run), "--resume", "--set", f"train.max_steps={step + 2}", nproc=2)
+    assert load_checkpoint(run).step == step + 2
