@@ -1,9 +1,14 @@
-"""Sampling: top-k, temperature, seeds, stopping at the end-of-text token."""
+"""Sampling: the KV cache, top-k, top-p, temperature, seeds, stopping, streaming, cropping."""
 
+import pytest
 import torch
+from test_train import run_cli
 
 from gptforge import GPT, GPTConfig
-from gptforge.generate import generate
+from gptforge.config import SampleConfig
+from gptforge.generate import TextStream, filter_logits, generate, sample
+from gptforge.hf import write_hf_dir
+from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
 def model_and_prompt(seed: int = 0):
@@ -58,3 +63,145 @@ def test_long_prompts_are_cropped_to_the_context():
     idx = torch.randint(0, 50, (1, 200))  # block_size is 64
     out = generate(model, idx, 3, generator=torch.Generator().manual_seed(0))
     assert len(out[0]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV cache
+
+
+def test_cached_forward_equals_the_full_forward():
+    model, _ = model_and_prompt()
+    idx = torch.randint(0, 50, (3, 64))  # a whole block
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_kv_cache()
+        parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 10), (10, 11), (11, 40), (40, 64)]]
+    assert cache.length == 64
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+@pytest.mark.parametrize("prompt_len, new", [(5, 30), (50, 40), (64, 10), (200, 5)])
+def test_greedy_with_cache_equals_without_it_across_the_context(prompt_len, new):
+    """block_size is 64: these cross it from below, start at it, and start past it."""
+    model, _ = model_and_prompt()
+    idx = torch.randint(0, 50, (2, prompt_len))
+    cached = generate(model, idx, new, top_k=1, use_cache=True)
+    uncached = generate(model, idx, new, top_k=1, use_cache=False)
+    assert cached == uncached and all(len(row) == new for row in cached)
+
+
+def test_cache_same_seed_same_samples():
+    model, idx = model_and_prompt()
+    a = generate(model, idx, 30, top_k=0, generator=torch.Generator().manual_seed(3))
+    b = generate(model, idx, 30, top_k=0, generator=torch.Generator().manual_seed(3))
+    assert a == b and a[0] != a[1]  # several samples in one batch, each its own
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-p, streaming, stop strings
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+
+    def kept(p: float) -> list[bool]:
+        return torch.isfinite(filter_logits(logits, top_p=p))[0].tolist()
+
+    assert kept(0.79) == [False, True, False, True]  # 0.5 + 0.3 reaches 0.79
+    assert kept(0.81) == [False, True, True, True]
+    assert kept(0.1) == [False, True, False, False]  # the most likely token always survives
+    assert kept(1.0) == [True] * 4
+    both = torch.isfinite(filter_logits(logits, top_k=1, top_p=0.9))[0].tolist()
+    assert both == [False, True, False, False]
+
+
+def test_top_p_limits_the_choices():
+    model, idx = model_and_prompt()
+    with torch.no_grad():
+        probs = torch.softmax(model(idx[:1])[0][0, -1] / 3.0, dim=-1)
+    order = torch.argsort(probs, descending=True).tolist()
+    mass, allowed = 0.0, set()
+    for tok in order:  # the nucleus for p = 0.3, computed independently
+        if mass >= 0.3:
+            break
+        allowed.add(tok)
+        mass += float(probs[tok])
+    assert 1 < len(allowed) < 50
+    seen = {generate(model, idx[:1], 1, temperature=3.0, top_p=0.3,
+                     generator=torch.Generator().manual_seed(s))[0][0] for s in range(40)}
+    assert seen <= allowed and len(seen) > 1
+
+
+def test_the_callback_sees_every_token_and_can_end_a_row():
+    model, idx = model_and_prompt()
+    seen: list[tuple[int, int]] = []
+    out = generate(model, idx, 12, top_k=5, generator=torch.Generator().manual_seed(0),
+                   on_token=lambda b, t: seen.append((b, t)))
+    assert [t for b, t in seen if b == 1] == out[1] and len(seen) == 3 * 12
+    # Returning True ends that row only: here row 0 after its third token.
+    counts = [0, 0, 0]
+
+    def stop_row0(b: int, t: int) -> bool:
+        counts[b] += 1
+        return b == 0 and counts[0] == 3
+
+    out2 = generate(model, idx, 12, top_k=5, generator=torch.Generator().manual_seed(0),
+                    on_token=stop_row0)
+    assert out2[0] == out[0][:3] and out2[1:] == out[1:]
+
+
+def test_text_stream_holds_partial_characters():
+    tok = GPT2Tokenizer()
+    text = "naïve café 😀 done"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the emoji spans several tokens
+    pieces: list[str] = []
+    stream = TextStream(tok, emit=pieces.append)
+    for i in ids:
+        assert not stream.push(i)
+    assert stream.finish() == text and "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_stream_stops_before_the_stop_string():
+    tok = CharTokenizer("abcdef\n ")
+    pieces: list[str] = []
+    stream = TextStream(tok, stops=["\n\n", "fed"], emit=pieces.append)
+    results = [stream.push(i) for i in tok.encode("abc de\nf\n\nabc")]
+    assert results.index(True) == 9  # the second newline of "\n\n"
+    assert stream.finish() == "abc de\nf" and "".join(pieces) == "abc de\nf"
+    stream = TextStream(tok, stops=["fed"], emit=pieces.append)
+    for i in tok.encode("a fe fed b"):
+        if stream.push(i):
+            break
+    assert stream.finish() == "a fe "
+
+
+def test_sample_stop_string_and_streaming(tmp_path, capsys):
+    """gptforge sample on a directory hf.py wrote: stop strings, streaming, the cache flag."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50257)).eval()
+    d = tmp_path / "hf"
+    d.mkdir()
+    write_hf_dir(d, model, {"name": "gpt2"}, {})
+    base = ["sample", "--ckpt", str(d), "--prompt", "The", "--max-new-tokens", "20", "--top-k", "1"]
+    assert run_cli(*base) == 0
+    full = capsys.readouterr().out
+    assert run_cli(*base, "--no-cache") == 0
+    assert capsys.readouterr().out == full
+    tok = GPT2Tokenizer()
+    ids = generate(model, torch.tensor([tok.encode("The")]), 20, top_k=1, stop_id=tok.eot_id)[0]
+    assert full == "The" + tok.decode(ids) + "\n"
+    stop = tok.decode(ids[4:6])
+    assert run_cli(*base, "--stop", stop) == 0
+    assert capsys.readouterr().out == full[: full.index(stop, len("The"))] + "\n"
+
+    streamed: list[tuple[int, str]] = []
+    cfg = SampleConfig(prompt="The", max_new_tokens=20, top_k=1, num_samples=2)
+    texts = sample(str(d), cfg, device="cpu", stream=lambda b, s: streamed.append((b, s)))
+    assert texts == [full[:-1]] * 2
+    assert "".join(s for b, s in streamed if b == 1) == full[len("The"):-1]
+    assert run_cli(*base, "--top-p", "1.5") == 2
+    assert "--top-p" in capsys.readouterr().err

@@ -134,7 +134,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                        temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
     validate(cfg, "sample")
-    texts = sample(args.ckpt, cfg, device=args.device)
+    shown: list[str] = []  # what was streamed: one sample is printed as it is generated
+
+    def show(_row: int, text: str) -> None:
+        if not shown:
+            shown.append(cfg.prompt)
+            sys.stdout.write(cfg.prompt)
+        shown.append(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    texts = sample(args.ckpt, cfg, device=args.device, top_p=args.top_p, stops=args.stop,
+                   use_cache=not args.no_cache, stream=show if cfg.num_samples == 1 else None)
+    if shown:
+        print(texts[0][len("".join(shown)):])
+        return 0
     for i, text in enumerate(texts):
         if i:
             print("-" * 40)
@@ -197,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     helps = field_help(SampleConfig)
     smp = sub.add_parser("sample", help="generate text from a trained model",
                          formatter_class=_defaults_formatter,
-                         description="Generate text from a run's latest checkpoint or a checkpoint directory.")
-    smp.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
+                         description="Generate text from a run's latest checkpoint, a checkpoint "
+                                     "directory or a Hugging Face GPT-2 directory.")
+    smp.add_argument("--ckpt", required=True, metavar="PATH",
+                     help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     smp.add_argument("--prompt", default=d.prompt, help=f"{helps.get('prompt', '')} (default: newline)")
     smp.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                      help=f"{helps.get('max_new_tokens', '')} (default: {d.max_new_tokens})")
@@ -208,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--num-samples", type=int, default=d.num_samples,
                      help=f"{helps.get('num_samples', '')} (default: {d.num_samples})")
     smp.add_argument("--seed", type=int, default=d.seed, help=f"{helps.get('seed', '')} (default: {d.seed})")
+    smp.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                     help="sample among the most likely tokens whose probabilities sum to P "
+                          "(nucleus sampling; 1: all) (default: 1.0)")
+    smp.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="end a sample where TEXT appears, leaving TEXT out (repeatable); "
+                          "samples also end at <|endoftext|>")
+    smp.add_argument("--no-cache", action="store_true",
+                     help="recompute the whole context for every token instead of using the KV "
+                          "cache (slower; same tokens)")
     smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     smp.set_defaults(func=cmd_sample)
     return p
