@@ -156,6 +156,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptforge.export import export_hf
+
+    result = export_hf(args.ckpt, args.out, force=args.force, weights_only=args.weights_only)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.path}: {', '.join(result.files)}")
+    if not args.weights_only:
+        print("load it with transformers: GPT2LMHeadModel.from_pretrained(DIR), "
+              "AutoTokenizer.from_pretrained(DIR)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 
@@ -235,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "cache (slower; same tokens)")
     smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     smp.set_defaults(func=cmd_sample)
+
+    ep = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory",
+                        formatter_class=_defaults_formatter,
+                        description="Write a checkpoint as a directory that transformers loads "
+                                    "offline: GPT2LMHeadModel.from_pretrained(DIR) and "
+                                    "AutoTokenizer.from_pretrained(DIR).")
+    ep.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
+    ep.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    ep.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    ep.add_argument("--weights-only", action="store_true",
+                    help="export a char-level model anyway: config and weights, with the char "
+                         "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
+    ep.set_defaults(func=cmd_export)
     return p
 
 
