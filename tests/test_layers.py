@@ -15,7 +15,7 @@ RANK = {
     "data": 3, "model": 3, "device": 3,
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "checkpoint": 5,
-    "train": 6, "generate": 6, "export": 6,
+    "train": 6, "generate": 6, "evaluate": 6, "export": 6,
     "cli": 7,
 }
 
@@ -64,7 +64,7 @@ def test_model_imports_only_torch_and_its_config():
 
 def test_core_import_pulls_no_optional_extras():
     code = ("import sys, gptforge, gptforge.cli, gptforge.train, gptforge.generate, "
-            "gptforge.hf, gptforge.export, gptforge.checkpoint; "
+            "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint; "
             "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

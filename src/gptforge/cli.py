@@ -169,6 +169,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from gptforge.evaluate import evaluate_path
+
+    result, what = evaluate_path(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
+                                 seq_len=args.seq_len, device=args.device, progress=True)
+    tail = f" + 1 of {result.tail}" if result.tail else ""
+    print(f"{what}: loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | "
+          f"{result.tokens:,} tokens in {result.windows:,} windows of {result.seq_len}{tail} | "
+          f"{result.wall_s:.1f}s")
+    if args.json:
+        record = {"checkpoint": args.ckpt, "data": args.data, "what": what, **result.to_dict()}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 
@@ -261,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="export a char-level model anyway: config and weights, with the char "
                          "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
     ep.set_defaults(func=cmd_export)
+
+    evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file",
+                         formatter_class=_defaults_formatter,
+                         description="Score every token of a prepared split or a text file "
+                                     "(consecutive windows; not a sampled estimate).")
+    evp.add_argument("--ckpt", required=True, metavar="PATH",
+                     help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
+    evp.add_argument("--data", required=True, metavar="DIR|FILE",
+                     help="prepared data directory (from gptforge prepare) or a UTF-8 text file")
+    evp.add_argument("--split", default="val", choices=["val", "train"],
+                     help="split of a prepared directory (default: val)")
+    evp.add_argument("--batch-size", type=int, default=4, metavar="N",
+                     help="windows per forward pass (default: 4)")
+    evp.add_argument("--seq-len", type=int, default=0, metavar="N",
+                     help="tokens per window (default: the model's context)")
+    evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    evp.set_defaults(func=cmd_eval)
     return p
 
 

@@ -1,0 +1,149 @@
+"""``gptforge eval``: loss and perplexity over all of a split or a text file, not an estimate.
+
+The tokens are cut into consecutive, non-overlapping windows of seq_len (``data.iter_eval_batches``)
+plus one shorter window for the remainder, so every token but the first is predicted exactly
+once, each from the tokens before it in its window. The loss is the mean next-token
+cross-entropy in nats over those predictions; perplexity is exp(loss).
+(Training's periodic val loss drops the remainder window, so it can differ in the last digits.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gptforge.checkpoint import load_model
+from gptforge.data import count_eval_windows, iter_eval_batches, load_meta, load_split
+from gptforge.device import pick_device
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT
+from gptforge.tokenizer import tokenizer_from_dict
+
+SPLITS = ("val", "train")
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy per predicted token, nats
+    perplexity: float  # exp(loss)
+    tokens: int  # predicted tokens: all but the first
+    windows: int  # full windows of seq_len
+    seq_len: int
+    tail: int  # tokens predicted in the last, shorter window (0 if none)
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(
+    model: GPT,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> EvalResult:
+    """Mean next-token loss of ``model`` over every token of ``tokens`` (1-D ids), see module doc."""
+    if not 1 <= seq_len <= model.config.block_size:
+        raise GptforgeError(
+            f"--seq-len {seq_len} is out of range: give 1 to the model's context "
+            f"{model.config.block_size}"
+        )
+    if batch_size < 1:
+        raise GptforgeError(f"--batch-size {batch_size} is out of range: give 1 or more")
+    n = len(tokens)
+    if n < 2:
+        raise GptforgeError(f"only {n} token(s) to evaluate: give at least two tokens of text")
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    windows = count_eval_windows(tokens, seq_len)
+    tail_start = windows * seq_len  # the remainder window predicts tokens[tail_start+1 : n]
+    tail: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if tail_start < n - 1:
+        rest = torch.from_numpy(np.asarray(tokens[tail_start:n], dtype=np.int64))
+        tail.append((rest[:-1].view(1, -1), rest[1:].view(1, -1)))  # (1, n - 1 - tail_start)
+    batches = itertools.chain(iter_eval_batches(tokens, batch_size, seq_len), tail)
+    total_nats, count = 0.0, 0
+    with tqdm(total=n - 1, desc="eval", unit="tok", unit_scale=True, file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits, _ = model(x)  # (rows, T, V)
+            # Summed in float64 on the host: the mean is over every token of the split.
+            total_nats += F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="sum"
+            ).item()
+            count += y.numel()
+            bar.update(y.numel())
+    model.train(was_training)
+    assert count == n - 1, (count, n)
+    loss = total_nats / count
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count,
+                      windows=windows, seq_len=seq_len, tail=n - 1 - windows * seq_len,
+                      wall_s=time.perf_counter() - start)
+
+
+def eval_tokens(data: str, split: str, tokenizer: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The tokens to score and what they are: a prepared directory's split (its tokenizer must be
+    the model's) or a text file tokenized with the model's tokenizer."""
+    if os.path.isdir(data):
+        if split not in SPLITS:
+            raise GptforgeError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+        meta = load_meta(data)
+        if meta["tokenizer"] != tokenizer:
+            raise GptforgeError(
+                f"{data} was prepared with the {meta['tokenizer'].get('name')} tokenizer "
+                f"({meta.get('vocab_size')} symbols), not the model's {tokenizer.get('name')} "
+                "tokenizer: prepare the text again with the model's tokenizer, or pass the text file"
+            )
+        tokens = load_split(data, split)
+        if len(tokens) == 0:
+            raise GptforgeError(
+                f"{data} has no {split} tokens: pass --split train, or prepare with --val-fraction > 0"
+            )
+        return tokens, f"{data} ({split} split)"
+    if not os.path.isfile(data):
+        raise GptforgeError(f"--data {data} does not exist: give a prepared directory or a text file")
+    try:
+        with open(data, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise GptforgeError(
+            f"{data} is not UTF-8 text (byte offset {e.start}): convert it to UTF-8"
+        ) from None
+    except OSError as e:
+        raise GptforgeError(f"cannot read {data} ({e.strerror}): check the path") from None
+    ids = tokenizer_from_dict(tokenizer).encode(text)
+    return np.asarray(ids, dtype=np.int64), data
+
+
+def evaluate_path(
+    ckpt_path: str,
+    data: str,
+    split: str = "val",
+    batch_size: int = 4,
+    seq_len: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+) -> tuple[EvalResult, str]:
+    """Evaluate a checkpoint (or Hugging Face GPT-2 directory) on ``data``; seq_len 0 means the
+    model's whole context. Returns the result and a description of what was scored."""
+    model, tokenizer = load_model(ckpt_path)
+    tokens, what = eval_tokens(data, split, tokenizer)
+    dev = pick_device(device)
+    model = model.to(dev)
+    result = evaluate(model, tokens, seq_len or model.config.block_size, batch_size, dev, progress)
+    return result, what
