@@ -87,7 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data.path:
         raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
 
-    result = train(cfg, args.out, resume=resume)
+    result = train(cfg, args.out, resume=resume,
+                   preset=None if resume is not None else (args.preset or DEFAULT_PRESET))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the job
     print()
@@ -126,6 +127,21 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         return subprocess.run(cmd).returncode
     except KeyboardInterrupt:  # torchrun forwards the signal; its workers save and exit
         return 130
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptforge.metrics import plot_runs
+
+    out = plot_runs(args.runs, args.out, log_loss=args.log_loss)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from gptforge.report import runs_table
+
+    print(runs_table(args.dir))
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -190,12 +206,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # Parser
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes get the same treatment as every other error: one line, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _defaults_formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="gptforge",
         description="Train GPT-2-class language models from scratch on your own text.",
     )
@@ -296,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     evp.set_defaults(func=cmd_eval)
+    pl = sub.add_parser("plot", help="plot losses, learning rate, grad norm and throughput of runs",
+                        description="Draw one PNG comparing runs: loss against steps and tokens "
+                                    "(train and val), learning rate, gradient norm and tokens/s.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.jsonl)")
+    pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
+    pl.add_argument("--log-loss", action="store_true", help="log-scale loss axes (default: linear)")
+    pl.set_defaults(func=cmd_plot)
+
+    rn = sub.add_parser("runs", help="list the runs under a directory",
+                        description="A table of the runs under DIR: preset, status, steps, tokens, "
+                                    "losses, wall time, throughput and latest checkpoint.")
+    rn.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                    help="directory holding run directories (default: the current directory)")
+    rn.set_defaults(func=cmd_runs)
     return p
 
 

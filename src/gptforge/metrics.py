@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from gptforge.errors import GptforgeError
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -66,3 +71,230 @@ def _record_step(line: str) -> float:
         return json.loads(line).get("step", float("inf"))
     except json.JSONDecodeError:  # a line cut short by a kill: drop it
         return float("inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# The progress bar
+
+
+class Progress:
+    """A bar with step / max steps, ETA, loss and tokens/s, on a terminal only.
+
+    Log lines go through ``write`` so the bar is cleared before and redrawn after each of them and
+    never garbles them. Where stderr is not a terminal (CI, log files, nohup) there is no bar and
+    the periodic log lines are the whole display.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool, target_loss: float = 0.0):
+        self.bar = None
+        self.target_loss = target_loss
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            try:
+                known_width = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError):
+                known_width = False
+            # A terminal that reports no size (some emulators, pty wrappers) would get a
+            # zero-width bar: draw 100 columns there instead.
+            self.bar = tqdm(total=total, initial=initial, unit="step", mininterval=0.25,
+                            file=sys.stderr, leave=False, dynamic_ncols=known_width,
+                            ncols=None if known_width else 100)
+
+    def wrap(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        if self.bar is None:
+            return log
+
+        def write(line: str) -> None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stdout)
+
+        return write
+
+    def update(self, loss: float, tok_per_s: float) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
+        if self.target_loss:
+            post["target"] = f"{self.target_loss:g}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# run.json: what produced a run and how it ended
+
+
+RUN_FILE = "run.json"
+
+
+class RunRecord:
+    """``RUN/run.json``: the command, preset, host and pid that produced the run, its status
+    (running, finished, stopped, crashed) and the latest totals; rewritten atomically."""
+
+    def __init__(self, run_dir: str | Path, **fields: Any):
+        self.path = Path(run_dir) / RUN_FILE
+        old: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                old = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                old = {}
+        now = time.time()
+        self.data: dict[str, Any] = {
+            "started": old.get("started", now),
+            "sessions": old.get("sessions", 0) + 1,
+            "wall_s_before": old.get("wall_s", 0.0),
+            **{k: v for k, v in old.items() if k in ("preset", "command")},
+            **fields,
+            "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+            "session_started": now, "updated": now,
+        }
+        self._write()
+
+    def update(self, **fields: Any) -> None:
+        now = time.time()
+        self.data.update(fields, updated=now,
+                         wall_s=self.data["wall_s_before"] + now - self.data["session_started"])
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
+                       encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -> Path:
+    """One PNG comparing runs: loss against steps and against tokens (train solid, val dashed),
+    learning rate, gradient norm and tokens/s against steps."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise GptforgeError(
+            "plotting needs matplotlib: pip install 'gptforge[plot]' (or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    series = []
+    for run in runs:
+        path = Path(run) / "metrics.jsonl"
+        if not path.is_file():
+            raise GptforgeError(f"{run} has no metrics.jsonl: pass run directories written by gptforge train")
+        try:
+            records = read_metrics(path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GptforgeError(f"{path} is not valid JSON lines ({e}): is it a gptforge run?") from None
+        if not records:
+            raise GptforgeError(f"{path} is empty: the run has not logged a step yet")
+        series.append((Path(run).name or str(run), records))
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    panels = [
+        (axes[0, 0], "step", "loss", "loss", "loss vs steps"),
+        (axes[0, 1], "tokens", "loss", "loss", "loss vs tokens"),
+        (axes[1, 0], "step", "lr", "learning rate", "learning rate"),
+        (axes[1, 1], "step", "norm", "gradient norm (before clipping)", "gradient norm"),
+        (axes[1, 2], "step", "tok_per_s", "tokens / s", "throughput"),
+    ]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, records) in enumerate(series):
+        color = colors[i % len(colors)]
+        for ax, xkey, ykey, _, _ in panels:
+            pts = [(r[xkey], r[ykey]) for r in records if _is_num(r.get(xkey)) and _is_num(r.get(ykey))]
+            if pts:
+                ax.plot(*zip(*pts), color=color, label=f"{name} train" if ykey == "loss" else name,
+                        linewidth=1.2)
+            if ykey == "loss":
+                val = [(r[xkey], r["val_loss"]) for r in records
+                       if _is_num(r.get(xkey)) and _is_num(r.get("val_loss"))]
+                if val:
+                    ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3,
+                            label=f"{name} val")
+    for ax, xkey, _, ylabel, title in panels:
+        ax.set_title(title)
+        ax.set_xlabel("tokens" if xkey == "tokens" else "step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    for ax in (axes[0, 0], axes[0, 1]):
+        if log_loss:
+            ax.set_yscale("log")
+    # The last panel: a summary table of the runs.
+    axes[0, 2].axis("off")
+    rows = []
+    for name, records in series:
+        losses = [r["loss"] for r in records if _is_num(r.get("loss"))]
+        vals = [r["val_loss"] for r in records if _is_num(r.get("val_loss"))]
+        rows.append([name, str(max(r.get("step", 0) for r in records) + 1),
+                     f"{losses[-1]:.4f}" if losses else "-", f"{min(vals):.4f}" if vals else "-"])
+    table = axes[0, 2].table(cellText=rows, colLabels=["run", "steps", "last loss", "best val"],
+                             loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    fig.suptitle("gptforge: " + ", ".join(name for name, _ in series), fontsize=13)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp-" + out.name)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard, only when asked for
+
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or one clear line when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise GptforgeError(
+            "train.tensorboard=true needs the tensorboard package: pip install "
+            "'gptforge[tensorboard]' (or pip install tensorboard), or leave train.tensorboard off"
+        ) from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """The same numbers as metrics.jsonl, as TensorBoard scalars under ``RUN/tensorboard``."""
+
+    def __init__(self, run_dir: str | Path):
+        self.writer = require_tensorboard()(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, **fields: Any) -> None:
+        step = fields.get("step", 0)
+        for key, value in fields.items():
+            if key != "step" and _is_num(value):
+                self.writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

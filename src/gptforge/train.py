@@ -14,6 +14,7 @@ import math
 import platform
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,15 @@ from gptforge.distributed import (
     wrap_model,
 )
 from gptforge.errors import GptforgeError
-from gptforge.metrics import MetricsLog, format_step, truncate_metrics
+from gptforge.metrics import (
+    MetricsLog,
+    Progress,
+    RunRecord,
+    TensorBoardLog,
+    format_step,
+    require_tensorboard,
+    truncate_metrics,
+)
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at, set_lr
 
@@ -294,6 +303,7 @@ def train(
     run_dir: str | Path,
     resume: Checkpoint | None = None,
     log: Callable[[str], None] = print,
+    preset: str | None = None,
 ) -> TrainResult:
     """Train per ``cfg``, writing metrics and checkpoints under ``run_dir``.
 
@@ -315,13 +325,16 @@ def train(
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
     check_run_dir(run_dir, resuming=resume is not None)
+    if tc.tensorboard:
+        require_tensorboard()
     train_tokens = read_shard(Path(cfg.data.path) / "train.bin")
     val_tokens = read_shard(Path(cfg.data.path) / "val.bin") if meta["val_tokens"] > 0 else None
 
     # 2. processes, device and precision
     env = init_distributed(tc.device, tc.dist_timeout_s)
     try:
-        return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start)
+        return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,
+                      preset)
     finally:
         shutdown(env)
 
@@ -329,7 +342,7 @@ def train(
 def _train(
     cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
     env: DistEnv, meta: dict[str, Any], train_tokens: np.ndarray, val_tokens: np.ndarray | None,
-    t_start: float,
+    t_start: float, preset: str | None,
 ) -> TrainResult:
     tc, oc = cfg.train, cfg.optim
     if not env.is_main:
@@ -382,7 +395,7 @@ def _train(
             )
 
     barrier(env)  # every rank has checked the run directory before rank 0 writes into it
-    metrics = None
+    metrics = record = tboard = None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -390,6 +403,12 @@ def _train(
             truncate_metrics(run_dir / "metrics.jsonl", step)
         (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
         metrics = MetricsLog(run_dir / "metrics.jsonl")
+        info = {"command": ["gptforge", *sys.argv[1:]]}
+        if preset is not None:
+            info["preset"] = preset
+        record = RunRecord(run_dir, **info, max_steps=tc.max_steps, world_size=env.world_size)
+        if tc.tensorboard:
+            tboard = TensorBoardLog(run_dir)
     tokenizer = meta["tokenizer"]
 
     log(format_config(cfg).rstrip())
@@ -443,9 +462,14 @@ def _train(
                              tc.eval_max_batches, shard=eval_shard,
                              reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
 
-    def write_metrics(**record: Any) -> None:
+    def write_metrics(**fields: Any) -> None:
         if metrics is not None:
-            metrics.write(**record)
+            metrics.write(**fields)
+        if tboard is not None:
+            tboard.write(**fields)
+        if record is not None:
+            record.update(step=step, tokens=tokens_seen, last_loss=last_loss,
+                          best_val_loss=best_val, tok_per_s=fields.get("tok_per_s"))
 
     # 4. the loop
     next_batch = _device_batches(loader, device)
@@ -453,6 +477,8 @@ def _train(
     last_loss, val_loss, ckpt_path = float("nan"), None, None
     stopped_by = "max_steps"
     saved_step = step  # a resumed run's starting point is already on disk
+    progress = Progress(tc.max_steps, step, enabled=env.is_main, target_loss=tc.target_loss)
+    log = progress.wrap(log)
     try:
         with StopFlag() as stop:
             while step < tc.max_steps:
@@ -470,6 +496,7 @@ def _train(
                 done_step = step
                 step += 1
                 tokens_seen += tc.total_batch_tokens
+                progress.update(result.loss, tc.total_batch_tokens / dt)
 
                 val_loss = None
                 if tc.eval_interval and step % tc.eval_interval == 0:
@@ -483,11 +510,11 @@ def _train(
                         log(format_step(done_step, result.loss, lr, result.norm, dt * 1000, tok_per_s))
                     if val_loss is not None:
                         log(f"step {done_step:5d} | val loss: {val_loss:.6f}")
-                    record = dict(step=done_step, loss=result.loss, lr=lr, norm=result.norm,
+                    fields = dict(step=done_step, loss=result.loss, lr=lr, norm=result.norm,
                                   dt_ms=dt * 1000, tok_per_s=tok_per_s, tokens=tokens_seen)
                     if val_loss is not None:
-                        record["val_loss"] = val_loss
-                    write_metrics(**record)
+                        fields["val_loss"] = val_loss
+                    write_metrics(**fields)
                 if tc.save_interval and step % tc.save_interval == 0 and not last:
                     ckpt_path = save(result.loss, val_loss)
                     saved_step = step
@@ -509,9 +536,21 @@ def _train(
                     write_metrics(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
             if step != saved_step and step > 0:
                 ckpt_path = save(last_loss, val_loss)
+    except BaseException as e:
+        if record is not None:
+            record.update(status="crashed", error=str(e) or type(e).__name__, step=step,
+                          tokens=tokens_seen)
+        raise
     finally:
-        if metrics is not None:
-            metrics.close()
+        progress.close()
+        for sink in (metrics, tboard):
+            if sink is not None:
+                sink.close()
+    if record is not None:
+        record.update(status="finished" if stopped_by in ("max_steps", "target_loss") else "stopped",
+                      stopped_by=stopped_by, step=step, tokens=tokens_seen, last_loss=last_loss,
+                      best_val_loss=best_val, val_loss=val_loss,
+                      checkpoint=str(ckpt_path) if ckpt_path else None)
 
     wall = time.time() - t_start
     return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, best_val, ckpt_path,

@@ -1,0 +1,189 @@
+"""The experience of a run: progress bar, plots, run table, TensorBoard, help and errors."""
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from gptforge.cli import build_parser, main
+from gptforge.config import SECTION_TYPES
+from gptforge.data import prepare
+from gptforge.errors import GptforgeError
+from gptforge.metrics import RunRecord, read_run_record
+from gptforge.report import runs_table
+from gptforge.train import train
+from test_train import quiet, shakespeare_head, tiny_cfg
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("report-data")
+    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
+    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", progress=False)
+    return d / "char"
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    train(tiny_cfg(data, "train.max_steps=30", "train.eval_interval=10", "train.log_interval=5"),
+          root / "a", log=quiet, preset="gpt2-tiny")
+    train(tiny_cfg(data, "train.max_steps=20", "optim.lr=3e-3", "train.eval_interval=10"),
+          root / "b", log=quiet, preset="gpt2-tiny")
+    return root
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+def test_plot_renders_a_png_with_content(runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    out = tmp_path / "plots" / "cmp.png"
+    assert run_cli("plot", str(runs / "a"), str(runs / "b"), "--out", str(out), "--log-loss") == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(str(out))
+    assert img.shape[0] >= 600 and img.shape[1] >= 1000
+    non_white = (img[..., :3] < 0.9).any(axis=-1).mean()
+    assert 0.02 < non_white < 0.6  # lines, text and axes, on a mostly white page
+    assert not list(out.parent.glob(".tmp-*"))
+    assert run_cli("plot", str(tmp_path), "--out", str(tmp_path / "x.png")) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_table_shows_each_run_and_its_status(runs, data, tmp_path, capsys):
+    # a crashed run: its record says running, but its process is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    crashed = runs / "c"
+    crashed.mkdir(exist_ok=True)
+    RunRecord(crashed, preset="gpt2-mini")
+    rec = read_run_record(crashed)
+    rec["pid"] = dead.pid
+    (crashed / "run.json").write_text(__import__("json").dumps(rec))
+    assert run_cli("runs", str(runs)) == 0
+    table = capsys.readouterr().out.splitlines()
+    header, rows = table[0], {line.split()[0]: line.split() for line in table[2:]}
+    for col in ["preset", "status", "steps", "tokens", "best val", "last loss", "wall", "tok/s",
+                "latest checkpoint"]:
+        assert col in header
+    assert rows["a"][1:4] == ["gpt2-tiny", "finished", "30"]
+    assert rows["a"][-1] == "step_0000030"
+    assert rows["b"][2:4] == ["finished", "20"]
+    assert rows["c"][1:3] == ["gpt2-mini", "crashed"]
+    assert "no runs under" in runs_table(tmp_path)
+
+
+def test_a_crash_is_recorded(data, tmp_path, monkeypatch):
+    from gptforge.model import GPT
+
+    def boom(self, idx, targets=None):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(GPT, "forward", boom)
+    with pytest.raises(RuntimeError):
+        train(tiny_cfg(data, "train.max_steps=5"), tmp_path / "run", log=quiet)
+    rec = read_run_record(tmp_path / "run")
+    assert rec["status"] == "crashed" and "simulated failure" in rec["error"]
+
+
+def test_progress_bar_on_a_terminal_never_garbles_log_lines(data, tmp_path):
+    main_fd, sub_fd = pty.openpty()
+    fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120 chars
+    env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptforge", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+         "--preset", "gpt2-tiny", "--set", "train.max_steps=60", "--set", "train.log_interval=10",
+         "--set", "train.device=cpu"],
+        stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, env=env)
+    os.close(sub_fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=60) == 0
+    os.close(main_fd)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert re.search(r"\d+/60 \[", out), out[-2000:]  # the bar: step / max steps
+    assert "tok/s=" in out and "loss=" in out
+    lines = [line.rstrip("\r").split("\r")[-1] for line in out.split("\n")]  # the pty ends lines with \r\n
+    steps = [line for line in lines if "| loss:" in line]
+    assert len(steps) == 7  # steps 0, 10, ..., 50 and the last, 59
+    pattern = re.compile(r"^step +\d+ \| loss: \d+\.\d{6} \| lr: \S+ \| norm: \d+\.\d{4} \| "
+                         r"dt: \d+\.\d{2}ms \| tok/sec: \d+\.\d{2}$")
+    assert all(pattern.match(line.strip()) for line in steps), steps
+
+
+def test_no_bar_when_output_is_not_a_terminal(data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-m", "gptforge", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+         "--preset", "gpt2-tiny", "--set", "train.max_steps=20", "--set", "train.device=cpu"],
+        capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0
+    assert "\r" not in out.stdout + out.stderr and "/20 [" not in out.stderr
+    assert out.stdout.count("| loss:") == 3  # steps 0, 10 and the last
+
+
+def test_tensorboard_when_asked(data, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    train(tiny_cfg(data, "train.max_steps=10", "train.log_interval=2", "train.tensorboard=true"),
+          tmp_path / "run", log=quiet)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_tensorboard_missing_is_one_clear_error(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(GptforgeError, match="needs the tensorboard package"):
+        train(tiny_cfg(data, "train.max_steps=2", "train.tensorboard=true"), tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_help_lists_every_config_key_with_default_and_meaning(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for section, cls in SECTION_TYPES.items():
+        for name in cls.__dataclass_fields__:
+            assert re.search(rf"^  {section}\.{name} = .+\n      \S", text, re.M), f"{section}.{name}"
+
+
+def test_every_option_of_every_subcommand_has_help_and_default():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) >= {"prepare", "train", "sample", "plot", "runs"}
+    for name, sp in sub.choices.items():
+        help_text = sp.format_help()
+        for action in sp._actions:
+            if action.dest in ("help",) or not action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+            if action.default not in (None, False, [], "==SUPPRESS==") and not action.required:
+                assert "default" in (action.help or "").lower() or "(default:" in help_text, \
+                    f"{name} {action.option_strings[0]} does not show its default"
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    assert run_cli("train") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "--help" in err
