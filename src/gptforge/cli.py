@@ -88,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
 
     result = train(cfg, args.out, resume=resume,
-                   preset=None if resume is not None else (args.preset or DEFAULT_PRESET))
+                   preset=None if resume is not None else (args.preset or DEFAULT_PRESET),
+                   init_from=args.init_from)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the job
     print()
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
     tp.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                     help="continue the run in --out (or from checkpoint PATH) exactly where it stopped")
+    tp.add_argument("--init-from", metavar="PATH", default=None,
+                    help="start from the weights of a local Hugging Face GPT-2 directory or a "
+                         "gptforge run/checkpoint (fine-tuning); the model shape comes from there")
     tp.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="train with N processes on this machine (launches torchrun; one per GPU, "
                          "or N CPU processes with gloo); for several machines run torchrun yourself")

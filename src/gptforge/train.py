@@ -10,6 +10,7 @@ finishes, a checkpoint is saved, and the run ends cleanly).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 import random
@@ -25,8 +26,10 @@ import torch
 
 from gptforge.checkpoint import (
     CHECKPOINT_DIR,
+    TIED_KEY,
     Checkpoint,
     CheckpointError,
+    load_pretrained,
     load_weights,
     read_optimizer_state,
     remove_incomplete,
@@ -304,11 +307,14 @@ def train(
     resume: Checkpoint | None = None,
     log: Callable[[str], None] = print,
     preset: str | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train per ``cfg``, writing metrics and checkpoints under ``run_dir``.
 
     With ``resume``, the weights, optimizer, data cursor and RNG state continue from that
-    checkpoint, so the run goes on exactly as if it had never stopped.
+    checkpoint, so the run goes on exactly as if it had never stopped. With ``init_from`` (a
+    local Hugging Face GPT-2 directory or a gptforge run/checkpoint), a new run starts from those
+    weights, for fine-tuning: the model's shape comes from there, dropout from ``cfg``.
     """
     t_start = time.time()
     run_dir = Path(run_dir)
@@ -322,6 +328,18 @@ def train(
             f"checkpoint {resume.path} was trained with a different tokenizer than the data in "
             f"{cfg.data.path}: resume with the data the run was started with"
         )
+    init_weights = None
+    if init_from is not None:
+        if resume is not None:
+            raise GptforgeError("--init-from starts a new run and --resume continues one: use one of them")
+        source_cfg, init_weights, source_tokenizer = load_pretrained(init_from)
+        if source_tokenizer != meta["tokenizer"]:
+            raise CheckpointError(
+                f"{init_from} was trained with the {source_tokenizer.get('name')} tokenizer, other "
+                f"than the data's ({meta['tokenizer']['name']}): prepare the data with the "
+                "tokenizer of the model you start from"
+            )
+        cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
     check_run_dir(run_dir, resuming=resume is not None)
@@ -334,7 +352,7 @@ def train(
     env = init_distributed(tc.device, tc.dist_timeout_s)
     try:
         return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,
-                      preset)
+                      preset, init_from, init_weights)
     finally:
         shutdown(env)
 
@@ -342,7 +360,8 @@ def train(
 def _train(
     cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
     env: DistEnv, meta: dict[str, Any], train_tokens: np.ndarray, val_tokens: np.ndarray | None,
-    t_start: float, preset: str | None,
+    t_start: float, preset: str | None, init_from: str | Path | None,
+    init_weights: dict[str, torch.Tensor] | None,
 ) -> TrainResult:
     tc, oc = cfg.train, cfg.optim
     if not env.is_main:
@@ -369,6 +388,9 @@ def _train(
     model = GPT(cfg.model).to(device)
     if resume is not None:
         load_weights(model, resume)
+    elif init_weights is not None:
+        missing, unexpected = model.load_state_dict(init_weights, strict=False)
+        assert missing == [TIED_KEY] and not unexpected, (missing, unexpected)  # shapes checked on load
     wrapped = wrap_model(model, env, tc.parallel)
     optimizer = build_optimizer(model, oc, device.type)
 
@@ -406,6 +428,8 @@ def _train(
         info = {"command": ["gptforge", *sys.argv[1:]]}
         if preset is not None:
             info["preset"] = preset
+        if init_from is not None:
+            info["init_from"] = str(init_from)
         record = RunRecord(run_dir, **info, max_steps=tc.max_steps, world_size=env.world_size)
         if tc.tensorboard:
             tboard = TensorBoardLog(run_dir)
@@ -423,6 +447,8 @@ def _train(
         f"{tc.total_batch_tokens:,} tokens per step")
     if resume is not None:
         log(f"resuming from {resume.path} at step {step}")
+    if init_from is not None:
+        log(f"starting from the weights of {init_from}")
 
     def trainer_state(last_loss: float) -> dict[str, Any]:
         rngs = gather_objects(rng_state(device), env)
