@@ -146,6 +146,22 @@ def test_pytorch_model_bin_loads_weights_only(hf_dir, tmp_path):
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
+def test_sharded_safetensors_load(hf_dir, tmp_path):
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(hf_dir / "config.json", d)
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(d / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a, b = gptforge.load(d).state_dict(), gptforge.load(hf_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class Boom:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
