@@ -173,14 +173,14 @@ def test_every_option_of_every_subcommand_has_help_and_default():
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     assert set(sub.choices) >= {"prepare", "train", "sample", "plot", "runs"}
     for name, sp in sub.choices.items():
-        help_text = sp.format_help()
+        formatter = sp._get_formatter()
         for action in sp._actions:
-            if action.dest in ("help",) or not action.option_strings:
+            if not action.option_strings or action.dest == "help":
                 continue
             assert action.help, f"{name} {action.option_strings} has no help"
-            if action.default not in (None, False, [], "==SUPPRESS==") and not action.required:
-                assert "default" in (action.help or "").lower() or "(default:" in help_text, \
-                    f"{name} {action.option_strings[0]} does not show its default"
+            shown = formatter._expand_help(action) if action.help else ""
+            if action.default not in (None, False, [], "==SUPPRESS=="):
+                assert "default" in shown.lower(), f"{name} {action.option_strings[0]}: {shown}"
 
 
 def test_usage_errors_are_one_line_exit_2(capsys):

@@ -207,15 +207,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # Parser
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and shows every option's default after its meaning."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text.lower() and action.option_strings
+                and action.default not in (None, argparse.SUPPRESS, False, [])):
+            text += " (default: %(default)s)"
+        return text
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage mistakes get the same treatment as every other error: one line, exit code 2."""
+    """Usage mistakes get the same treatment as every other error: one line, exit code 2.
+    Every (sub)command's help shows each option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _defaults_formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     sp = sub.add_parser("prepare", help="tokenize text files into training shards",
-                        formatter_class=_defaults_formatter,
+                        formatter_class=HelpFormatter,
                         description="Tokenize text files (or a named dataset: shakespeare) into "
                                     "DIR/train.bin, DIR/val.bin and DIR/meta.json.")
     sp.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -243,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--url", default=None, help="download address for a named dataset (default: its canonical one)")
     sp.set_defaults(func=cmd_prepare)
 
-    tp = sub.add_parser("train", help="train a model", formatter_class=_defaults_formatter,
+    tp = sub.add_parser("train", help="train a model", formatter_class=HelpFormatter,
                         description="Train a GPT-2 model on prepared data.",
                         epilog=_config_keys_help())
     tp.add_argument("--data", metavar="DIR", help="prepared data directory (from gptforge prepare)")
@@ -267,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = SampleConfig()
     helps = field_help(SampleConfig)
     smp = sub.add_parser("sample", help="generate text from a trained model",
-                         formatter_class=_defaults_formatter,
+                         formatter_class=HelpFormatter,
                          description="Generate text from a run's latest checkpoint, a checkpoint "
                                      "directory or a Hugging Face GPT-2 directory.")
     smp.add_argument("--ckpt", required=True, metavar="PATH",
@@ -294,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(func=cmd_sample)
 
     ep = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory",
-                        formatter_class=_defaults_formatter,
+                        formatter_class=HelpFormatter,
                         description="Write a checkpoint as a directory that transformers loads "
                                     "offline: GPT2LMHeadModel.from_pretrained(DIR) and "
                                     "AutoTokenizer.from_pretrained(DIR).")
@@ -307,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.set_defaults(func=cmd_export)
 
     evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file",
-                         formatter_class=_defaults_formatter,
+                         formatter_class=HelpFormatter,
                          description="Score every token of a prepared split or a text file "
                                      "(consecutive windows; not a sampled estimate).")
     evp.add_argument("--ckpt", required=True, metavar="PATH",
