@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 from shared_data import SHAKESPEARE
@@ -10,3 +11,17 @@ def shakespeare_text() -> str:
         pytest.skip(f"Tiny Shakespeare is not at {SHAKESPEARE}")
     with open(SHAKESPEARE, encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """20,000 characters of Shakespeare (or filler text), prepared char-level, 10% val: shared by
+    every test that trains a tiny model and only reads its data."""
+    from test_train import shakespeare_head
+
+    from gptforge.data import prepare
+
+    d = tmp_path_factory.mktemp("char-data")
+    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
+    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", val_fraction=0.1, progress=False)
+    return d / "char"

@@ -26,12 +26,6 @@ from gptforge.train import TrainingDiverged, train
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt-data")
-    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
-    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", progress=False)
-    return d / "char"
 
 
 def run_cli(*args: str) -> int:
@@ -63,10 +57,10 @@ TRAIN_ARGS = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "tr
               "--set", "train.log_interval=1", "--set", "train.total_batch_tokens=512"]
 
 
-def test_cli_resume_is_bit_identical(data, tmp_path):
-    assert run_cli("train", "--data", str(data), "--out", str(tmp_path / "full"), *TRAIN_ARGS,
+def test_cli_resume_is_bit_identical(char_data, tmp_path):
+    assert run_cli("train", "--data", str(char_data), "--out", str(tmp_path / "full"), *TRAIN_ARGS,
                    "--set", "train.max_steps=10") == 0
-    assert run_cli("train", "--data", str(data), "--out", str(tmp_path / "half"), *TRAIN_ARGS,
+    assert run_cli("train", "--data", str(char_data), "--out", str(tmp_path / "half"), *TRAIN_ARGS,
                    "--set", "train.max_steps=5") == 0
     assert run_cli("train", "--out", str(tmp_path / "half"), "--resume",
                    "--set", "train.max_steps=10") == 0
@@ -82,12 +76,12 @@ def test_cli_resume_is_bit_identical(data, tmp_path):
     assert cfg["config"]["train"]["max_steps"] == 10 and "gptforge_version" in cfg
 
 
-def spawn(data: Path, run: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
+def spawn(char_data: Path, run: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
     args = [sys.executable, "-m", "gptforge", "train", "--out", str(run)]
     if resume:
         args += ["--resume", *extra]
     else:
-        args += ["--data", str(data), *TRAIN_ARGS, *extra]
+        args += ["--data", str(char_data), *TRAIN_ARGS, *extra]
     env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -97,21 +91,21 @@ def logged_steps(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_sigkill_mid_step_and_mid_save_then_resume_matches(data, tmp_path):
+def test_sigkill_mid_step_and_mid_save_then_resume_matches(char_data, tmp_path):
     steps = ["--set", "train.max_steps=30", "--set", "train.save_interval=1", "--set", "train.keep_last=2"]
-    ref = spawn(data, tmp_path / "ref", *steps)
+    ref = spawn(char_data, tmp_path / "ref", *steps)
     assert ref.wait(timeout=120) == 0, ref.stderr.read()
 
     run = tmp_path / "killed"
     # 1. killed at an arbitrary moment of training
-    proc = spawn(data, run, *steps)
+    proc = spawn(char_data, run, *steps)
     deadline = time.time() + 60
     while logged_steps(run) < 8 and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # 2. resumed, then killed while a checkpoint is being written
-    proc = spawn(data, run, "--set", "train.max_steps=30", resume=True)
+    proc = spawn(char_data, run, "--set", "train.max_steps=30", resume=True)
     ckpts = run / "checkpoints"
     caught = False
     deadline = time.time() + 60
@@ -127,7 +121,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches(data, tmp_path):
         latest = load_checkpoint(run)  # ... and ignored: the latest complete one loads
     assert latest.step >= 12
     # 3. resumed to the end: the same weights and losses as the uninterrupted run
-    proc = spawn(data, run, "--set", "train.max_steps=30", resume=True)
+    proc = spawn(char_data, run, "--set", "train.max_steps=30", resume=True)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "incomplete checkpoint" in err
@@ -139,8 +133,8 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches(data, tmp_path):
     assert len([p for p in ckpts.iterdir() if p.name.startswith("step_")]) == 2  # keep_last
 
 
-def test_sigterm_finishes_the_step_and_saves(data, tmp_path):
-    proc = spawn(data, tmp_path / "run", "--set", "train.max_steps=100000")
+def test_sigterm_finishes_the_step_and_saves(char_data, tmp_path):
+    proc = spawn(char_data, tmp_path / "run", "--set", "train.max_steps=100000")
     deadline = time.time() + 60
     while logged_steps(tmp_path / "run") < 3 and time.time() < deadline:
         time.sleep(0.05)
@@ -152,7 +146,7 @@ def test_sigterm_finishes_the_step_and_saves(data, tmp_path):
     assert load_checkpoint(tmp_path / "run").step == last["step"] + 1
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     forward = GPT.forward
 
@@ -165,7 +159,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, mo
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    cfg = tiny_cfg(data, "train.max_steps=20", "train.save_interval=2", "train.total_batch_tokens=512")
+    cfg = tiny_cfg(char_data, "train.max_steps=20", "train.save_interval=2", "train.total_batch_tokens=512")
     with pytest.raises(TrainingDiverged, match="loss became nan at step 5"):
         train(cfg, tmp_path / "run", log=quiet)
     ckpt = load_checkpoint(tmp_path / "run")
@@ -173,7 +167,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, mo
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
     # Through the CLI: one line, exit code 2.
     calls["n"] = 0
-    code = run_cli("train", "--data", str(data), "--out", str(tmp_path / "cli"), *TRAIN_ARGS,
+    code = run_cli("train", "--data", str(char_data), "--out", str(tmp_path / "cli"), *TRAIN_ARGS,
                    "--set", "train.max_steps=20")
     err = capsys.readouterr().err
     assert code == 2 and "at step 5" in err and err.count("\n") == 1
@@ -189,8 +183,8 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_payload_is_refused_without_running(data, tmp_path):
-    train(tiny_cfg(data, "train.max_steps=2"), tmp_path / "run", log=quiet)
+def test_a_pickle_payload_is_refused_without_running(char_data, tmp_path):
+    train(tiny_cfg(char_data, "train.max_steps=2"), tmp_path / "run", log=quiet)
     ckpt = find_checkpoint(tmp_path / "run")
     marker = tmp_path / "pwned"
     for name in ["model.safetensors", "optimizer.safetensors"]:
@@ -208,8 +202,8 @@ def test_a_pickle_payload_is_refused_without_running(data, tmp_path):
     assert not marker.exists()
 
 
-def test_keep_last_and_best(data, tmp_path):
-    cfg = tiny_cfg(data, "train.max_steps=12", "train.save_interval=2", "train.eval_interval=2",
+def test_keep_last_and_best(char_data, tmp_path):
+    cfg = tiny_cfg(char_data, "train.max_steps=12", "train.save_interval=2", "train.eval_interval=2",
                    "train.keep_last=3")
     result = train(cfg, tmp_path / "run", log=quiet)
     root = tmp_path / "run" / "checkpoints"
@@ -221,9 +215,9 @@ def test_keep_last_and_best(data, tmp_path):
     assert best.trainer["best_val_loss"] == min(vals) == result.best_val_loss
 
 
-def test_bad_checkpoints_and_resumes_are_one_line_exit_2(data, tmp_path, capsys):
+def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_cli("train", "--data", str(data), "--out", str(run), *TRAIN_ARGS,
+    assert run_cli("train", "--data", str(char_data), "--out", str(run), *TRAIN_ARGS,
                    "--set", "train.max_steps=3") == 0
     capsys.readouterr()
     before = tree_digest(run)

@@ -13,9 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from gptforge.checkpoint import find_checkpoint, load_checkpoint
-from gptforge.data import prepare
 from gptforge.metrics import read_metrics
-from test_train import shakespeare_head
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -26,12 +24,6 @@ COMMON = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.
           "--set", "train.eval_interval=4", "--set", "train.save_interval=4", "--set", "train.keep_last=5"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("dist-data")
-    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
-    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", progress=False)
-    return d / "char"
 
 
 def gptforge(*args: str, nproc: int = 1, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -64,8 +56,8 @@ def assert_close_runs(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(data, tmp_path):
-    d = ["--data", str(data)]
+def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tmp_path):
+    d = ["--data", str(char_data)]
     # reference: one process, 2 accumulation steps per optimizer step
     gptforge("--out", str(tmp_path / "one"), *d, *COMMON, "--set", "train.max_steps=8")
     # DDP: 2 processes, 1 accumulation step each, the same global batch
@@ -108,11 +100,11 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
-def test_a_dead_rank_stops_the_job_and_the_run_resumes(data, tmp_path):
+def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptforge", "train", "--out", str(run), "--data", str(data), *COMMON,
+        [sys.executable, "-m", "gptforge", "train", "--out", str(run), "--data", str(char_data), *COMMON,
          "--set", "train.max_steps=100000", "--set", "train.save_interval=2",
          "--set", "train.dist_timeout_s=30", "--nproc", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import quiet, shakespeare_head, tiny_cfg
 
 from gptforge.checkpoint import CheckpointError
 from gptforge.data import TokenLoader, prepare, read_shard
 from gptforge.metrics import read_metrics, read_run_record
 from gptforge.train import train
-from test_train import quiet, shakespeare_head, tiny_cfg
 
 
 def first_loss(run: Path) -> float:

@@ -11,33 +11,26 @@ import termios
 from pathlib import Path
 
 import pytest
+from test_train import quiet, tiny_cfg
 
 from gptforge.cli import build_parser, main
 from gptforge.config import SECTION_TYPES
-from gptforge.data import prepare
 from gptforge.errors import GptforgeError
 from gptforge.metrics import RunRecord, read_run_record
 from gptforge.report import runs_table
 from gptforge.train import train
-from test_train import quiet, shakespeare_head, tiny_cfg
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("report-data")
-    (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
-    prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", progress=False)
-    return d / "char"
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> Path:
+def runs(char_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    train(tiny_cfg(data, "train.max_steps=30", "train.eval_interval=10", "train.log_interval=5"),
+    train(tiny_cfg(char_data, "train.max_steps=30", "train.eval_interval=10", "train.log_interval=5"),
           root / "a", log=quiet, preset="gpt2-tiny")
-    train(tiny_cfg(data, "train.max_steps=20", "optim.lr=3e-3", "train.eval_interval=10"),
+    train(tiny_cfg(char_data, "train.max_steps=20", "optim.lr=3e-3", "train.eval_interval=10"),
           root / "b", log=quiet, preset="gpt2-tiny")
     return root
 
@@ -65,7 +58,7 @@ def test_plot_renders_a_png_with_content(runs, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_runs_table_shows_each_run_and_its_status(runs, data, tmp_path, capsys):
+def test_runs_table_shows_each_run_and_its_status(runs, char_data, tmp_path, capsys):
     # a crashed run: its record says running, but its process is gone
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -88,7 +81,7 @@ def test_runs_table_shows_each_run_and_its_status(runs, data, tmp_path, capsys):
     assert "no runs under" in runs_table(tmp_path)
 
 
-def test_a_crash_is_recorded(data, tmp_path, monkeypatch):
+def test_a_crash_is_recorded(char_data, tmp_path, monkeypatch):
     from gptforge.model import GPT
 
     def boom(self, idx, targets=None):
@@ -96,17 +89,17 @@ def test_a_crash_is_recorded(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", boom)
     with pytest.raises(RuntimeError):
-        train(tiny_cfg(data, "train.max_steps=5"), tmp_path / "run", log=quiet)
+        train(tiny_cfg(char_data, "train.max_steps=5"), tmp_path / "run", log=quiet)
     rec = read_run_record(tmp_path / "run")
     assert rec["status"] == "crashed" and "simulated failure" in rec["error"]
 
 
-def test_progress_bar_on_a_terminal_never_garbles_log_lines(data, tmp_path):
+def test_progress_bar_on_a_terminal_never_garbles_log_lines(char_data, tmp_path):
     main_fd, sub_fd = pty.openpty()
     fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120 chars
     env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "120"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptforge", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+        [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out", str(tmp_path / "run"),
          "--preset", "gpt2-tiny", "--set", "train.max_steps=60", "--set", "train.log_interval=10",
          "--set", "train.device=cpu"],
         stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, env=env)
@@ -133,10 +126,10 @@ def test_progress_bar_on_a_terminal_never_garbles_log_lines(data, tmp_path):
     assert all(pattern.match(line.strip()) for line in steps), steps
 
 
-def test_no_bar_when_output_is_not_a_terminal(data, tmp_path):
+def test_no_bar_when_output_is_not_a_terminal(char_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = subprocess.run(
-        [sys.executable, "-m", "gptforge", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+        [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out", str(tmp_path / "run"),
          "--preset", "gpt2-tiny", "--set", "train.max_steps=20", "--set", "train.device=cpu"],
         capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0
@@ -144,18 +137,18 @@ def test_no_bar_when_output_is_not_a_terminal(data, tmp_path):
     assert out.stdout.count("| loss:") == 3  # steps 0, 10 and the last
 
 
-def test_tensorboard_when_asked(data, tmp_path, monkeypatch):
+def test_tensorboard_when_asked(char_data, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
-    train(tiny_cfg(data, "train.max_steps=10", "train.log_interval=2", "train.tensorboard=true"),
+    train(tiny_cfg(char_data, "train.max_steps=10", "train.log_interval=2", "train.tensorboard=true"),
           tmp_path / "run", log=quiet)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
 
 
-def test_tensorboard_missing_is_one_clear_error(data, tmp_path, monkeypatch):
+def test_tensorboard_missing_is_one_clear_error(char_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     with pytest.raises(GptforgeError, match="needs the tensorboard package"):
-        train(tiny_cfg(data, "train.max_steps=2", "train.tensorboard=true"), tmp_path / "run", log=quiet)
+        train(tiny_cfg(char_data, "train.max_steps=2", "train.tensorboard=true"), tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()
 
 

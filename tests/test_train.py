@@ -17,7 +17,6 @@ from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import build_model, load_checkpoint
 from gptforge.cli import main
 from gptforge.config import resolve
-from gptforge.data import prepare
 from gptforge.metrics import format_step, read_metrics
 from gptforge.train import train, train_step
 
@@ -32,13 +31,6 @@ def shakespeare_head(n_chars: int) -> str:
     return ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400)[:n_chars]
 
 
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    src = d / "input.txt"
-    src.write_text(shakespeare_head(20_000), encoding="utf-8")
-    prepare([str(src)], str(d / "char"), tokenizer="char", val_fraction=0.1, progress=False)
-    return d / "char"
 
 
 def tiny_cfg(data: Path, *extra: str):

@@ -287,15 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "directory or a Hugging Face GPT-2 directory.")
     smp.add_argument("--ckpt", required=True, metavar="PATH",
                      help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
-    smp.add_argument("--prompt", default=d.prompt, help=f"{helps.get('prompt', '')} (default: newline)")
-    smp.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                     help=f"{helps.get('max_new_tokens', '')} (default: {d.max_new_tokens})")
-    smp.add_argument("--top-k", type=int, default=d.top_k, help=f"{helps.get('top_k', '')} (default: {d.top_k})")
-    smp.add_argument("--temperature", type=float, default=d.temperature,
-                     help=f"{helps.get('temperature', '')} (default: {d.temperature})")
-    smp.add_argument("--num-samples", type=int, default=d.num_samples,
-                     help=f"{helps.get('num_samples', '')} (default: {d.num_samples})")
-    smp.add_argument("--seed", type=int, default=d.seed, help=f"{helps.get('seed', '')} (default: {d.seed})")
+    for f in dataclasses.fields(SampleConfig):  # one option per field, its docstring as help
+        default = getattr(d, f.name)
+        text = helps.get(f.name, "")
+        if f.name == "prompt":
+            text += " (default: a newline)"  # a literal newline would break the help layout
+        smp.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+                         help=text)
     smp.add_argument("--top-p", type=float, default=1.0, metavar="P",
                      help="sample among the most likely tokens whose probabilities sum to P "
                           "(nucleus sampling; 1: all) (default: 1.0)")

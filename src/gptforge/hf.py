@@ -33,7 +33,7 @@ from gptforge.tokenizer import (
     GPT2_EOT,
     GPT2_EOT_ID,
     GPT2_VOCAB_SIZE,
-    _gpt2_vocab_files,
+    gpt2_vocab_files,
 )
 
 CONFIG_FILE = "config.json"
@@ -250,7 +250,7 @@ def read_hf_tokenizer(path: str | Path, cfg: GPTConfig) -> dict[str, Any]:
     if vocab_file.is_file():
         try:
             vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-            with open(_gpt2_vocab_files()[1], encoding="utf-8") as f:
+            with open(gpt2_vocab_files()[1], encoding="utf-8") as f:
                 gpt2_vocab = json.load(f)
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise HFFormatError(f"{vocab_file} is not valid JSON ({e}): re-save the tokenizer") from None
@@ -342,7 +342,7 @@ def hf_config_dict(cfg: GPTConfig, gpt2_tokenizer: bool, extra: dict[str, Any]) 
 
 def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
     """GPT-2's tokenizer files: vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe."""
-    vocab_bpe, encoder_json = _gpt2_vocab_files()
+    vocab_bpe, encoder_json = gpt2_vocab_files()
     shutil.copyfile(encoder_json, out / "vocab.json")
     shutil.copyfile(vocab_bpe, out / "merges.txt")
     special = {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT, "unk_token": GPT2_EOT}

