@@ -16,7 +16,8 @@ RANK = {
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "checkpoint": 5,
     "train": 6, "generate": 6, "report": 6, "evaluate": 6, "export": 6,
-    "cli": 7,
+    "bench": 7,
+    "cli": 8,
 }
 
 

@@ -145,6 +145,26 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from gptforge.bench import bench, compare_with_plain, format_results, result_dict
+
+    result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
+                   args.device, args.dtype, args.compile, args.plain, args.peak_seconds)
+    results = [result]
+    if args.compare and not args.plain:
+        results.insert(0, compare_with_plain(args.argv[1:]))
+    if args.json == "-":  # machine-readable only (the child process of --compare)
+        print(json.dumps(result_dict(result)))
+        return 0
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([result_dict(r) for r in results], indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from gptforge.generate import sample
 
@@ -336,6 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     evp.set_defaults(func=cmd_eval)
+    bp = sub.add_parser("bench", help="measure training throughput, FLOP/s and MFU",
+                        description="Time full training steps (forward, backward, clipping, AdamW) "
+                                    "on random tokens, the way `train` runs them.")
+    bp.add_argument("--preset", default="gpt2",
+                    help="model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny) "
+                         "or run preset")
+    bp.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    bp.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    bp.add_argument("--steps", type=int, default=5, help="timed steps")
+    bp.add_argument("--warmup", type=int, default=2, help="untimed steps first (start-up, compile)")
+    bp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    bp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="precision, as train.dtype")
+    bp.add_argument("--compile", action="store_true", help="torch.compile the model")
+    bp.add_argument("--plain", action="store_true",
+                    help="the baseline: fp32, eager, default allocator, default AdamW")
+    bp.add_argument("--compare", action="store_true",
+                    help="also measure the plain baseline (in a child process) and report the ratio")
+    bp.add_argument("--peak-seconds", type=float, default=2.0,
+                    help="how long to measure the matmul peak that MFU is judged against")
+    bp.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    bp.set_defaults(func=cmd_bench, argv=None)
+
     pl = sub.add_parser("plot", help="plot losses, learning rate, grad norm and throughput of runs",
                         description="Draw one PNG comparing runs: loss against steps and tokens "
                                     "(train and val), learning rate, gradient norm and tokens/s.")

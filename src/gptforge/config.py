@@ -156,6 +156,8 @@ class TrainConfig:
     "with several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer state"
     dist_timeout_s: int = 900
     "seconds a collective may wait before the job fails (a dead rank then stops the others)"
+    keep_freed_memory: bool = True
+    "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
     "also write the logged numbers as TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)"
 

@@ -38,7 +38,7 @@ from gptforge.checkpoint import (
 )
 from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
-from gptforge.device import autocast, pick_autocast_dtype
+from gptforge.device import autocast, keep_freed_memory, pick_autocast_dtype
 from gptforge.distributed import (
     DistEnv,
     any_rank,
@@ -349,6 +349,8 @@ def train(
     val_tokens = read_shard(Path(cfg.data.path) / "val.bin") if meta["val_tokens"] > 0 else None
 
     # 2. processes, device and precision
+    if tc.keep_freed_memory:
+        keep_freed_memory()
     env = init_distributed(tc.device, tc.dist_timeout_s)
     try:
         return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,

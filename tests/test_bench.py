@@ -1,0 +1,43 @@
+"""gptforge bench: the arithmetic behind its numbers (no speed is asserted)."""
+
+import json
+
+import pytest
+
+from gptforge.bench import bench, flops_per_token, model_for
+from gptforge.cli import main
+from gptforge.config import GPTConfig
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    # 6 x 124,439,808 + 12 x 12 layers x 768 x T
+    assert flops_per_token(GPTConfig.preset("gpt2"), 64) == 6 * 124_439_808 + 12 * 12 * 768 * 64
+    assert flops_per_token(GPTConfig.preset("gpt2"), 1024) == pytest.approx(0.8599e9, rel=1e-3)
+    assert model_for("shakespeare-char").vocab_size == 65
+    assert model_for("gpt2-shakespeare").n_layer == 12
+
+
+def test_bench_reports_consistent_numbers():
+    r = bench("gpt2-tiny", batch_size=4, seq_len=16, steps=2, warmup=1, device="cpu",
+              dtype="float32", peak_seconds=0.2)
+    assert r.params == 1_635_744 and r.plain is False
+    assert r.tokens_per_s == pytest.approx(4 * 16 / (r.step_ms / 1000))
+    assert r.achieved_tflops == pytest.approx(r.flops_per_token * r.tokens_per_s / 1e12)
+    assert r.mfu == pytest.approx(r.achieved_tflops / r.peak_tflops)
+    assert 0 < r.mfu < 1.5 and r.peak_memory_mb > 0 and r.startup_s >= 0
+    assert "measured float32 matmul" in r.peak_source
+
+
+def test_bench_cli_writes_json_and_rejects_bad_shapes(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "gpt2-tiny", "--batch-size", "2", "--seq-len", "8",
+              "--steps", "1", "--warmup", "0", "--device", "cpu", "--peak-seconds", "0.1",
+              "--json", str(out)])
+    assert e.value.code == 0
+    assert "MFU" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["batch_size"] == 2 and row["seq_len"] == 8
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "gpt2-tiny", "--seq-len", "999"])
+    assert e.value.code == 2 and "exceeds the preset's context" in capsys.readouterr().err
