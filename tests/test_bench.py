@@ -41,3 +41,21 @@ def test_bench_cli_writes_json_and_rejects_bad_shapes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--preset", "gpt2-tiny", "--seq-len", "999"])
     assert e.value.code == 2 and "exceeds the preset's context" in capsys.readouterr().err
+
+
+def test_fast_path_agrees_with_plain_fp32_within_bf16_tolerance(char_data, tmp_path):
+    """bf16 autocast (the default where the CPU has bf16) tracks the fp32 losses closely."""
+    from gptforge.metrics import read_metrics
+    from gptforge.train import train
+    from test_train import quiet, tiny_cfg
+
+    losses = {}
+    for dtype in ["float32", "bfloat16"]:
+        cfg = tiny_cfg(char_data, "train.max_steps=30", "train.log_interval=1", f"train.dtype={dtype}")
+        cfg.train.dtype = dtype
+        train(cfg, tmp_path / dtype, log=quiet)
+        losses[dtype] = [r["loss"] for r in read_metrics(tmp_path / dtype / "metrics.jsonl") if "loss" in r]
+    fp32, bf16 = losses["float32"], losses["bfloat16"]
+    assert fp32 != bf16  # really two precisions
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05  # bf16 has ~3 significant digits
+    assert bf16[-1] < bf16[0] - 0.3
