@@ -254,3 +254,13 @@ def test_the_original_result_in_miniature(tmp_path, capsys):
                    "--max-new-tokens", "20", "--top-k", "50") == 0
     text = capsys.readouterr().out
     assert text.startswith("First Citizen:") and len(text) > len("First Citizen:") + 20
+
+
+def test_target_val_loss_stops_the_run(char_data, tmp_path):
+    cfg = tiny_cfg(char_data, "train.max_steps=200", "train.eval_interval=5",
+                   "train.target_val_loss=3.9")
+    result = train(cfg, tmp_path / "run", log=quiet)
+    assert result.stopped_by == "target_val_loss" and result.step < 200
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert vals[-1] < 3.9 and all(v >= 3.9 for v in vals[:-1])
+    assert result.step % 5 == 0

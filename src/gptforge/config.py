@@ -136,6 +136,8 @@ class TrainConfig:
     "stop after this many optimizer steps"
     target_loss: float = 0.0
     "stop once the training loss of a step is below this (0 disables)"
+    target_val_loss: float = 0.0
+    "stop once an evaluation's validation loss is below this (0 disables; needs eval_interval)"
     log_interval: int = 100
     "print a log line and write metrics.jsonl every this many steps"
     eval_interval: int = 0
@@ -414,6 +416,8 @@ def validate(obj: Any, section: str) -> None:
             chk(key, getattr(obj, key) >= 0, "must be >= 0 (0 disables)")
         chk("keep_last", obj.keep_last >= 1, "must be >= 1")
         chk("target_loss", finite("target_loss") and obj.target_loss >= 0, "must be >= 0 (0 disables)")
+        chk("target_val_loss", finite("target_val_loss") and obj.target_val_loss >= 0,
+            "must be >= 0 (0 disables)")
         base = obj.device.split(":")[0]
         chk("device", base in DEVICES and (obj.device.count(":") == 0 or
                                           (base == "cuda" and obj.device.split(":")[1].isdigit())),

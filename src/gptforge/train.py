@@ -530,8 +530,10 @@ def _train(
                 if tc.eval_interval and step % tc.eval_interval == 0:
                     val_loss = validate()
                 reached_target = tc.target_loss > 0 and result.loss < tc.target_loss
+                reached_val = (tc.target_val_loss > 0 and val_loss is not None
+                               and val_loss < tc.target_val_loss)
                 stopping = any_rank(bool(stop), env)  # a signal may reach one rank first
-                last = step >= tc.max_steps or reached_target or stopping
+                last = step >= tc.max_steps or reached_target or reached_val or stopping
                 if done_step % tc.log_interval == 0 or last or val_loss is not None:
                     tok_per_s = tc.total_batch_tokens / dt
                     if done_step % tc.log_interval == 0 or last:
@@ -550,6 +552,11 @@ def _train(
                     stopped_by = "target_loss"
                     log(f"training loss {result.loss:.6f} is below train.target_loss="
                         f"{tc.target_loss} at step {done_step}: stopping")
+                    break
+                if reached_val:
+                    stopped_by = "target_val_loss"
+                    log(f"validation loss {val_loss:.6f} is below train.target_val_loss="
+                        f"{tc.target_val_loss} at step {done_step}: stopping")
                     break
                 if stopping:
                     stopped_by = stop.signal_name or "signal"
@@ -575,7 +582,8 @@ def _train(
             if sink is not None:
                 sink.close()
     if record is not None:
-        record.update(status="finished" if stopped_by in ("max_steps", "target_loss") else "stopped",
+        record.update(status="finished" if stopped_by in ("max_steps", "target_loss", "target_val_loss")
+                      else "stopped",
                       stopped_by=stopped_by, step=step, tokens=tokens_seen, last_loss=last_loss,
                       best_val_loss=best_val, val_loss=val_loss,
                       checkpoint=str(ckpt_path) if ckpt_path else None)
