@@ -74,7 +74,7 @@ def keep_freed_memory() -> bool:
     By default glibc serves every allocation above ~128 KB-32 MB with its own mmap and unmaps it
     on free, so each training step page-faults its activation buffers in afresh. Raising the
     mmap and trim thresholds keeps them in the heap for reuse (mallopt(3)). Measured here:
-    2.2-2.5x on a small model with GPT-2's vocabulary, 1.09x on 124M (BENCHMARKS.md). Memory
+    2.1-2.5x on a small model with GPT-2's vocabulary, 1.09x on 124M (BENCHMARKS.md). Memory
     then stays at the run's peak, which a training process reaches every step anyway.
     """
     import ctypes
