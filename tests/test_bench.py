@@ -45,9 +45,10 @@ def test_bench_cli_writes_json_and_rejects_bad_shapes(tmp_path, capsys):
 
 def test_fast_path_agrees_with_plain_fp32_within_bf16_tolerance(char_data, tmp_path):
     """bf16 autocast (the default where the CPU has bf16) tracks the fp32 losses closely."""
+    from test_train import quiet, tiny_cfg
+
     from gptforge.metrics import read_metrics
     from gptforge.train import train
-    from test_train import quiet, tiny_cfg
 
     losses = {}
     for dtype in ["float32", "bfloat16"]:

@@ -16,7 +16,13 @@ import torch
 from safetensors.torch import load_file
 from test_train import quiet, shakespeare_head, tiny_cfg
 
-from gptforge.checkpoint import CheckpointError, build_model, find_checkpoint, load_checkpoint
+from gptforge.checkpoint import (
+    CheckpointError,
+    build_model,
+    find_checkpoint,
+    load_checkpoint,
+    read_optimizer_state,
+)
 from gptforge.cli import main
 from gptforge.data import prepare
 from gptforge.metrics import read_metrics
@@ -195,10 +201,8 @@ def test_a_pickle_payload_is_refused_without_running(char_data, tmp_path):
         torch.save({"x": Payload(marker)}, evil / "extra.pt")  # never looked at either
         with pytest.raises(CheckpointError, match="corrupt or truncated"):
             c = load_checkpoint(evil)
-            build_model(c)
-            from gptforge.checkpoint import load_optimizer
-            from gptforge.optim import build_optimizer
-            load_optimizer(build_optimizer(build_model(load_checkpoint(ckpt)), c.config.optim, "cpu"), c)
+            build_model(c)  # reads model.safetensors
+            read_optimizer_state(c)  # reads optimizer.safetensors
     assert not marker.exists()
 
 

@@ -354,16 +354,6 @@ def read_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
-    try:
-        optimizer.load_state_dict(read_optimizer_state(ckpt))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"optimizer state in {ckpt.path} does not fit this model ({e}): "
-            "resume with the config the run was started with"
-        ) from None
-
-
 def build_model(ckpt: Checkpoint) -> GPT:
     """The model a checkpoint holds, with its weights, in eval mode on the CPU."""
     cfg = ckpt.config.model

@@ -262,7 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     sp = sub.add_parser("prepare", help="tokenize text files into training shards",
-                        formatter_class=HelpFormatter,
                         description="Tokenize text files (or a named dataset: shakespeare) into "
                                     "DIR/train.bin, DIR/val.bin and DIR/meta.json.")
     sp.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -278,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--url", default=None, help="download address for a named dataset (default: its canonical one)")
     sp.set_defaults(func=cmd_prepare)
 
-    tp = sub.add_parser("train", help="train a model", formatter_class=HelpFormatter,
+    tp = sub.add_parser("train", help="train a model",
                         description="Train a GPT-2 model on prepared data.",
                         epilog=_config_keys_help())
     tp.add_argument("--data", metavar="DIR", help="prepared data directory (from gptforge prepare)")
@@ -302,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = SampleConfig()
     helps = field_help(SampleConfig)
     smp = sub.add_parser("sample", help="generate text from a trained model",
-                         formatter_class=HelpFormatter,
                          description="Generate text from a run's latest checkpoint, a checkpoint "
                                      "directory or a Hugging Face GPT-2 directory.")
     smp.add_argument("--ckpt", required=True, metavar="PATH",
@@ -327,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(func=cmd_sample)
 
     ep = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory",
-                        formatter_class=HelpFormatter,
                         description="Write a checkpoint as a directory that transformers loads "
                                     "offline: GPT2LMHeadModel.from_pretrained(DIR) and "
                                     "AutoTokenizer.from_pretrained(DIR).")
@@ -340,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     ep.set_defaults(func=cmd_export)
 
     evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file",
-                         formatter_class=HelpFormatter,
                          description="Score every token of a prepared split or a text file "
                                      "(consecutive windows; not a sampled estimate).")
     evp.add_argument("--ckpt", required=True, metavar="PATH",

@@ -222,12 +222,12 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    names = [n for n, _ in unwrap(model).named_parameters()]  # parameters() order, tied once
-    # Our optimizer's groups list parameters in the order param_groups() put them; map back.
+    # Our optimizer's groups list parameters in the order param_groups() put them; map each
+    # back to its name (named_parameters yields the tied matrix once).
     order = {id(p): n for n, p in unwrap(model).named_parameters()}
     group_names = [[order[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     flat = [n for g in group_names for n in g]
-    assert sorted(flat) == sorted(names), "optimizer and model parameters differ"
+    assert sorted(flat) == sorted(order.values()), "optimizer and model parameters differ"
     by_name = {
         "state": {flat[int(i)]: s for i, s in state["state"].items()},
         "param_groups": [{**g, "params": group_names[k]} for k, g in enumerate(state["param_groups"])],
