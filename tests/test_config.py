@@ -31,6 +31,17 @@ def test_shakespeare_char_is_nanogpts_cpu_recipe():
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
     assert (t.batch_size, t.seq_len, t.max_steps, grad_accum_steps(t)) == (12, 64, 2000, 1)
     assert (o.lr, o.min_lr, o.warmup_steps, o.decay_steps, o.beta2) == (1e-3, 1e-4, 100, 2000, 0.99)
+    assert (o.name, o.schedule) == ("adamw", "cosine")
+
+
+def test_the_speedrun_is_the_same_task_with_its_own_recipe():
+    run, std = run_preset("shakespeare-char-speedrun"), run_preset("shakespeare-char")
+    # Same data, tokenizer and evaluation context, so the two val losses compare directly.
+    assert run.model.vocab_size == std.model.vocab_size == 0
+    assert run.train.seq_len == std.train.seq_len and run.data.loader == std.data.loader
+    assert (run.optim.name, run.optim.schedule) == ("muon", "wsd")
+    assert run.optim.decay_steps == run.train.max_steps  # the cooldown ends at the last step
+    assert run.train.eval_interval == 0  # one evaluation, at the end
 
 
 def test_every_preset_is_valid():
@@ -69,6 +80,13 @@ def test_toml_file_then_overrides(tmp_path):
     (["data.loader=shuffle"], "data.loader"),
     (["model.n_head=3"], "model.n_embd"),
     (["model.vocab_size=70000"], "model.vocab_size"),
+    (["optim.name=sgd"], "optim.name='sgd' is out of range: choose one of adamw, muon"),
+    (["optim.schedule=step"], "optim.schedule"),
+    (["optim.schedule=wsd"], "optim.cooldown_steps=0 is out of range"),
+    (["optim.schedule=wsd", "optim.cooldown_steps=500"], "optim.cooldown_steps=500 is out of range"),
+    (["optim.ns_steps=0"], "optim.ns_steps"),
+    (["optim.muon_momentum=1"], "optim.muon_momentum"),
+    (["optim.name=muon", "train.parallel=fsdp"], "use train.parallel=ddp"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

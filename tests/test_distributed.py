@@ -87,6 +87,14 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_muon_under_ddp_equals_one_process(char_data, tmp_path):
+    """Every rank orthogonalizes the same all-reduced gradients, so DDP == one process."""
+    d = ["--data", str(char_data), *COMMON, "--set", "train.max_steps=6", "--set", "optim.name=muon"]
+    gptforge("--out", str(tmp_path / "one"), *d)
+    gptforge("--out", str(tmp_path / "ddp"), *d, nproc=2)
+    assert_close_runs(tmp_path / "one", tmp_path / "ddp")
+
+
 def children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

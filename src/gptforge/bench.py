@@ -140,7 +140,8 @@ def bench(
             torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
-    optim = OptimConfig()
+    # A run preset's own optimizer (Muon for the speedrun), AdamW's defaults for a model preset.
+    optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
     if plain:
         optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                       betas=(optim.beta1, optim.beta2))

@@ -104,14 +104,20 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    "adamw: AdamW for every parameter; muon: Muon for the blocks' matrices, AdamW for embeddings, gains and biases"
     lr: float = 6e-4
-    "peak learning rate, reached at the end of warmup"
+    "peak learning rate (AdamW's), reached at the end of warmup"
     min_lr: float = 6e-5
     "learning rate at the end of the cosine decay, and after it"
     warmup_steps: int = 1000
     "steps of linear warmup: lr = lr * (step + 1) / warmup_steps"
     decay_steps: int = 300_000
-    "step at which the cosine decay reaches min_lr"
+    "step at which the decay reaches min_lr"
+    schedule: str = "cosine"
+    "after warmup: cosine (half cosine down to min_lr at decay_steps) or wsd (hold lr, then a linear cooldown to min_lr over the last cooldown_steps before decay_steps)"
+    cooldown_steps: int = 0
+    "with schedule=wsd: length of the linear cooldown that ends at decay_steps"
     beta1: float = 0.9
     "AdamW beta1"
     beta2: float = 0.95
@@ -122,6 +128,12 @@ class OptimConfig:
     "AdamW weight decay, applied to 2-D weights (matmuls, embeddings) only"
     grad_clip: float = 1.0
     "clip the global gradient norm to this (0 disables clipping)"
+    muon_lr: float = 0.02
+    "with name=muon: peak learning rate of the Muon matrices (follows the same warmup and decay)"
+    muon_momentum: float = 0.95
+    "with name=muon: Nesterov momentum of the Muon matrices"
+    ns_steps: int = 5
+    "with name=muon: Newton-Schulz iterations that orthogonalize each update"
 
 
 @dataclass
@@ -223,6 +235,20 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0),
         "train": dict(batch_size=12, seq_len=64, total_batch_tokens=12 * 64, max_steps=2000,
                       log_interval=10, eval_interval=250),
+    },
+    # The same task and val split, to the standard recipe's validation loss (1.88) as fast as a
+    # 2-core CPU can: a smaller model that sees more tokens per second, Muon for the blocks'
+    # matrices, a higher AdamW lr for the embeddings, and a warmup-stable-decay schedule that
+    # ends at the last step. One evaluation, at the end (BENCHMARKS.md has the measurements).
+    "shakespeare-char-speedrun": {
+        "model": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=0,
+                      dropout=0.0, bias=False),
+        "data": dict(loader="random"),
+        "optim": dict(name="muon", lr=1.2e-2, muon_lr=0.03, min_lr=0.0, warmup_steps=20,
+                      decay_steps=500, schedule="wsd", cooldown_steps=250,
+                      beta1=0.9, beta2=0.99, weight_decay=0.0, grad_clip=1.0),
+        "train": dict(batch_size=32, seq_len=64, total_batch_tokens=32 * 64, max_steps=500,
+                      log_interval=50),
     },
     # Tiny models for tests and quick experiments on any machine.
     "gpt2-tiny": {
@@ -369,6 +395,8 @@ def resolve(preset: str | None, config_file: str | None, overrides: list[str]) -
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOADERS = ("sequential", "random")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -398,17 +426,27 @@ def validate(obj: Any, section: str) -> None:
     elif isinstance(obj, DataConfig):
         chk("loader", obj.loader in LOADERS, f"choose one of {', '.join(LOADERS)}")
     elif isinstance(obj, OptimConfig):
+        chk("name", obj.name in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}")
         chk("lr", finite("lr") and obj.lr > 0, "must be a positive number")
         chk("min_lr", finite("min_lr") and 0 <= obj.min_lr <= obj.lr,
             f"must be between 0 and optim.lr={obj.lr}")
         chk("warmup_steps", obj.warmup_steps >= 0, "must be >= 0")
         chk("decay_steps", obj.decay_steps >= obj.warmup_steps,
             f"must be >= optim.warmup_steps={obj.warmup_steps}")
+        chk("schedule", obj.schedule in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}")
+        chk("cooldown_steps",
+            0 <= obj.cooldown_steps <= obj.decay_steps - obj.warmup_steps
+            and (obj.schedule != "wsd" or obj.cooldown_steps >= 1),
+            f"must be between 1 and optim.decay_steps - optim.warmup_steps = "
+            f"{obj.decay_steps - obj.warmup_steps} with schedule=wsd (0 otherwise)")
         chk("beta1", 0.0 <= obj.beta1 < 1.0, "must be in [0, 1)")
         chk("beta2", 0.0 <= obj.beta2 < 1.0, "must be in [0, 1)")
         chk("eps", finite("eps") and obj.eps > 0, "must be a positive number")
         chk("weight_decay", finite("weight_decay") and obj.weight_decay >= 0, "must be >= 0")
         chk("grad_clip", finite("grad_clip") and obj.grad_clip >= 0, "must be >= 0 (0 disables)")
+        chk("muon_lr", finite("muon_lr") and obj.muon_lr > 0, "must be a positive number")
+        chk("muon_momentum", 0.0 <= obj.muon_momentum < 1.0, "must be in [0, 1)")
+        chk("ns_steps", 1 <= obj.ns_steps <= 20, "must be between 1 and 20")
     elif isinstance(obj, TrainConfig):
         for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_interval"):
             chk(key, getattr(obj, key) >= 1, "must be >= 1")
@@ -442,6 +480,9 @@ def validate_run(cfg: RunConfig) -> None:
     t, m = cfg.train, cfg.model
     _check(t.seq_len <= m.block_size, "train.seq_len",
            f"must be <= model.block_size={m.block_size}", t.seq_len)
+    # Muon orthogonalizes whole matrices; FSDP holds each rank's shard of them.
+    _check(not (cfg.optim.name == "muon" and t.parallel == "fsdp"), "train.parallel",
+           "optim.name=muon needs whole matrices on every rank: use train.parallel=ddp", t.parallel)
 
 
 def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:

@@ -1,11 +1,14 @@
-"""AdamW with decay / no-decay parameter groups, and the learning-rate schedule as a pure function."""
+"""Optimizers (AdamW, or Muon for the blocks' matrices with AdamW for the rest), their parameter
+groups, and the learning-rate schedule as a pure function."""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 import torch.nn as nn
+from torch.optim.adamw import adamw as adamw_update
 
 from gptforge.config import OptimConfig
 
@@ -13,13 +16,19 @@ from gptforge.config import OptimConfig
 def lr_at(step: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
-    Linear warmup ``lr * (step + 1) / warmup_steps`` (the +1 keeps step 0 from a zero lr), then a
-    half cosine from ``lr`` at ``warmup_steps`` down to ``min_lr`` at ``decay_steps``, flat after.
+    Linear warmup ``lr * (step + 1) / warmup_steps`` (the +1 keeps step 0 from a zero lr), then
+    down to ``min_lr`` at ``decay_steps``, flat after: ``cosine`` is a half cosine from the end of
+    warmup; ``wsd`` (warmup-stable-decay, Hu et al. 2024, "MiniCPM") holds ``lr`` and decays
+    linearly over the last ``cooldown_steps``, which for a run of known length reaches a lower
+    loss than the cosine in our short runs.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.decay_steps:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        left = (cfg.decay_steps - step) / cfg.cooldown_steps  # > 1 before the cooldown
+        return cfg.min_lr + min(1.0, left) * (cfg.lr - cfg.min_lr)
     ratio = (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
@@ -37,9 +46,120 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA and CPU (one kernel for all parameters), multi-tensor elsewhere."""
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """Muon is for the hidden matrices: every 2-D weight inside the transformer blocks. The
+    embeddings and the (tied) output head, and all gains and biases, stay with AdamW, as in
+    Jordan et al.'s Muon (https://kellerjordan.github.io/posts/muon/)."""
+    return p.dim() == 2 and ".h." in f".{name}"
+
+
+def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Muon for the blocks' matrices (lr scaled by ``muon_lr / lr`` so one schedule drives both),
+    AdamW with decay for the embeddings, AdamW without decay for gains and biases."""
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():  # the tied matrix appears once
+        if not p.requires_grad:
+            continue
+        (muon if is_muon_param(name, p) else decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": muon, "algorithm": "muon", "lr_scale": cfg.muon_lr / cfg.lr,
+         "weight_decay": cfg.weight_decay},
+        {"params": decay, "algorithm": "adamw", "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "algorithm": "adamw", "lr_scale": 1.0, "weight_decay": 0.0},
+    ]
+
+
+def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately U V^T for a stack of matrices G = U S V^T, (n, rows, cols) -> same shape.
+
+    Newton-Schulz quintic iteration with Jordan's coefficients, which push every singular value
+    into roughly [0.7, 1.2] in 5 steps rather than converging exactly (Jordan et al. 2024, "Muon").
+    Works on the wide orientation (rows <= cols) so the Gram matrix X X^T is the small one.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = g.size(-2) > g.size(-1)
+    x = g.mT if tall else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT  # (n, rows, rows)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X
+    return x.mT if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (momentum, then an orthogonalized update) for groups with ``algorithm="muon"``, AdamW
+    for the others, as one optimizer: one state dict, one checkpoint format, one ``step``.
+
+    Muon's update for a (rows, cols) matrix is ``lr * sqrt(max(1, rows/cols)) * orth(m)``, where
+    m is the Nesterov momentum of the gradient; decay is decoupled (``p *= 1 - lr * wd``).
+    torch.optim.Muon exists, but runs Newton-Schulz in bfloat16, which is ~20x slower on CPUs
+    without bf16 instructions; here the iteration runs in float32 on CPU (bf16 on CUDA), batched
+    over matrices of one shape.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 momentum: float, ns_steps: int, fused: bool):
+        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
+                        weight_decay=0.0, algorithm="adamw", lr_scale=1.0)
+        super().__init__(groups, defaults)
+        self.fused = fused
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        assert closure is None, "closures are not supported"
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon if group["algorithm"] == "muon" else self._adamw)(group, params)
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        adamw_update(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+            fused=self.fused or None, foreach=None if self.fused else True,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+    def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["momentum_buffer"] = torch.zeros_like(p)
+            buf = st["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)
+            by_shape[tuple(p.shape)].append((p, p.grad.add(buf, alpha=mu)))  # Nesterov
+        for (rows, cols), items in by_shape.items():
+            ns_dtype = torch.bfloat16 if items[0][0].is_cuda else torch.float32
+            stack = torch.stack([u for _, u in items]).to(ns_dtype)  # (n, rows, cols)
+            update = orthogonalize(stack, group["ns_steps"])
+            scale = lr * max(1.0, rows / cols) ** 0.5
+            for (p, _), u in zip(items, update):
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(u.to(p.dtype), alpha=-scale)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+    """``optim.name=adamw``: AdamW over every parameter. ``muon``: Muon for the blocks' matrices,
+    AdamW for the rest. AdamW is fused on CUDA and CPU (one kernel per group), multi-tensor elsewhere."""
     fused = device_type in ("cuda", "cpu")
+    if cfg.name == "muon":
+        optimizer = MuonAdamW(muon_param_groups(model, cfg), lr=cfg.lr,
+                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                              momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, fused=fused)
+        set_lr(optimizer, lr_at(0, cfg))
+        return optimizer
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=lr_at(0, cfg),
@@ -51,5 +171,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr on every group; Muon's groups carry their own ratio to it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
