@@ -166,6 +166,8 @@ class TrainConfig:
     "auto (bf16 autocast where the hardware supports it, else fp32), float32, bfloat16 or float16"
     seed: int = 1337
     "seed for model initialisation, data order and dropout"
+    compile: bool = False
+    "torch.compile the training forward and backward (the first step pays the compilation; torch caches it for later runs)"
     parallel: str = "ddp"
     "with several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer state"
     dist_timeout_s: int = 900

@@ -394,6 +394,9 @@ def _train(
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
         assert missing == [TIED_KEY] and not unexpected, (missing, unexpected)  # shapes checked on load
     wrapped = wrap_model(model, env, tc.parallel)
+    # Training steps run through the compiled module; evaluation, checkpoints and the optimizer
+    # use the uncompiled one, which shares its parameters (so no "_orig_mod." names are saved).
+    step_model = torch.compile(wrapped) if tc.compile else wrapped
     optimizer = build_optimizer(model, oc, device.type)
 
     step, tokens_seen, best_val = 0, 0, None
@@ -504,7 +507,7 @@ def _train(
     wrapped.train()
     last_loss, val_loss, ckpt_path = float("nan"), None, None
     stopped_by = "max_steps"
-    saved_step = step  # a resumed run's starting point is already on disk
+    saved_step = first_step = step  # a resumed run's starting point is already on disk
     progress = Progress(tc.max_steps, step, enabled=env.is_main, target_loss=tc.target_loss)
     log = progress.wrap(log)
     try:
@@ -514,7 +517,7 @@ def _train(
                 set_lr(optimizer, lr)
                 t0 = time.perf_counter()
                 result = train_step(
-                    wrapped, optimizer, next_batch, accum, oc.grad_clip, amp, scaler, step,
+                    step_model, optimizer, next_batch, accum, oc.grad_clip, amp, scaler, step,
                     grad_sync=lambda last: grad_sync(wrapped, env, tc.parallel, last),
                     reduce_mean=lambda t: mean_over_ranks(t, env))
                 if device.type == "cuda":
@@ -525,6 +528,8 @@ def _train(
                 step += 1
                 tokens_seen += tc.total_batch_tokens
                 progress.update(result.loss, tc.total_batch_tokens / dt)
+                if tc.compile and step == first_step + 1:
+                    log(f"torch.compile: the first step took {dt:.1f}s, compilation included")
 
                 val_loss = None
                 if tc.eval_interval and step % tc.eval_interval == 0:
