@@ -26,6 +26,13 @@ def test_bench_reports_consistent_numbers():
     assert r.mfu == pytest.approx(r.achieved_tflops / r.peak_tflops)
     assert 0 < r.mfu < 1.5 and r.peak_memory_mb > 0 and r.startup_s >= 0
     assert "measured float32 matmul" in r.peak_source
+    assert r.optimizer == "adamw"
+
+
+def test_a_run_preset_is_benched_with_its_own_optimizer():
+    r = bench("shakespeare-char-speedrun", batch_size=4, seq_len=16, steps=1, warmup=1,
+              device="cpu", dtype="float32", peak_seconds=0.1)
+    assert r.optimizer == "muon" and r.params == 106_880
 
 
 def test_bench_cli_writes_json_and_rejects_bad_shapes(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """``gptforge bench``: training throughput of one full step, the way ``train`` runs it.
 
-A step is forward + backward over one micro-batch, gradient clipping and AdamW, the same
-``train_step`` the trainer uses. Reported: tokens/s, achieved FLOP/s, MFU against the device's
+A step is forward + backward over one micro-batch, gradient clipping and the optimizer step, the
+same ``train_step`` the trainer uses: AdamW for a model preset, the run preset's own optimizer
+(e.g. Muon for ``shakespeare-char-speedrun``) for a run preset. Reported: tokens/s, achieved FLOP/s, MFU against the device's
 peak (on the CPU a matmul peak measured here; on CUDA a table of known peaks, with the measured
 matmul rate beside it), peak memory, and the one-time start-up cost (first steps, compilation)
 apart from the steady state.
@@ -58,6 +59,7 @@ class BenchResult:
     peak_memory_mb: float
     steps: int
     plain: bool
+    optimizer: str = "adamw"
 
 
 def model_for(preset: str) -> GPTConfig:
@@ -185,7 +187,7 @@ def bench(
         flops_per_token=fpt, step_ms=step_s * 1000, tokens_per_s=tokens / step_s,
         achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12, peak_source=source,
         mfu=achieved / peak, startup_s=startup, peak_memory_mb=_peak_memory_mb(dev),
-        steps=steps, plain=plain,
+        steps=steps, plain=plain, optimizer="adamw" if plain else optim.name,
     )
 
 
@@ -206,7 +208,7 @@ def format_results(results: list[BenchResult]) -> str:
              "start-up s", "vs plain")]
     base = next((r for r in results if r.plain), None)
     for r in results:
-        name = "plain fp32 eager" if r.plain else f"gptforge {r.precision}"
+        name = "plain fp32 eager" if r.plain else f"gptforge {r.precision}, {r.optimizer}"
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-"
         rows.append((name, f"{r.tokens_per_s:,.1f}", f"{r.step_ms:,.1f}", f"{r.achieved_tflops:.3f}",
                      f"{r.mfu:.1%}", f"{r.peak_tflops:.3f} ({r.peak_source})",

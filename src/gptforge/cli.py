@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     evp.set_defaults(func=cmd_eval)
     bp = sub.add_parser("bench", help="measure training throughput, FLOP/s and MFU",
-                        description="Time full training steps (forward, backward, clipping, AdamW) "
+                        description="Time full training steps (forward, backward, clipping, optimizer) "
                                     "on random tokens, the way `train` runs them.")
     bp.add_argument("--preset", default="gpt2",
                     help="model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny) "
