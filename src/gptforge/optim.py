@@ -93,9 +93,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Muon's update for a (rows, cols) matrix is ``lr * sqrt(max(1, rows/cols)) * orth(m)``, where
     m is the Nesterov momentum of the gradient; decay is decoupled (``p *= 1 - lr * wd``).
-    torch.optim.Muon exists, but runs Newton-Schulz in bfloat16, which is ~20x slower on CPUs
-    without bf16 instructions; here the iteration runs in float32 on CPU (bf16 on CUDA), batched
-    over matrices of one shape.
+    torch.optim.Muon exists, but runs Newton-Schulz in bfloat16, which CPUs without bf16
+    instructions emulate: it made a whole training step ~20x slower on our 2-core AVX2 machine
+    (BENCHMARKS.md). Here the iteration runs in float32 on CPU (bf16 on CUDA), batched over the
+    matrices of one shape.
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
