@@ -2,7 +2,8 @@
 
 Layout of one checkpoint, ``RUN/checkpoints/step_0001000/``:
     model.safetensors      weights of the unwrapped model, the tied wte/lm_head matrix stored once
-    optimizer.safetensors  AdamW moment tensors, keyed ``state.<param index>.<name>``
+    optimizer.safetensors  optimizer state tensors (AdamW moments, Muon momentum), keyed
+                           ``state.<param index>.<name>``
     config.json            the resolved run config, tokenizer, gptforge version, git commit
     trainer_state.json     step, tokens seen, loader cursor, every RNG state, best val loss, and
                            the optimizer's hyper-parameters; written last, it marks completeness
@@ -356,8 +357,7 @@ def read_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
 
 def build_model(ckpt: Checkpoint) -> GPT:
     """The model a checkpoint holds, with its weights, in eval mode on the CPU."""
-    cfg = ckpt.config.model
-    model = GPT(GPTConfig(**vars(cfg)))
+    model = GPT(ckpt.config.model)
     load_weights(model, ckpt)
     return model.eval()
 

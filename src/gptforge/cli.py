@@ -16,6 +16,8 @@ from typing import Callable
 
 from gptforge.config import (
     DEFAULT_PRESET,
+    DTYPES,
+    MODEL_PRESETS,
     RUN_PRESETS,
     SECTION_TYPES,
     SECTIONS,
@@ -59,7 +61,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gptforge.checkpoint import load_checkpoint
-    from gptforge.config import parse_override, resolve, set_value, validate_run
+    from gptforge.config import apply_overrides, resolve, validate_run
     from gptforge.train import train
 
     if args.nproc is not None:
@@ -74,16 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = Path(args.out) if args.resume == "" else Path(args.resume)
         resume = load_checkpoint(where)
         cfg = resume.config
-        for text in args.set:
-            key, value = parse_override(text)
-            set_value(cfg, key, value)
-        if args.data:
-            cfg.data.path = args.data
+        apply_overrides(cfg, args.set)
         validate_run(cfg)
     else:
         cfg = resolve(args.preset, args.config, args.set)
-        if args.data:
-            cfg.data.path = args.data
+    if args.data:
+        cfg.data.path = args.data
     if not cfg.data.path:
         raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
 
@@ -356,14 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Time full training steps (forward, backward, clipping, optimizer) "
                                     "on random tokens, the way `train` runs them.")
     bp.add_argument("--preset", default="gpt2",
-                    help="model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny) "
-                         "or run preset")
+                    help=f"model preset ({', '.join(MODEL_PRESETS)}) or run preset")
     bp.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     bp.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     bp.add_argument("--steps", type=int, default=5, help="timed steps")
     bp.add_argument("--warmup", type=int, default=2, help="untimed steps first (start-up, compile)")
     bp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    bp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    bp.add_argument("--dtype", default="auto", choices=list(DTYPES),
                     help="precision, as train.dtype")
     bp.add_argument("--compile", action="store_true", help="torch.compile the model")
     bp.add_argument("--plain", action="store_true",

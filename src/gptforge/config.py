@@ -379,14 +379,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML ({e}): fix it or remove --config")
 
 
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
+    """Apply ``--set KEY=VALUE`` texts in order (not validated yet: see validate_run)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        set_value(cfg, key, value)
+
+
 def resolve(preset: str | None, config_file: str | None, overrides: list[str]) -> RunConfig:
     """preset -> TOML -> dotted overrides, then validated."""
     cfg = run_preset(preset or DEFAULT_PRESET)
     if config_file:
         apply_dict(cfg, load_toml(config_file), origin=str(config_file))
-    for text in overrides:
-        key, value = parse_override(text)
-        set_value(cfg, key, value)
+    apply_overrides(cfg, overrides)
     validate_run(cfg)
     return cfg
 

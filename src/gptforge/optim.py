@@ -34,16 +34,20 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on tensors of 2 or more dimensions (matmul weights, embeddings) only;
-    biases and LayerNorm gains are left alone, as in GPT-2 / GPT-3 practice."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied matrix appears once
+def _decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on tensors of 2 or more dimensions (matmul weights, embeddings) only;
+    biases and LayerNorm gains are left alone, as in GPT-2 / GPT-3 practice."""
+    # parameters() yields the tied matrix once
+    return _decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:
@@ -55,17 +59,15 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 
 def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Muon for the blocks' matrices (lr scaled by ``muon_lr / lr`` so one schedule drives both),
-    AdamW with decay for the embeddings, AdamW without decay for gains and biases."""
-    muon, decay, no_decay = [], [], []
+    then AdamW's decay / no-decay groups (as ``param_groups``) for everything else."""
+    muon, rest = [], []
     for name, p in model.named_parameters():  # the tied matrix appears once
-        if not p.requires_grad:
-            continue
-        (muon if is_muon_param(name, p) else decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:
+            (muon if is_muon_param(name, p) else rest).append(p)
     return [
         {"params": muon, "algorithm": "muon", "lr_scale": cfg.muon_lr / cfg.lr,
          "weight_decay": cfg.weight_decay},
-        {"params": decay, "algorithm": "adamw", "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "algorithm": "adamw", "lr_scale": 1.0, "weight_decay": 0.0},
+        *_decay_groups(rest, cfg.weight_decay),  # MuonAdamW's defaults: algorithm adamw, lr_scale 1
     ]
 
 

@@ -1,6 +1,6 @@
 """The training loop: one visible loop built from small pure helpers.
 
-    resolve device and precision -> load data -> build model and AdamW -> (resume) ->
+    resolve device and precision -> load data -> build model and optimizer -> (resume) ->
     for each step: lr_at(step) -> train_step (accumulate, clip, step) -> log / eval / save
 
 Stops on ``train.max_steps``, on ``train.target_loss``, or on Ctrl-C / SIGTERM (the current step
@@ -254,7 +254,7 @@ class TrainResult:
     val_loss: float | None
     best_val_loss: float | None
     checkpoint: Path | None
-    stopped_by: str  # "max_steps", "target_loss" or a signal name
+    stopped_by: str  # "max_steps", "target_loss", "target_val_loss" or a signal name
     wall_s: float
 
 
