@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import quiet, shakespeare_head, tiny_cfg
+from test_train import quiet, run_cli, shakespeare_head, tiny_cfg
 
 from gptforge.checkpoint import (
     CheckpointError,
@@ -23,7 +23,6 @@ from gptforge.checkpoint import (
     load_checkpoint,
     read_optimizer_state,
 )
-from gptforge.cli import main
 from gptforge.data import prepare
 from gptforge.metrics import read_metrics
 from gptforge.model import GPT
@@ -32,12 +31,6 @@ from gptforge.train import TrainingDiverged, train
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-
-
-def run_cli(*args: str) -> int:
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    return e.value.code
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

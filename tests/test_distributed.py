@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from gptforge.checkpoint import find_checkpoint, load_checkpoint
+from test_checkpoint import weights
+
+from gptforge.checkpoint import load_checkpoint
 from gptforge.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -38,10 +39,6 @@ def gptforge(*args: str, nproc: int = 1, timeout: int = 180) -> subprocess.Compl
 
 def losses(run: Path) -> list[tuple[int, float, float | None]]:
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(find_checkpoint(ckpt) / "model.safetensors"))
 
 
 def assert_close_runs(a: Path, b: Path) -> None:

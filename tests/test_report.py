@@ -11,7 +11,7 @@ import termios
 from pathlib import Path
 
 import pytest
-from test_train import quiet, tiny_cfg
+from test_train import quiet, run_cli, tiny_cfg
 
 from gptforge.cli import build_parser, main
 from gptforge.config import SECTION_TYPES
@@ -33,12 +33,6 @@ def runs(char_data, tmp_path_factory) -> Path:
     train(tiny_cfg(char_data, "train.max_steps=20", "optim.lr=3e-3", "train.eval_interval=10"),
           root / "b", log=quiet, preset="gpt2-tiny")
     return root
-
-
-def run_cli(*args: str) -> int:
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    return e.value.code
 
 
 def test_plot_renders_a_png_with_content(runs, tmp_path, capsys):
