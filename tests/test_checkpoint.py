@@ -192,8 +192,15 @@ def test_a_pickle_payload_is_refused_without_running(char_data, tmp_path):
         with open(evil / name, "wb") as f:
             pickle.dump(Payload(marker), f)
         torch.save({"x": Payload(marker)}, evil / "extra.pt")  # never looked at either
+        with pytest.raises(CheckpointError, match="manifest says"):
+            load_checkpoint(evil)  # the manifest no longer matches ...
+        # ... and an attacker who rewrites the manifest too gets no further: safetensors refuses it.
+        manifest = json.loads((evil / "manifest.json").read_text())
+        manifest["files"][name] = {"bytes": (evil / name).stat().st_size,
+                                   "sha256": hashlib.sha256((evil / name).read_bytes()).hexdigest()}
+        (evil / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match="corrupt or truncated"):
-            c = load_checkpoint(evil)
+            c = load_checkpoint(evil, verify="sha256")
             build_model(c)  # reads model.safetensors
             read_optimizer_state(c)  # reads optimizer.safetensors
     assert not marker.exists()
@@ -238,7 +245,7 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     fails("train", "--out", str(run), "--resume", "--data", str(other),
           "--set", "train.max_steps=6", match="different tokenizer")
     # already finished
-    fails("train", "--out", str(run), "--resume", match="already at step 3")
+    fails("train", "--out", str(run), "--resume", match="reached train.max_steps=3 (step 3)")
     assert tree_digest(run) == before  # nothing was overwritten by any of the above
 
     # truncated weights, and corrupt JSON
@@ -247,7 +254,7 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     shutil.copytree(ckpt, broken)
     data_bytes = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data_bytes[: len(data_bytes) // 2])
-    fails("sample", "--ckpt", str(broken), match="corrupt or truncated")
+    fails("sample", "--ckpt", str(broken), match="bytes but its manifest says")
     shutil.copytree(ckpt, tmp_path / "badjson")
     (tmp_path / "badjson" / "config.json").write_text("{not json")
     fails("sample", "--ckpt", str(tmp_path / "badjson"), match="config.json is corrupt")
@@ -256,5 +263,5 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     # resuming a truncated checkpoint leaves the run untouched
     shutil.copy(broken / "model.safetensors", ckpt / "model.safetensors")
     mid = tree_digest(run)
-    fails("train", "--out", str(run), "--resume", "--set", "train.max_steps=6", match="corrupt or truncated")
+    fails("train", "--out", str(run), "--resume", "--set", "train.max_steps=6", match="it is truncated")
     assert tree_digest(run) == mid

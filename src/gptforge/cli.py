@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -60,45 +59,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.config import apply_overrides, resolve, validate_run
-    from gptforge.train import train
+    from gptforge.distributed import launch_rank
+    from gptforge.metrics import say
+    from gptforge.rundir import check_not_locked, hold_run_lock
+    from gptforge.train import plan_run, train
 
     if args.nproc is not None:
+        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
         return launch_torchrun(args.nproc, args.argv)
-    resume = None
-    if args.resume is not None:
-        if args.preset or args.config:
-            raise GptforgeError(
-                "--resume continues a run with the config it was started with: drop --preset "
-                "and --config (use --set to change a key, e.g. --set train.max_steps=N)"
-            )
-        where = Path(args.out) if args.resume == "" else Path(args.resume)
-        resume = load_checkpoint(where)
-        cfg = resume.config
-        apply_overrides(cfg, args.set)
-        validate_run(cfg)
-    else:
-        cfg = resolve(args.preset, args.config, args.set)
-    if args.data:
-        cfg.data.path = args.data
-    if not cfg.data.path:
-        raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
-
-    result = train(cfg, args.out, resume=resume,
-                   preset=None if resume is not None else (args.preset or DEFAULT_PRESET),
-                   init_from=args.init_from)
-    if int(os.environ.get("RANK", "0")) != 0:
+    writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
+    # The lock first: a live run is reported before anything of it is read or written.
+    with hold_run_lock(args.out, enabled=writer, create=args.resume != ""):
+        plan = plan_run(args.out, args.resume, args.preset, args.config, args.set, args.data,
+                        args.init_from, verify="sha256" if writer else "sizes")
+        if plan.complete is not None:
+            if writer:
+                say(f"{args.out}: {plan.complete}; nothing to do")
+            return 0
+        if not plan.cfg.data.path:
+            raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
+        result = train(plan.cfg, args.out, resume=plan.resume, restart=plan.restart,
+                       preset=None if plan.resume is not None else (args.preset or DEFAULT_PRESET),
+                       init_from=args.init_from if plan.resume is None else None)
+    if not writer:
         return 0  # rank 0 reports for the job
-    print()
-    print(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
-          f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
-          + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+    say()
+    say(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
+        f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
+        + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+        + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
     if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint}")
-    print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
-    print(f"sample:     gptforge sample --ckpt {args.out}")
+        say(f"checkpoint: {result.checkpoint}")
+    say(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
+    say(f"sample:     gptforge sample --ckpt {args.out}")
     return 0
 
 
@@ -286,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
     tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
-    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue the run in --out (or from checkpoint PATH) exactly where it stopped")
+    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|PATH",
+                    help="continue the run in --out (or from checkpoint PATH) exactly where it "
+                         "stopped; 'auto': continue it if it has a checkpoint, else start it, and "
+                         "exit 0 if it is complete (the same command for the first start and "
+                         "every restart of a preemptible job)")
     tp.add_argument("--init-from", metavar="PATH", default=None,
                     help="start from the weights of a local Hugging Face GPT-2 directory or a "
                          "gptforge run/checkpoint (fine-tuning); the model shape comes from there")

@@ -492,6 +492,31 @@ def validate_run(cfg: RunConfig) -> None:
            "optim.name=muon needs whole matrices on every rank: use train.parallel=ddp", t.parallel)
 
 
+# Keys a resumed run may change: when it stops, how often it reports, evaluates and saves, and
+# where and how it runs. Every other key defines the experiment, and a command line that
+# continues a run must give the run's own value (config_differences).
+RESUMABLE_KEYS = frozenset({
+    "data.path",  # data may move; resuming checks its tokenizer and token count
+    "train.max_steps", "train.target_loss", "train.target_val_loss",
+    "train.log_interval", "train.eval_interval", "train.eval_max_batches", "train.save_interval",
+    "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
+    "train.dist_timeout_s", "train.keep_freed_memory", "train.tensorboard",
+    *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),
+})
+
+
+def dotted_items(cfg: RunConfig) -> dict[str, Any]:
+    """``{"model.n_layer": 12, ...}``: every key of every section, in section order."""
+    return {f"{section}.{k}": v for section in SECTIONS
+            for k, v in dataclasses.asdict(getattr(cfg, section)).items()}
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every key where a and b differ, in section order."""
+    da, db = dotted_items(a), dotted_items(b)
+    return [(k, da[k], db[k]) for k in da if da[k] != db[k]]
+
+
 def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:
     """Micro-steps per optimizer step, derived from the batch keys; errors when they do not divide."""
     per_micro = train.batch_size * train.seq_len * world_size

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import secrets
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -37,9 +36,9 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gptforge.errors import GptforgeError
+from gptforge.metrics import progress_bar
 from gptforge.tokenizer import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer
 from gptforge.version import __version__
 
@@ -473,12 +472,11 @@ def prepare(
 
     total_bytes = sum(s.bytes for s in sources)
     passes = 2 if tokenizer == "char" else 1  # char needs its vocabulary before it can encode
-    bar = tqdm(
+    bar = progress_bar(
         total=total_bytes * passes,
         unit="B",
         unit_scale=True,
         desc="prepare",
-        file=sys.stderr,
         disable=not progress or total_bytes <= PROGRESS_MIN_BYTES,
     )
     # Remember which directories we create, to remove them again if anything fails.

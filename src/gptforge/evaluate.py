@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gptforge.checkpoint import load_model
 from gptforge.data import count_eval_windows, iter_eval_batches, load_meta, load_split
 from gptforge.device import pick_device
 from gptforge.errors import GptforgeError
+from gptforge.metrics import progress_bar
 from gptforge.model import GPT
 from gptforge.tokenizer import tokenizer_from_dict
 
@@ -77,8 +76,8 @@ def evaluate(
         tail.append((rest[:-1].view(1, -1), rest[1:].view(1, -1)))  # (1, n - 1 - tail_start)
     batches = itertools.chain(iter_eval_batches(tokens, batch_size, seq_len), tail)
     total_nats, count = 0.0, 0
-    with tqdm(total=n - 1, desc="eval", unit="tok", unit_scale=True, file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+    with progress_bar(total=n - 1, desc="eval", unit="tok", unit_scale=True,
+                      disable=not progress, leave=False) as bar:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits, _ = model(x)  # (rows, T, V)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptforge.errors import GptforgeError
+from gptforge.rundir import guarded_write
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -27,20 +28,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _resume_fix(run_dir: Path) -> str:
+    return f"free space on that disk, then continue: gptforge train --out {run_dir} --resume"
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``RUN/metrics.jsonl``, flushed at once so that a
-    crashed run still has every line it logged."""
+    crashed run still has every line it logged. A failed write (disk full) is one line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._f = open(self.path, "a", encoding="utf-8")
+        with self._guard():
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    def _guard(self):  # noqa: ANN202
+        return guarded_write("metrics", self.path, _resume_fix(self.path.parent))
 
     def write(self, **fields: Any) -> None:
-        self._f.write(json.dumps({k: _jsonable(v) for k, v in fields.items()}) + "\n")
-        self._f.flush()
+        with self._guard():
+            self._f.write(json.dumps({k: _jsonable(v) for k, v in fields.items()}) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()  # flushes nothing new: every write was flushed
+        except OSError:
+            pass
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -62,8 +75,12 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.strip() and _record_step(line) < step]
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, p)
+    with guarded_write("metrics", p, _resume_fix(p.parent)):
+        try:
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _record_step(line: str) -> float:
@@ -75,6 +92,31 @@ def _record_step(line: str) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # The progress bar
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar on stderr, drawn only where stderr is a terminal. In a pipe or a log file a bar
+    is a stream of carriage returns, so there it stays silent and the command's own summary line
+    says what happened. Pass ``disable=True`` to turn it off on a terminal too."""
+    from tqdm import tqdm
+
+    disable = kwargs.pop("disable", False) or not sys.stderr.isatty()
+    return tqdm(file=sys.stderr, disable=disable, **kwargs)
+
+
+_output_gone = False
+
+
+def say(line: str = "") -> None:
+    """print(line), unless stdout has gone away (terminal closed: SIGHUP; a pipe's reader quit).
+    Then output stops instead of the run: a training job must still save and exit cleanly."""
+    global _output_gone
+    if _output_gone:
+        return
+    try:
+        print(line, flush=True)
+    except OSError:  # EIO from a hung-up terminal, EPIPE from a closed pipe
+        _output_gone = True
 
 
 class Progress:
@@ -89,17 +131,15 @@ class Progress:
         self.bar = None
         self.target_loss = target_loss
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             try:
                 known_width = os.get_terminal_size(sys.stderr.fileno()).columns > 0
             except (OSError, ValueError):
                 known_width = False
             # A terminal that reports no size (some emulators, pty wrappers) would get a
             # zero-width bar: draw 100 columns there instead.
-            self.bar = tqdm(total=total, initial=initial, unit="step", mininterval=0.25,
-                            file=sys.stderr, leave=False, dynamic_ncols=known_width,
-                            ncols=None if known_width else 100)
+            self.bar = progress_bar(total=total, initial=initial, unit="step", mininterval=0.25,
+                                    leave=False, dynamic_ncols=known_width,
+                                    ncols=None if known_width else 100)
 
     def wrap(self, log: Callable[[str], None]) -> Callable[[str], None]:
         if self.bar is None:
@@ -108,7 +148,10 @@ class Progress:
         def write(line: str) -> None:
             from tqdm import tqdm
 
-            tqdm.write(line, file=sys.stdout)
+            try:
+                tqdm.write(line, file=sys.stdout)
+            except OSError:  # the terminal is gone (SIGHUP): keep training, stop drawing
+                self.close()
 
         return write
 
@@ -119,11 +162,18 @@ class Progress:
         if self.target_loss:
             post["target"] = f"{self.target_loss:g}"
         self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
+        try:
+            self.bar.update(1)
+        except OSError:
+            self.close()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            try:
+                bar.close()
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +215,13 @@ class RunRecord:
 
     def _write(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
-                       encoding="utf-8")
-        os.replace(tmp, self.path)
+        with guarded_write("run record", self.path, _resume_fix(self.path.parent)):
+            try:
+                tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
+                               encoding="utf-8")
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:

@@ -3,8 +3,13 @@
     resolve device and precision -> load data -> build model and optimizer -> (resume) ->
     for each step: lr_at(step) -> train_step (accumulate, clip, step) -> log / eval / save
 
-Stops on ``train.max_steps``, on ``train.target_loss``, or on Ctrl-C / SIGTERM (the current step
-finishes, a checkpoint is saved, and the run ends cleanly).
+Stops on ``train.max_steps``, on ``train.target_loss``, or on Ctrl-C / SIGTERM / SIGHUP (the
+current step finishes, a checkpoint is saved, and the run ends cleanly). The process that writes
+the run holds its lock (rundir.RunLock) from start to end.
+
+``plan_run`` decides what a command line does with a run directory: start a new run, continue
+one (``--resume``), or either (``--resume auto``, for jobs that are restarted with the same command
+after a preemption), or nothing because the run is already complete.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import dataclasses
 import math
 import platform
 import random
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,14 +36,28 @@ from gptforge.checkpoint import (
     TIED_KEY,
     Checkpoint,
     CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
     load_pretrained,
     load_weights,
     read_optimizer_state,
     remove_incomplete,
     save_best,
     save_checkpoint,
+    tensor_bytes,
 )
-from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
+from gptforge.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_differences,
+    format_config,
+    grad_accum_steps,
+    resolve,
+    set_value,
+    validate_run,
+)
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
 from gptforge.device import autocast, keep_freed_memory, pick_autocast_dtype
 from gptforge.distributed import (
@@ -49,6 +70,7 @@ from gptforge.distributed import (
     gather_objects,
     grad_sync,
     init_distributed,
+    launch_rank,
     load_optimizer_state,
     mean_over_ranks,
     shutdown,
@@ -57,16 +79,19 @@ from gptforge.distributed import (
 )
 from gptforge.errors import GptforgeError
 from gptforge.metrics import (
+    RUN_FILE,
     MetricsLog,
     Progress,
     RunRecord,
     TensorBoardLog,
     format_step,
     require_tensorboard,
+    say,
     truncate_metrics,
 )
 from gptforge.model import GPT
-from gptforge.optim import build_optimizer, lr_at, set_lr
+from gptforge.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr
+from gptforge.rundir import LOCK_FILE, disk_free, format_bytes, hold_run_lock
 
 
 class TrainingDiverged(GptforgeError):
@@ -211,10 +236,14 @@ def _from_json(obj: Any) -> Any:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step.
+    """Turns SIGINT, SIGTERM and SIGHUP (the terminal was closed) into a request to stop after
+    the current step.
 
     A second Ctrl-C restores the default handler's behaviour (KeyboardInterrupt) for the impatient.
     """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, name))
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -226,7 +255,7 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -262,6 +291,19 @@ def _silent(_: str) -> None:
     pass
 
 
+def _warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer) -> None:
+    """A save needs room for a whole new checkpoint while the last one is still there."""
+    size = tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
+    size += optimizer_state_bytes(optimizer)
+    free = disk_free(run_dir)
+    if free < 2 * size:
+        warnings.warn(
+            f"{run_dir} has {format_bytes(free)} free, less than two checkpoints of this run "
+            f"({format_bytes(2 * size)}): a save may run out of space; free some, or choose an "
+            "--out on a larger disk"
+        )
+
+
 def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     pin = device.type == "cuda"
 
@@ -274,13 +316,22 @@ def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], t
     return next_batch
 
 
+# What a run writes at its top level. A directory holding nothing else but no complete checkpoint
+# is a run that was stopped before its first save: --resume auto starts it again.
+RUN_FILES = {LOCK_FILE, RUN_FILE, "metrics.jsonl", "config.toml", CHECKPOINT_DIR, "tensorboard"}
+
+
+def _run_entries(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+
+
 def check_run_dir(run_dir: Path, resuming: bool) -> None:
     """A new run needs an empty (or absent) directory, so one run never overwrites another."""
     if resuming:
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise GptforgeError(f"--out {run_dir} is a file: choose a directory for the run")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if _run_entries(run_dir):
         raise GptforgeError(
             f"--out {run_dir} already holds files: continue that run with --resume, "
             "or choose another --out"
@@ -301,23 +352,146 @@ def resolve_model_vocab(cfg: RunConfig, meta: dict[str, Any]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------
+# What a command line does with a run directory
+
+
+@dataclass
+class RunPlan:
+    cfg: RunConfig
+    resume: Checkpoint | None = None  # continue from this checkpoint
+    complete: str | None = None  # the run needs no more steps: why (--resume auto exits 0)
+    restart: bool = False  # RUN holds only the files of a start that never saved a checkpoint
+
+
+def run_complete(ckpt: Checkpoint, cfg: RunConfig) -> str | None:
+    """Why the run in ``ckpt`` has nothing left to do under ``cfg``, or None."""
+    tc, state = cfg.train, ckpt.trainer
+    last, best_val = state.get("last_loss"), state.get("best_val_loss")
+    if ckpt.step >= tc.max_steps:
+        return f"the run is complete: it reached train.max_steps={tc.max_steps} (step {ckpt.step})"
+    # The loop checks the targets after every step (every evaluation), so a checkpoint whose loss
+    # is under the target is the one the run stopped at.
+    if tc.target_loss > 0 and isinstance(last, (int, float)) and last < tc.target_loss:
+        return (f"the run is complete: its training loss {last:.6f} is below "
+                f"train.target_loss={tc.target_loss} (step {ckpt.step})")
+    if tc.target_val_loss > 0 and isinstance(best_val, (int, float)) and best_val < tc.target_val_loss:
+        return (f"the run is complete: its validation loss {best_val:.6f} is below "
+                f"train.target_val_loss={tc.target_val_loss} (step {ckpt.step})")
+    return None
+
+
+def _is_started_run(run_dir: Path) -> bool:
+    """RUN holds only what a run writes, and no complete checkpoint: a start that never saved."""
+    entries = _run_entries(run_dir)
+    return bool(entries) and set(entries) <= RUN_FILES
+
+
+def _check_same_run(ckpt: Checkpoint, started: RunConfig, wanted: RunConfig, skip_model: bool) -> None:
+    """The command line must describe the run it continues: one line naming every key that differs."""
+    diffs = [(k, a, b) for k, a, b in config_differences(started, wanted)
+             if k not in RESUMABLE_KEYS and not (skip_model and k.startswith("model.") and k != "model.dropout")]
+    if diffs:
+        listed = "; ".join(f"{k} is {a!r} in the run, {b!r} in this command" for k, a, b in diffs)
+        raise ConfigError(
+            f"this command does not describe the run it continues ({ckpt.path}): {listed}. "
+            "Give the run's own settings (its config.toml); only train.max_steps, the targets, "
+            "the intervals, keep_last, the device, dtype, compile, parallel and sample keys may change"
+        )
+
+
+def plan_run(
+    out: str | Path,
+    resume: str | None,
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    init_from: str | None = None,
+    verify: str = "sha256",
+) -> RunPlan:
+    """What ``gptforge train`` does with ``--out`` (``resume``: None = a new run; "" = continue
+    RUN; "auto" = continue RUN if it holds a checkpoint, else start it; or a checkpoint path).
+
+    Continuing with ``--preset``/``--config`` (or ``auto``) checks that they, with ``--set`` and
+    ``--data``, give the run's own config except for RESUMABLE_KEYS, whose new values apply.
+    Continuing with ``--set`` alone applies those keys to the run's config, as asked.
+    """
+    out, overrides = Path(out), list(overrides or [])
+
+    def from_command_line() -> RunConfig:
+        cfg = resolve(preset, config_file, overrides)
+        if data:
+            cfg.data.path = data
+        return cfg
+
+    if resume is None:
+        return RunPlan(from_command_line())
+    auto = resume == "auto"
+    if auto:
+        try:
+            find_checkpoint(out)
+        except CheckpointError:
+            return RunPlan(from_command_line(), restart=_is_started_run(out))
+    elif init_from is not None:
+        raise GptforgeError("--init-from starts a new run and --resume continues one: use one of "
+                            "them (or --resume auto, which starts or continues as needed)")
+    ckpt = load_checkpoint(out if resume in ("", "auto") else resume, verify=verify)
+    cfg = ckpt.config
+    if preset or config_file or auto:
+        wanted = from_command_line()
+        if wanted.model.vocab_size == 0:
+            resolve_model_vocab(wanted, load_meta(wanted.data.path or cfg.data.path))
+        _check_same_run(ckpt, cfg, wanted, skip_model=init_from is not None)
+        for key in RESUMABLE_KEYS:
+            section, name = key.split(".")
+            set_value(cfg, key, getattr(getattr(wanted, section), name))
+    else:
+        apply_overrides(cfg, overrides)
+        if data:
+            cfg.data.path = data
+    validate_run(cfg)
+    done = run_complete(ckpt, cfg)
+    if done and not auto:
+        raise GptforgeError(
+            f"{done}: to train further, raise the limit it reached (e.g. --set "
+            f"train.max_steps=N with N > {ckpt.step}), or start a new run"
+        )
+    return RunPlan(cfg, ckpt, complete=done)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path,
     resume: Checkpoint | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     preset: str | None = None,
     init_from: str | Path | None = None,
+    restart: bool = False,
 ) -> TrainResult:
     """Train per ``cfg``, writing metrics and checkpoints under ``run_dir``.
 
     With ``resume``, the weights, optimizer, data cursor and RNG state continue from that
     checkpoint, so the run goes on exactly as if it had never stopped. With ``init_from`` (a
     local Hugging Face GPT-2 directory or a gptforge run/checkpoint), a new run starts from those
-    weights, for fine-tuning: the model's shape comes from there, dropout from ``cfg``.
+    weights, for fine-tuning: the model's shape comes from there, dropout from ``cfg``. With
+    ``restart``, a directory holding only the files of a run that never saved starts over.
+    The writing process holds the run's lock throughout (re-entrant: the CLI may hold it already).
     """
     t_start = time.time()
     run_dir = Path(run_dir)
+    with hold_run_lock(run_dir, enabled=launch_rank() == 0):
+        return _start(cfg, run_dir, resume, log, preset, init_from, restart, t_start)
+
+
+def _start(
+    cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
+    preset: str | None, init_from: str | Path | None, restart: bool, t_start: float,
+) -> TrainResult:
     tc = cfg.train
 
     # 1. data, and the model's vocabulary from it (every rank checks the same things, so a
@@ -342,7 +516,7 @@ def train(
         cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
-    check_run_dir(run_dir, resuming=resume is not None)
+    check_run_dir(run_dir, resuming=resume is not None or restart)
     if tc.tensorboard:
         require_tensorboard()
     train_tokens = read_shard(Path(cfg.data.path) / "train.bin")
@@ -353,17 +527,20 @@ def train(
         keep_freed_memory()
     env = init_distributed(tc.device, tc.dist_timeout_s)
     try:
-        return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,
-                      preset, init_from, init_weights)
-    finally:
-        shutdown(env)
+        result = _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,
+                        preset, init_from, init_weights, restart)
+    except BaseException:
+        shutdown(env, clean=False)
+        raise
+    shutdown(env)
+    return result
 
 
 def _train(
     cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
     env: DistEnv, meta: dict[str, Any], train_tokens: np.ndarray, val_tokens: np.ndarray | None,
     t_start: float, preset: str | None, init_from: str | Path | None,
-    init_weights: dict[str, torch.Tensor] | None,
+    init_weights: dict[str, torch.Tensor] | None, restart: bool,
 ) -> TrainResult:
     tc, oc = cfg.train, cfg.optim
     if not env.is_main:
@@ -425,9 +602,11 @@ def _train(
     metrics = record = tboard = None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
+        if resume is not None or restart:
             remove_incomplete(run_dir)
-            truncate_metrics(run_dir / "metrics.jsonl", step)
+            truncate_metrics(run_dir / "metrics.jsonl", step)  # restart: step 0, all of it
+        if restart:
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         info = {"command": ["gptforge", *sys.argv[1:]]}
@@ -452,18 +631,23 @@ def _train(
         f"{tc.total_batch_tokens:,} tokens per step")
     if resume is not None:
         log(f"resuming from {resume.path} at step {step}")
+    if restart:
+        log(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again")
     if init_from is not None:
         log(f"starting from the weights of {init_from}")
+    if env.is_main:
+        _warn_if_disk_is_short(run_dir, model, optimizer)
 
-    def trainer_state(last_loss: float) -> dict[str, Any]:
+    def trainer_state(last_loss: float, stopped_by: str | None) -> dict[str, Any]:
         rngs = gather_objects(rng_state(device), env)
         return {
             "step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
             "rng": rngs[0], "rng_ranks": rngs, "world_size": env.world_size,
             "best_val_loss": best_val, "last_loss": last_loss, "wall_s": time.time() - t_start,
+            "stopped_by": stopped_by,
         }
 
-    def save(last_loss: float, val_loss: float | None) -> Path:
+    def save(last_loss: float, val_loss: float | None, stopped_by: str | None = None) -> Path:
         """Collective: every rank gathers, rank 0 writes, all wait for it."""
         nonlocal best_val
         is_best = val_loss is not None and (best_val is None or val_loss < best_val)
@@ -471,7 +655,7 @@ def _train(
             best_val = val_loss
         model_sd = full_model_state(wrapped, env, tc.parallel)
         optim_sd = full_optimizer_state(wrapped, optimizer, env, tc.parallel)
-        trainer = trainer_state(last_loss)
+        trainer = trainer_state(last_loss, stopped_by)
         path = run_dir / CHECKPOINT_DIR / f"step_{step:07d}"
         if env.is_main:
             path = save_checkpoint(run_dir, model_sd, optim_sd, cfg, tokenizer, trainer,
@@ -575,11 +759,13 @@ def _train(
                     log(f"step {step - 1:5d} | val loss: {val_loss:.6f}")
                     write_metrics(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
             if step != saved_step and step > 0:
-                ckpt_path = save(last_loss, val_loss)
+                ckpt_path = save(last_loss, val_loss, stopped_by)
     except BaseException as e:
         if record is not None:
-            record.update(status="crashed", error=str(e) or type(e).__name__, step=step,
-                          tokens=tokens_seen)
+            # Best effort: when the disk is full, run.json cannot say so either.
+            with contextlib.suppress(GptforgeError, OSError):
+                record.update(status="crashed", error=str(e) or type(e).__name__, step=step,
+                              tokens=tokens_seen)
         raise
     finally:
         progress.close()
