@@ -57,7 +57,7 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"  # written last: every other file's size and sha256
 VERIFY = ("sizes", "sha256")
-SPACE_SLACK_BYTES = 4 << 20  # JSON files, safetensors headers, filesystem blocks
+SPACE_SLACK_BYTES = 1 << 20  # JSON files, safetensors headers, filesystem blocks
 TIED_KEY = "lm_head.weight"  # same storage as transformer.wte.weight: saved once, under wte
 
 
@@ -170,6 +170,11 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def space_needed(tensor_total: int) -> int:
+    """Free bytes a save asks for, given the bytes of its tensors."""
+    return tensor_total + SPACE_SLACK_BYTES
+
+
 def _resume_hint(run_dir: Path) -> str:
     return f"free space on that disk (or lower train.keep_last), then continue: gptforge train --out {run_dir} --resume"
 
@@ -198,7 +203,7 @@ def save_checkpoint(
     optim_tensors, optim_rest = ({}, None) if optimizer_state is None else _optimizer_tensors(optimizer_state)
     with guarded_write("checkpoint", final, fix):
         root.mkdir(parents=True, exist_ok=True)
-        _make_room(root, tensor_bytes(model_sd) + tensor_bytes(optim_tensors) + SPACE_SLACK_BYTES,
+        _make_room(root, space_needed(tensor_bytes(model_sd) + tensor_bytes(optim_tensors)),
                    keep_last, name, fix)
     tmp = root / f".tmp-{name}-{os.getpid()}"
     try:
@@ -388,14 +393,12 @@ def _earlier(ckpt_dir: Path) -> str:
     return f"use an earlier checkpoint ({older[-1]})" if older else "use an earlier checkpoint"
 
 
-def verify_files(ckpt_dir: Path, format_version: int, checksums: bool) -> None:
+def verify_files(ckpt_dir: Path, checksums: bool) -> bool:
     """Every file the manifest lists is there with its size (and, with ``checksums``, its
-    sha256). Format-1 checkpoints predate manifests and are taken as they are."""
+    sha256). Returns False where there is no manifest (format 1 had none)."""
     path = ckpt_dir / MANIFEST_FILE
     if not path.is_file():
-        if format_version >= 2:
-            raise CheckpointError(f"checkpoint file {path} is missing: {_earlier(ckpt_dir)}")
-        return
+        return False
     files = _read_json(path, ("files",))["files"]
     for name, entry in sorted(files.items()):
         f = ckpt_dir / name
@@ -413,6 +416,7 @@ def verify_files(ckpt_dir: Path, format_version: int, checksums: bool) -> None:
                 f"checkpoint file {f} is corrupt: its sha256 differs from the one in "
                 f"{MANIFEST_FILE} (bit rot or a bad copy); {_earlier(ckpt_dir)}"
             )
+    return True
 
 
 def load_checkpoint(path: str | Path, verify: str = "sizes") -> Checkpoint:
@@ -423,6 +427,8 @@ def load_checkpoint(path: str | Path, verify: str = "sizes") -> Checkpoint:
     """
     assert verify in VERIFY, verify
     ckpt_dir = find_checkpoint(path)
+    # Files first: a damaged file is named as such, before its contents are parsed.
+    has_manifest = verify_files(ckpt_dir, checksums=verify == "sha256")
     meta = _read_json(ckpt_dir / CONFIG_FILE, ("format_version", "config", "tokenizer"))
     state = _read_json(ckpt_dir / STATE_FILE, ("trainer", "optimizer"))
     meta.update(trainer=state["trainer"], optimizer=state["optimizer"])
@@ -435,7 +441,10 @@ def load_checkpoint(path: str | Path, verify: str = "sizes") -> Checkpoint:
             f"checkpoint {ckpt_dir} has format {meta['format_version']}, newer than this "
             f"gptforge reads ({FORMAT_VERSION}): upgrade gptforge"
         )
-    verify_files(ckpt_dir, meta["format_version"], checksums=verify == "sha256")
+    if not has_manifest and meta["format_version"] >= 2:
+        raise CheckpointError(
+            f"checkpoint file {ckpt_dir / MANIFEST_FILE} is missing: {_earlier(ckpt_dir)}"
+        )
     return Checkpoint(ckpt_dir, meta)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -101,6 +102,17 @@ def progress_bar(**kwargs: Any) -> Any:
     from tqdm import tqdm
 
     disable = kwargs.pop("disable", False) or not sys.stderr.isatty()
+    if not disable:
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+            known = size.columns > 0 and size.lines > 0
+        except (OSError, ValueError):
+            known = False
+        # A terminal that reports no size (some emulators, pty wrappers) would get a zero-width
+        # bar, and tqdm draws nothing at all for 0 rows: assume 100 x 20 there.
+        kwargs.setdefault("dynamic_ncols", known)
+        kwargs.setdefault("ncols", None if known else 100)
+        kwargs.setdefault("nrows", None if known else 20)
     return tqdm(file=sys.stderr, disable=disable, **kwargs)
 
 
@@ -117,6 +129,12 @@ def say(line: str = "") -> None:
         print(line, flush=True)
     except OSError:  # EIO from a hung-up terminal, EPIPE from a closed pipe
         _output_gone = True
+        # What is still buffered would fail again at exit (and turn the exit code into 120):
+        # send stdout to /dev/null from here on.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 class Progress:
@@ -131,15 +149,8 @@ class Progress:
         self.bar = None
         self.target_loss = target_loss
         if enabled and sys.stderr.isatty():
-            try:
-                known_width = os.get_terminal_size(sys.stderr.fileno()).columns > 0
-            except (OSError, ValueError):
-                known_width = False
-            # A terminal that reports no size (some emulators, pty wrappers) would get a
-            # zero-width bar: draw 100 columns there instead.
             self.bar = progress_bar(total=total, initial=initial, unit="step", mininterval=0.25,
-                                    leave=False, dynamic_ncols=known_width,
-                                    ncols=None if known_width else 100)
+                                    leave=False)
 
     def wrap(self, log: Callable[[str], None]) -> Callable[[str], None]:
         if self.bar is None:

@@ -124,17 +124,18 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
-        self._created_dir = False
+        self._created: list[Path] = []  # directories acquire() made, deepest first
 
     def acquire(self) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise GptforgeError(f"--out {self.run_dir} is a file: choose a directory for the run")
         if not self.run_dir.exists():
+            d = self.run_dir.absolute()
+            while not d.exists():
+                self._created.append(d)
+                d = d.parent
             try:
-                self.run_dir.mkdir(parents=True)
-                self._created_dir = True
-            except FileExistsError:
-                pass
+                self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise GptforgeError(
                     f"cannot create the run directory {self.run_dir} ({_reason(e)}): choose "
@@ -191,9 +192,9 @@ class RunLock:
         if not leftovers:  # nothing was written: leave no trace of the attempt
             with contextlib.suppress(OSError):
                 self.path.unlink()
-            if self._created_dir:
-                with contextlib.suppress(OSError):
-                    self.run_dir.rmdir()
+            for d in self._created:
+                with contextlib.suppress(OSError):  # not empty (someone else's now): keep it
+                    d.rmdir()
         os.close(self._fd)  # closing the last descriptor releases the flock
         self._fd = None
 

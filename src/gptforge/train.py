@@ -44,6 +44,7 @@ from gptforge.checkpoint import (
     remove_incomplete,
     save_best,
     save_checkpoint,
+    space_needed,
     tensor_bytes,
 )
 from gptforge.config import (
@@ -237,7 +238,8 @@ def _from_json(obj: Any) -> Any:
 
 class StopFlag:
     """Turns SIGINT, SIGTERM and SIGHUP (the terminal was closed) into a request to stop after
-    the current step.
+    the current step. A signal this process was started ignoring stays ignored: under
+    ``nohup`` a closed terminal must not stop the run.
 
     A second Ctrl-C restores the default handler's behaviour (KeyboardInterrupt) for the impatient.
     """
@@ -256,6 +258,8 @@ class StopFlag:
 
     def __enter__(self) -> "StopFlag":
         for sig in self.SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -293,8 +297,8 @@ def _silent(_: str) -> None:
 
 def _warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer) -> None:
     """A save needs room for a whole new checkpoint while the last one is still there."""
-    size = tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
-    size += optimizer_state_bytes(optimizer)
+    size = space_needed(tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
+                        + optimizer_state_bytes(optimizer))
     free = disk_free(run_dir)
     if free < 2 * size:
         warnings.warn(
@@ -383,8 +387,8 @@ def run_complete(ckpt: Checkpoint, cfg: RunConfig) -> str | None:
 
 def _is_started_run(run_dir: Path) -> bool:
     """RUN holds only what a run writes, and no complete checkpoint: a start that never saved."""
-    entries = _run_entries(run_dir)
-    return bool(entries) and set(entries) <= RUN_FILES
+    entries = _run_entries(run_dir)  # a kill mid-rewrite leaves run.json.tmp and the like
+    return bool(entries) and all(e.removesuffix(".tmp") in RUN_FILES for e in entries)
 
 
 def _check_same_run(ckpt: Checkpoint, started: RunConfig, wanted: RunConfig, skip_model: bool) -> None:
