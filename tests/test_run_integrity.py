@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_checkpoint import SRC, TRAIN_ARGS, assert_same_weights, logged_steps, spawn
+import torch
+from test_checkpoint import SRC, TRAIN_ARGS, assert_same_weights, logged_steps, spawn, tree_digest
 from test_train import run_cli
 
 from gptforge import checkpoint, metrics
@@ -44,12 +45,6 @@ def gptforge_proc(*args: str) -> subprocess.CompletedProcess:
 
 def losses(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["norm"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
-def tree_digest(path: Path) -> dict[str, bytes]:
-    """Every file under path (the lock's holder note aside) with its bytes."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +192,21 @@ def test_every_checkpoint_has_a_manifest_that_matches_its_files(reference):
     for name, entry in manifest["files"].items():
         assert entry["bytes"] == (ckpt / name).stat().st_size
         assert entry["sha256"] == checkpoint.file_sha256(ckpt / name)
+
+
+def test_checkpoints_without_a_manifest(reference, tmp_path, capsys):
+    """Format 1 (written before manifests) still loads; format 2 without its manifest is damaged."""
+    old = tmp_path / "step_0000012"
+    shutil.copytree(find_checkpoint(reference), old)
+    (old / MANIFEST_FILE).unlink()
+    assert run_cli("sample", "--ckpt", str(old), "--max-new-tokens", "2") == 2
+    assert f"checkpoint file {old / MANIFEST_FILE} is missing" in capsys.readouterr().err
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    model = build_model(load_checkpoint(old, verify="sha256"))
+    reference_model = build_model(load_checkpoint(reference))
+    for name, p in reference_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p)
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "trainer_state.json"])
