@@ -153,15 +153,16 @@ def test_same_predictions_as_transformers(bpe_dir, tmp_path, capsys):
     out = tmp_path / "result.json"
     assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(bpe_dir), "--data", str(data),
                    "--batch-size", "3", "--device", "cpu", "--json", str(out)) == 0
-    line = capsys.readouterr().out
-    result = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    line, result = captured.out, json.loads(out.read_text())
+    assert captured.err == ""  # no progress bar where stderr is not a terminal, nothing cropped
     assert line.count("\n") == 1 and line.startswith("hellaswag: acc ")
     assert f"acc_norm {result['acc_norm']:.4f}" in line and "24 examples" in line
 
     # Independently: transformers' tokenizer and model, one ending at a time, no padding.
     tok = transformers.AutoTokenizer.from_pretrained(bpe_dir)
     model = transformers.GPT2LMHeadModel.from_pretrained(bpe_dir).eval()
-    correct = correct_norm = disagree = 0
+    preds, preds_norm = [], []
     for ex in rows:
         ctx = tok.encode(ex["ctx"])
         sums, means = [], []
@@ -173,18 +174,26 @@ def test_same_predictions_as_transformers(bpe_dir, tmp_path, capsys):
             nll = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][len(ctx) - 1:]
             sums.append(nll.sum().item())
             means.append(nll.mean().item())
-        pred, pred_norm = sums.index(min(sums)), means.index(min(means))
-        correct += pred == ex["label"]
-        correct_norm += pred_norm == ex["label"]
-        disagree += pred != pred_norm
-    assert disagree > 0  # the file exercises both choices
+        preds.append(sums.index(min(sums)))
+        preds_norm.append(means.index(min(means)))
+    assert preds != preds_norm  # the file exercises both choices
+    labels = [ex["label"] for ex in rows]
     assert (result["correct"], result["correct_norm"], result["examples"]) == (
-        correct, correct_norm, 24)
+        sum(p == y for p, y in zip(preds, labels)), sum(p == y for p, y in zip(preds_norm, labels)), 24)
     # ... and example by example, through the Python API
     gpt, _ = load_model(bpe_dir)
     items = hs.render_examples([hs._example(d, "x") for d in rows], 64)
     r = hs.score(gpt, items, batch_size=3)
-    assert r.correct == correct and r.correct_norm == correct_norm
+    assert (r.preds, r.preds_norm) == (preds, preds_norm)
+
+
+def test_cropping_is_noted_in_one_line(bpe_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "long.jsonl", example_dicts(3, seed=4, ctx_words=(70, 80)))
+    assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(bpe_dir), "--data", str(data)) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and "| 3 examples |" in captured.out
+    assert captured.err == ("note: 12 of 12 rows (context + ending) were longer than the model's "
+                            "context and were cropped from the left\n")
 
 
 # ----------------------------------------------------------------------------------------------
