@@ -129,7 +129,7 @@ def test_rows_are_cropped_from_the_left_to_fit_the_context():
 def test_batching_and_padding_do_not_change_a_real_models_choices(tmp_path):
     model = tiny_bpe(1)
     items = hs.render_examples(
-        [hs._example(d, "x") for d in example_dicts(12, seed=3, ctx_words=(2, 70))], 64)
+        [hs.parse_example(d, "x") for d in example_dicts(12, seed=3, ctx_words=(2, 70))], 64)
     assert sum(it.cropped for it in items) > 0  # some rows longer than the context
     one = hs.score(model, items, batch_size=1)
     for kw in (dict(batch_size=5), dict(batch_size=12), dict(batch_size=12, max_tokens=600)):
@@ -182,7 +182,7 @@ def test_same_predictions_as_transformers(bpe_dir, tmp_path, capsys):
         sum(p == y for p, y in zip(preds, labels)), sum(p == y for p, y in zip(preds_norm, labels)), 24)
     # ... and example by example, through the Python API
     gpt, _ = load_model(bpe_dir)
-    items = hs.render_examples([hs._example(d, "x") for d in rows], 64)
+    items = hs.render_examples([hs.parse_example(d, "x") for d in rows], 64)
     r = hs.score(gpt, items, batch_size=3)
     assert (r.preds, r.preds_norm) == (preds, preds_norm)
 

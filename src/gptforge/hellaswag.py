@@ -88,7 +88,7 @@ def _label(value: Any) -> int | None:
     return None
 
 
-def _example(obj: Any, where: str) -> Example:
+def parse_example(obj: Any, where: str) -> Example:
     """One parsed JSON line -> Example, or one line saying what is wrong with it."""
     if not isinstance(obj, dict):
         raise GptforgeError(f"{where}: expected a JSON object with ctx, endings and label, "
@@ -145,7 +145,7 @@ def read_examples(path: str, limit: int = 0, option: str = "--data") -> list[Exa
                 except json.JSONDecodeError as e:
                     raise GptforgeError(f"{where} is not valid JSON ({e.msg} at column {e.colno}): "
                                         "each line must be one HellaSwag example") from None
-                examples.append(_example(obj, where))
+                examples.append(parse_example(obj, where))
                 if limit and len(examples) == limit:
                     break
     except OSError as e:
