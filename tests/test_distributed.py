@@ -182,16 +182,25 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from gptforge.distributed import DistEnv, shutdown
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    env = DistEnv(rank=rank, world_size=world)
+    _two_ddp_steps(env, out_dir)
+    # As train() does: the DDP module is gone (it holds the process group) and the ranks meet
+    # before the group is torn down; otherwise gloo can abort a rank at exit.
+    shutdown(env)
+
+
+def _two_ddp_steps(env, out_dir: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from gptforge import GPT, GPTConfig
-    from gptforge.distributed import DistEnv, grad_sync, mean_over_ranks, wrap_model
+    from gptforge.distributed import grad_sync, mean_over_ranks, wrap_model
     from gptforge.train import train_step
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50))
-    env = DistEnv(rank=rank, world_size=world)
     ddp = wrap_model(model, env, "ddp")
     reduced: list[int] = []  # the index of every gradient bucket all-reduced
 
@@ -201,7 +210,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     ddp.register_comm_hook(dist.group.WORLD, counting_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # look at the gradients only
-    g = torch.Generator().manual_seed(100 + rank)
+    g = torch.Generator().manual_seed(100 + env.rank)
     batches = [(torch.randint(0, 50, (4, 16), generator=g), torch.randint(0, 50, (4, 16), generator=g))
                for _ in range(4)]
     it = iter(batches)
@@ -214,8 +223,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         per_step.append(reduced[before:])
     torch.save({"per_step": per_step, "batches": batches,
                 "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
-               f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+               f"{out_dir}/rank{env.rank}.pt")
 
 
 def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):

@@ -14,6 +14,7 @@ RANK = {
     "tokenizer": 2, "metrics": 2,
     "data": 3, "model": 3, "device": 3,
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
+    "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
     "train": 6, "generate": 6, "report": 6, "evaluate": 6, "export": 6,
     "bench": 7,

@@ -202,7 +202,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from gptforge.evaluate import evaluate_path
 
-    result, what = evaluate_path(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
+    if args.task == "hellaswag":
+        return eval_hellaswag(args)
+    if not args.data:
+        raise GptforgeError("--data is required with --task loss: give a prepared directory or a "
+                            "UTF-8 text file")
+    if args.limit:
+        raise GptforgeError("--limit applies to --task hellaswag only: leave it out")
+    result, what = evaluate_path(args.ckpt, args.data, split=args.split or "val",
+                                 batch_size=args.batch_size,
                                  seq_len=args.seq_len, device=args.device, progress=True)
     tail = f" + 1 of {result.tail}" if result.tail else ""
     print(f"{what}: loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | "
@@ -210,6 +218,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{result.wall_s:.1f}s")
     if args.json:
         record = {"checkpoint": args.ckpt, "data": args.data, "what": what, **result.to_dict()}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def eval_hellaswag(args: argparse.Namespace) -> int:
+    """``gptforge eval --task hellaswag``: one result line, a note on stderr if rows were cropped."""
+    import json
+
+    from gptforge.evaluate import evaluate_hellaswag_path
+
+    for option, given in (("--split", args.split is not None), ("--seq-len", args.seq_len != 0)):
+        if given:
+            raise GptforgeError(f"{option} applies to --task loss only: leave it out with "
+                                "--task hellaswag")
+    result, path = evaluate_hellaswag_path(args.ckpt, args.data, limit=args.limit,
+                                           batch_size=args.batch_size, device=args.device,
+                                           progress=sys.stderr.isatty())
+    if result.cropped:
+        print(f"note: {result.cropped:,} of {result.rows:,} rows (context + ending) were longer "
+              "than the model's context and were cropped from the left", file=sys.stderr)
+    print(f"hellaswag: acc {result.acc:.4f} | acc_norm {result.acc_norm:.4f} | "
+          f"{result.examples:,} examples | {result.tok_per_s:,.0f} tok/s | {result.wall_s:.1f}s")
+    if args.json:
+        record = {"task": "hellaswag", **result.summary(), "checkpoint": args.ckpt, "data": path}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -330,19 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
     ep.set_defaults(func=cmd_export)
 
-    evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file",
+    evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file, or HellaSwag",
                          description="Score every token of a prepared split or a text file "
-                                     "(consecutive windows; not a sampled estimate).")
+                                     "(consecutive windows; not a sampled estimate), or, with "
+                                     "--task hellaswag, HellaSwag's acc and acc_norm.")
     evp.add_argument("--ckpt", required=True, metavar="PATH",
                      help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
-    evp.add_argument("--data", required=True, metavar="DIR|FILE",
-                     help="prepared data directory (from gptforge prepare) or a UTF-8 text file")
-    evp.add_argument("--split", default="val", choices=["val", "train"],
+    evp.add_argument("--task", default="loss", choices=["loss", "hellaswag"],
+                     help="loss: loss and perplexity of --data; hellaswag: HellaSwag, completion "
+                          "style as llm.c and build-nanogpt score it (default: loss)")
+    evp.add_argument("--data", metavar="DIR|FILE",
+                     help="prepared data directory (from gptforge prepare) or a UTF-8 text file; "
+                          "with --task hellaswag a HellaSwag .jsonl file (default there: the "
+                          "validation set, downloaded once and cached)")
+    evp.add_argument("--split", default=None, choices=["val", "train"],
                      help="split of a prepared directory (default: val)")
     evp.add_argument("--batch-size", type=int, default=4, metavar="N",
-                     help="windows per forward pass (default: 4)")
+                     help="windows per forward pass; with --task hellaswag, examples (of 4 rows) "
+                          "per forward pass (default: 4)")
     evp.add_argument("--seq-len", type=int, default=0, metavar="N",
                      help="tokens per window (default: the model's context)")
+    evp.add_argument("--limit", type=int, default=0, metavar="N",
+                     help="with --task hellaswag: score only the first N examples (default: all)")
     evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     evp.set_defaults(func=cmd_eval)

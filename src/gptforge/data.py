@@ -275,15 +275,20 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch_named_dataset(name: str, url: str | None = None, cache_dir: str | None = None) -> str:
-    """Path of a verified local copy of the named dataset, downloading it once into the cache."""
-    ds = NAMED_DATASETS[name]
+def fetch_named_dataset(
+    name_or_ds: str | NamedDataset, url: str | None = None, cache_dir: str | None = None,
+    hint: str | None = None,
+) -> str:
+    """Path of a verified local copy of a dataset (registered name or a ``NamedDataset``),
+    downloading it once into the cache. ``hint`` ends a failure's message: how to get the file
+    and pass it to the command at hand (default: to ``gptforge prepare``)."""
+    ds = NAMED_DATASETS[name_or_ds] if isinstance(name_or_ds, str) else name_or_ds
     url = url or os.environ.get(ds.url_env) or ds.url
     path = os.path.join(cache_dir or default_cache_dir(), ds.filename)
     if os.path.isfile(path) and _file_sha256(path) == ds.sha256:
         return path
     base = os.path.basename(ds.filename)
-    hint = f"download {base} yourself and pass the file: gptforge prepare {base} --out DIR"
+    hint = hint or f"download {base} yourself and pass the file: gptforge prepare {base} --out DIR"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as e:

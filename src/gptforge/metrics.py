@@ -248,7 +248,8 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
 
 def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -> Path:
     """One PNG comparing runs: loss against steps and against tokens (train solid, val dashed),
-    learning rate, gradient norm and tokens/s against steps."""
+    learning rate, gradient norm and tokens/s against steps, and HellaSwag acc_norm (solid) and
+    acc (dotted) against steps where a run has them."""
     try:
         import matplotlib
     except ImportError:
@@ -271,7 +272,12 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
             raise GptforgeError(f"{path} is empty: the run has not logged a step yet")
         series.append((Path(run).name or str(run), records))
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    # A run that scored HellaSwag (train.hellaswag_interval) gets a third row: acc_norm and acc.
+    hellaswag = any(_is_num(r.get("hellaswag_acc_norm")) for _, records in series for r in records)
+    n_rows = 3 if hellaswag else 2
+    fig = plt.figure(figsize=(16, 4.5 * n_rows), constrained_layout=True)
+    grid = fig.add_gridspec(n_rows, 3)
+    axes = {(r, c): fig.add_subplot(grid[r, c]) for r in range(2) for c in range(3)}
     panels = [
         (axes[0, 0], "step", "loss", "loss", "loss vs steps"),
         (axes[0, 1], "tokens", "loss", "loss", "loss vs tokens"),
@@ -279,20 +285,27 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
         (axes[1, 1], "step", "norm", "gradient norm (before clipping)", "gradient norm"),
         (axes[1, 2], "step", "tok_per_s", "tokens / s", "throughput"),
     ]
+    if hellaswag:
+        panels.append((fig.add_subplot(grid[2, :]), "step", "hellaswag_acc_norm", "accuracy",
+                       "HellaSwag: acc_norm (solid), acc (dotted)"))
+    # the series drawn second in a panel: key, line style, label
+    second = {"loss": ("val_loss", "--", "val"), "hellaswag_acc_norm": ("hellaswag_acc", ":", "acc")}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, records) in enumerate(series):
         color = colors[i % len(colors)]
         for ax, xkey, ykey, _, _ in panels:
             pts = [(r[xkey], r[ykey]) for r in records if _is_num(r.get(xkey)) and _is_num(r.get(ykey))]
+            sparse = ykey.startswith("hellaswag")  # a point per evaluation, not per step
             if pts:
-                ax.plot(*zip(*pts), color=color, label=f"{name} train" if ykey == "loss" else name,
-                        linewidth=1.2)
-            if ykey == "loss":
-                val = [(r[xkey], r["val_loss"]) for r in records
-                       if _is_num(r.get(xkey)) and _is_num(r.get("val_loss"))]
-                if val:
-                    ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3,
-                            label=f"{name} val")
+                ax.plot(*zip(*pts), color=color, label={"loss": f"{name} train"}.get(ykey, name),
+                        linewidth=1.2, marker="o" if sparse else None, markersize=3)
+            if ykey in second:
+                key, style, label = second[ykey]
+                more = [(r[xkey], r[key]) for r in records
+                        if _is_num(r.get(xkey)) and _is_num(r.get(key))]
+                if more:
+                    ax.plot(*zip(*more), color=color, linestyle=style, marker="o", markersize=3,
+                            label=f"{name} {label}")
     for ax, xkey, _, ylabel, title in panels:
         ax.set_title(title)
         ax.set_xlabel("tokens" if xkey == "tokens" else "step")

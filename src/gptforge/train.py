@@ -79,6 +79,8 @@ from gptforge.distributed import (
     wrap_model,
 )
 from gptforge.errors import GptforgeError
+from gptforge.hellaswag import HellaSwagResult, load_rendered
+from gptforge.hellaswag import score as score_hellaswag
 from gptforge.metrics import (
     RUN_FILE,
     MetricsLog,
@@ -553,6 +555,12 @@ def _train(
     accum = grad_accum_steps(tc, env.world_size)
     loader = TokenLoader(train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
                          seed=tc.seed, rank=env.rank, world_size=env.world_size)
+    # HellaSwag's examples, read and tokenized once; a bad file stops every rank here, before
+    # any collective and before the run directory is written
+    hellaswag_items = load_rendered(
+        tc.hellaswag_data or None, meta["tokenizer"], cfg.model.block_size,
+        what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
+    )[0] if tc.hellaswag_interval else []
     amp_dtype = pick_autocast_dtype(device, tc.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for what autocast leaves in fp32
@@ -681,6 +689,19 @@ def _train(
                              tc.eval_max_batches, shard=eval_shard,
                              reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
 
+    def hellaswag() -> HellaSwagResult:
+        """As validate(): the uncompiled module; under DDP each rank a share of the batches, which
+        hold at most a training micro-batch's tokens."""
+        return score_hellaswag(eval_model, hellaswag_items, batch_size=len(hellaswag_items),
+                               max_tokens=tc.batch_size * tc.seq_len, device=device, amp=amp,
+                               shard=eval_shard,
+                               reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
+
+    def log_hellaswag(at_step: int, hs: HellaSwagResult) -> dict[str, float]:
+        log(f"step {at_step:5d} | hellaswag acc: {hs.acc:.4f} | acc_norm: {hs.acc_norm:.4f} "
+            f"({hs.examples:,} examples, {hs.wall_s:.1f}s)")
+        return {"hellaswag_acc": hs.acc, "hellaswag_acc_norm": hs.acc_norm}
+
     def write_metrics(**fields: Any) -> None:
         if metrics is not None:
             metrics.write(**fields)
@@ -694,6 +715,7 @@ def _train(
     next_batch = _device_batches(loader, device)
     wrapped.train()
     last_loss, val_loss, ckpt_path = float("nan"), None, None
+    hs: HellaSwagResult | None = None
     stopped_by = "max_steps"
     saved_step = first_step = step  # a resumed run's starting point is already on disk
     progress = Progress(tc.max_steps, step, enabled=env.is_main, target_loss=tc.target_loss)
@@ -722,12 +744,15 @@ def _train(
                 val_loss = None
                 if tc.eval_interval and step % tc.eval_interval == 0:
                     val_loss = validate()
+                hs = None
+                if tc.hellaswag_interval and step % tc.hellaswag_interval == 0:
+                    hs = hellaswag()
                 reached_target = tc.target_loss > 0 and result.loss < tc.target_loss
                 reached_val = (tc.target_val_loss > 0 and val_loss is not None
                                and val_loss < tc.target_val_loss)
                 stopping = any_rank(bool(stop), env)  # a signal may reach one rank first
                 last = step >= tc.max_steps or reached_target or reached_val or stopping
-                if done_step % tc.log_interval == 0 or last or val_loss is not None:
+                if done_step % tc.log_interval == 0 or last or val_loss is not None or hs is not None:
                     tok_per_s = tc.total_batch_tokens / dt
                     if done_step % tc.log_interval == 0 or last:
                         log(format_step(done_step, result.loss, lr, result.norm, dt * 1000, tok_per_s))
@@ -737,6 +762,8 @@ def _train(
                                   dt_ms=dt * 1000, tok_per_s=tok_per_s, tokens=tokens_seen)
                     if val_loss is not None:
                         fields["val_loss"] = val_loss
+                    if hs is not None:
+                        fields.update(log_hellaswag(done_step, hs))
                     write_metrics(**fields)
                 if tc.save_interval and step % tc.save_interval == 0 and not last:
                     ckpt_path = save(result.loss, val_loss)
@@ -762,6 +789,10 @@ def _train(
                 if val_loss is not None:
                     log(f"step {step - 1:5d} | val loss: {val_loss:.6f}")
                     write_metrics(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
+            if (tc.hellaswag_interval and hs is None and step > 0
+                    and stopped_by in ("max_steps", "target_loss", "target_val_loss")):
+                write_metrics(step=step - 1, tokens=tokens_seen,
+                              **log_hellaswag(step - 1, hellaswag()))
             if step != saved_step and step > 0:
                 ckpt_path = save(last_loss, val_loss, stopped_by)
     except BaseException as e:
