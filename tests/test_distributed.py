@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from test_checkpoint import weights
 
 from gptforge.checkpoint import load_checkpoint
