@@ -184,6 +184,7 @@ def bench(
     plain: bool = False,
     peak_seconds: float = 2.0,
     data: str | None = None,
+    bucket_mb: int = 25,
 ) -> BenchResult:
     """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape or
     ``compile`` means train's default on the device. Under torchrun, a DDP job (rank 0's result
@@ -191,14 +192,14 @@ def bench(
     env = init_distributed(device, 900)
     try:
         return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
-                      peak_seconds, data)
+                      peak_seconds, data, bucket_mb)
     finally:
         shutdown(env)
 
 
 def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
            warmup: int, dtype: str, compile: bool | None, plain: bool, peak_seconds: float,
-           data: str | None) -> BenchResult | None:
+           data: str | None, bucket_mb: int) -> BenchResult | None:
     dev = env.device
     cuda = dev.type == "cuda"
     batch_size = batch_size or (64 if cuda else 16)
@@ -222,7 +223,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
                                       betas=(optim.beta1, optim.beta2))
     else:
         optimizer = build_optimizer(model, optim, dev.type, shard=(env.rank, env.world_size))
-    wrapped = wrap_model(model, env, "ddp", compile=compile, amp_dtype=amp_dtype)
+    wrapped = wrap_model(model, env, "ddp", compile=compile, amp_dtype=amp_dtype, bucket_mb=bucket_mb)
     tokens_needed = (steps + max(1, warmup)) * batch_size * seq_len * env.world_size + 1
     loader = TokenLoader(_token_source(data, cfg.vocab_size, max(tokens_needed, 1 << 20)),
                          batch_size, seq_len, rank=env.rank, world_size=env.world_size)

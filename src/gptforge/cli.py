@@ -175,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise GptforgeError("--compare runs one process: leave out --nproc for it")
         return launch_torchrun(args.nproc, args.argv)
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
-                   args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data)
+                   args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
+                   args.ddp_bucket_mb)
     if result is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports for the job
     results = [result]
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batches from this prepared directory's train split (default: random tokens)")
     bp.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="benchmark DDP with N processes on this machine (launches torchrun)")
+    bp.add_argument("--ddp-bucket-mb", type=int, default=25, metavar="MB",
+                    help="DDP gradient bucket size, as train.ddp_bucket_mb")
     bp.add_argument("--plain", action="store_true",
                     help="the baseline: fp32, eager, default allocator, default AdamW")
     bp.add_argument("--compare", action="store_true",
