@@ -155,8 +155,13 @@ class MuonAdamW(torch.optim.Optimizer):
             update = self._orthogonalize(stack, group["ns_steps"])
             scale = lr * max(1.0, rows / cols) ** 0.5
             for (p, _), u in zip(items, update):
-                new = p * (1.0 - lr * wd) - scale * u.to(p.dtype)
-                p.copy_(new if skip is None else torch.where(skip, p, new))
+                if skip is None:
+                    if wd:
+                        p.mul_(1.0 - lr * wd)
+                    p.add_(u.to(p.dtype), alpha=-scale)
+                else:  # the same arithmetic, kept only where the step is not skipped
+                    new = p.mul(1.0 - lr * wd) if wd else p
+                    p.copy_(torch.where(skip, p, new.add(u.to(p.dtype), alpha=-scale)))
 
     def _orthogonalize(self, stack: torch.Tensor, steps: int) -> torch.Tensor:
         """orthogonalize(stack), the work shared between ranks: under DDP every rank holds the
