@@ -37,7 +37,7 @@ from gptforge.checkpoint import (
     save_checkpoint,
 )
 from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
-from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
+from gptforge.data import TokenLoader, iter_eval_batches, load_meta, load_split
 from gptforge.device import autocast, keep_freed_memory, pick_autocast_dtype
 from gptforge.distributed import (
     DistEnv,
@@ -345,8 +345,8 @@ def train(
     check_run_dir(run_dir, resuming=resume is not None)
     if tc.tensorboard:
         require_tensorboard()
-    train_tokens = read_shard(Path(cfg.data.path) / "train.bin")
-    val_tokens = read_shard(Path(cfg.data.path) / "val.bin") if meta["val_tokens"] > 0 else None
+    train_tokens = load_split(cfg.data.path, "train")
+    val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
 
     # 2. processes, device and precision
     if tc.keep_freed_memory:
