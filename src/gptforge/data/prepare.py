@@ -505,8 +505,8 @@ def _tokenize(run: _Run, sources: list[Source], tok: Tokenizer, opt: Options, ru
                     break
             i, piece = batch[-1]
             bar.update(writer.file_start + piece.done - bar.n)
-            bar.set_postfix_str(f"{writer.total():,} tokens, {writer.docs:,} documents",
-                                refresh=False)
+            bar.set_postfix_str(f"{tqdm.format_sizeof(writer.total())} tokens, "
+                                f"{tqdm.format_sizeof(writer.docs)} documents", refresh=False)
             if not going:
                 break
         writer.finish(stopped=not going)
@@ -626,8 +626,13 @@ def _char_tokenizer(sources: list[Source], opt: Options, show: bool) -> CharToke
 
 def _bar(total: int, desc: str, show: bool) -> tqdm:
     """Bytes read, MB/s and ETA; tokens and documents go in its postfix."""
+    # A terminal that reports 0 x 0 (a bare pty) would hide the bar: get_terminal_size's
+    # fallback (80 x 24) is used instead.
+    size = shutil.get_terminal_size()
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
-                disable=not show, dynamic_ncols=True)
+                disable=not show, ncols=size.columns, nrows=size.lines,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B {rate_fmt} "
+                           "ETA {remaining}{postfix}")
 
 
 def _meta(run: _Run, sources: list[Source], tok: dict[str, Any], opt: Options, rule: str
@@ -695,7 +700,8 @@ def prepare(
     """
     t0 = time.perf_counter()
     out = os.fspath(out)
-    opt = Options(tokenizer, val_fraction, seed, shard_tokens or DEFAULT_SHARD_TOKENS, max_tokens,
+    opt = Options(tokenizer, val_fraction, seed,
+                  DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens, max_tokens,
                   format, text_field, errors)
     opt.check()
     if workers is None:

@@ -104,12 +104,13 @@ def _format_of(path: str, forced: str | None) -> tuple[str, str | None]:
 
 
 def _walk(directory: str) -> list[str]:
-    """Files under directory, recursively, in sorted order, hidden files and directories skipped."""
+    """Files under directory, recursively, sorted by path (a/z.txt before b.txt), hidden files
+    and directories skipped."""
     found = []
     for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-    return found
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
+    return sorted(found, key=lambda p: os.path.relpath(p, directory).split(os.sep))
 
 
 def expand_inputs(
