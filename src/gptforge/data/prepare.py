@@ -60,6 +60,7 @@ from tqdm import tqdm
 from gptforge.data.shards import (
     DATA_FORMAT,
     HEADER_BYTES,
+    TOKEN_BYTES,
     TOKEN_DTYPE,
     ShardWriter,
     TokenStream,
@@ -237,7 +238,7 @@ class _Split:
         keep = max(0, tokens - committed)
         path = self._path(len(shards))
         if keep and not (os.path.exists(path + ".partial")
-                         and os.path.getsize(path + ".partial") >= HEADER_BYTES + 2 * keep):
+                         and os.path.getsize(path + ".partial") >= HEADER_BYTES + TOKEN_BYTES * keep):
             raise GptforgeError(
                 f"{path}.partial is shorter than the interrupted prepare recorded: pass --force "
                 "to start over"
@@ -246,6 +247,11 @@ class _Split:
 
     def _path(self, index: int) -> str:
         return os.path.join(self.staging, _shard_name(self.name, index))
+
+    def start_next(self) -> None:
+        """A new, empty shard to fill, after the complete ones."""
+        path = self._path(len(self.shards))
+        self.writer = ShardWriter(path, path + ".partial")
 
     def append(self, tokens: np.ndarray, on_full: Any) -> None:
         self.tokens += len(tokens)
@@ -284,9 +290,8 @@ class _Split:
 class _Run:
     """The output directory of one prepare: its staging area, its state, its splits."""
 
-    def __init__(self, out: str, args: dict[str, Any]) -> None:
+    def __init__(self, out: str) -> None:
         self.out = out
-        self.args = args
         self.staging = os.path.join(out, STAGING)
         self.state_path = os.path.join(self.staging, "state.json")
         self.state: dict[str, Any] = {}
@@ -408,16 +413,20 @@ class _Writer:
         self.threshold = _val_threshold(opt.val_fraction)
         self.file_start = sum(s.bytes for s in sources[: ck["file"]])  # progress: bytes before
         self.file = ck["file"]
-        self.piece_start: dict[str, Any] = ck  # the checkpoint a shard filled now would record
+        # Where the current piece started, with every counter there: what a shard filled
+        # during this piece records as its checkpoint (kept small: it changes every piece).
+        self.piece_start: tuple[Any, ...] | None = None
 
     def total(self) -> int:
         return self.splits["train"].tokens + self.splits["val"].tokens
 
-    def _checkpoint(self, i: int, piece: Piece) -> dict[str, Any]:
+    def _checkpoint(self) -> dict[str, Any]:
+        assert self.piece_start is not None
+        i, resume, docs, empty, counts = self.piece_start
         return {
-            "file": i, "resume": list(piece.resume), "docs": self.docs, "empty": self.empty,
-            "splits": {n: {"tokens": s.tokens, "docs": s.docs} for n, s in self.splits.items()},
-            "sha256": list(self.hashes),  # of files 0 .. i-1, read to their end
+            "file": i, "resume": list(resume), "docs": docs, "empty": empty,
+            "splits": {n: {"tokens": t, "docs": d} for n, (t, d) in zip(self.splits, counts)},
+            "sha256": list(self.hashes),  # of files 0 .. i-1 (a piece never spans two files)
             "bytes": self.file_start,
         }
 
@@ -427,11 +436,10 @@ class _Writer:
         for s in self.splits.values():
             if s is not split:
                 s.flush()  # what the checkpoint says they hold must be in the OS's hands first
-        self.run.state["checkpoint"] = self.piece_start
+        self.run.state["checkpoint"] = self._checkpoint()
         self.run.save()
         os.replace(tmp, os.path.join(self.run.staging, entry["file"]))
-        path = split._path(len(split.shards))
-        split.writer = ShardWriter(path, path + ".partial")
+        split.start_next()
 
     def write(self, i: int, piece: Piece, tokens: np.ndarray) -> bool:
         """Add one piece's tokens; False once max_tokens is reached."""
@@ -445,7 +453,8 @@ class _Writer:
             self.docs += 1
             return True
         position = self.docs if piece.first else self.docs - 1
-        self.piece_start = self._checkpoint(i, piece)
+        self.piece_start = (i, piece.resume, self.docs, self.empty,
+                            [(s.tokens, s.docs) for s in self.splits.values()])
         split = self.splits["val" if self.rule == "documents" and _is_val(
             position, self.opt.seed, self.threshold) else "train"]
         if piece.first:
@@ -718,7 +727,7 @@ def prepare(
     rule = _val_rule(sources, val_fraction)
 
     # 2. what the output directory holds
-    run = _Run(out, args)
+    run = _Run(out)
     state = run.load() if os.path.isdir(run.staging) else None
     if os.path.isfile(os.path.join(out, "meta.json")):
         try:
