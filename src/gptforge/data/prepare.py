@@ -303,6 +303,7 @@ class _Run:
         _write_json(self.state_path, self.state, self.state_path + ".tmp")
 
     def load(self) -> dict[str, Any] | None:
+        """The state an unfinished run left, if any (and of this version)."""
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 state = json.load(f)
@@ -681,6 +682,71 @@ def _meta(run: _Run, sources: list[Source], tok: dict[str, Any], opt: Options, r
     }
 
 
+def _finished(run: _Run, args: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """The finished result in ``run.out`` if it is what ``args`` would make (and not ``force``);
+    refuses one made with other arguments unless ``force``."""
+    if not os.path.isfile(os.path.join(run.out, "meta.json")):
+        return None
+    try:
+        meta = load_meta(run.out)
+        old_args = _args_of_meta(meta)
+        why = _differs(old_args, args) if old_args else "written by an older gptforge"
+    except GptforgeError:
+        meta, old_args, why = None, None, "its meta.json cannot be read"
+    if meta is not None and old_args == args and not force:
+        state = run.load()
+        if state is None or state["args"] == args:
+            run.discard()  # what a run killed just after publishing left
+        return meta
+    if not force:
+        raise GptforgeError(
+            f"{run.out} already holds prepared data made with other arguments ({why}): pass "
+            "--force to replace it, or choose another --out"
+        )
+    return None
+
+
+def _start(run: _Run, args: dict[str, Any], force: bool) -> tuple[bool, list[str]]:
+    """Resume the unfinished run of the same arguments, or start afresh (an unfinished run of
+    other arguments only with ``force``). Returns (resumed, directories created)."""
+    state = run.load()
+    if state is not None and state["args"] != args and not force:
+        raise GptforgeError(
+            f"{run.out} holds an unfinished prepare with other arguments "
+            f"({_differs(state['args'], args)}): run that command again to finish it, or pass "
+            "--force to start over"
+        )
+    if state is not None and state["args"] == args:
+        run.state = state
+        if state["phase"] == "stream":
+            for split in ("train", "val"):
+                run.verify(state["shards"][split])
+        return True, []
+    created = []  # directories this call makes, removed again if its input turns out bad
+    d = os.path.abspath(run.out)
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    run.discard()
+    try:
+        os.makedirs(run.staging)
+    except OSError as e:
+        raise GptforgeError(
+            f"cannot create --out {run.out} ({e.strerror}): choose another directory"
+        ) from None
+    return False, created
+
+
+def _fresh_state(args: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any]:
+    nothing = {"tokens": 0, "docs": 0}
+    return {
+        "version": STATE_VERSION, "args": args, "tokenizer": tokenizer, "phase": "stream",
+        "shards": {"train": [], "val": []},
+        "checkpoint": {"file": 0, "resume": None, "docs": 0, "empty": 0, "sha256": [],
+                       "bytes": 0, "splits": {"train": dict(nothing), "val": dict(nothing)}},
+    }
+
+
 def prepare(
     inputs: list[str],
     out: str | os.PathLike[str],
@@ -726,66 +792,22 @@ def prepare(
     total_bytes = sum(s.bytes for s in sources)
     rule = _val_rule(sources, val_fraction)
 
-    # 2. what the output directory holds
+    # 2. what the output directory holds: this result already, an unfinished run, other data
     run = _Run(out)
-    state = run.load() if os.path.isdir(run.staging) else None
-    if os.path.isfile(os.path.join(out, "meta.json")):
-        try:
-            meta = load_meta(out)
-            old_args = _args_of_meta(meta)
-            why = _differs(old_args, args) if old_args else "written by an older gptforge"
-        except GptforgeError:
-            meta, old_args, why = None, None, "its meta.json cannot be read"
-        if meta is not None and old_args == args and not force:
-            if state is None or state["args"] == args:
-                run.discard()  # what a run killed just after publishing left
-            return {**meta, "run": {"status": "unchanged", "seconds": time.perf_counter() - t0,
+    finished = _finished(run, args, force)
+    if finished is not None:
+        return {**finished, "run": {"status": "unchanged", "seconds": time.perf_counter() - t0,
                                     "bytes_read": 0}}
-        if not force:
-            raise GptforgeError(
-                f"{out} already holds prepared data made with other arguments ({why}): pass "
-                "--force to replace it, or choose another --out"
-            )
-    if state is not None and state["args"] != args and not force:
-        raise GptforgeError(
-            f"{out} holds an unfinished prepare with other arguments ({_differs(state['args'], args)}):"
-            " run that command again to finish it, or pass --force to start over"
-        )
-    resumed = state is not None and state["args"] == args
-    created = []  # directories this call makes, removed again if its input turns out bad
-    if not resumed:
-        d = os.path.abspath(out)
-        while not os.path.exists(d):
-            created.append(d)
-            d = os.path.dirname(d)
-        run.discard()
-        try:
-            os.makedirs(run.staging)
-        except OSError as e:
-            raise GptforgeError(
-                f"cannot create --out {out} ({e.strerror}): choose another directory"
-            ) from None
+    resumed, created = _start(run, args, force)
 
     show = progress and sys.stderr.isatty()  # a bar on a terminal; in a pipe, nothing
     try:
-        if resumed:
-            run.state = state  # type: ignore[assignment]
-            tok_dict = run.state["tokenizer"]
-            if run.state["phase"] == "stream":
-                for split in ("train", "val"):
-                    run.verify(run.state["shards"][split])
-        else:
+        if not resumed:
             tok_dict = (_char_tokenizer(sources, opt, show) if tokenizer == "char"
                         else get_tokenizer(tokenizer)).to_dict()
-            run.state = {
-                "version": STATE_VERSION, "args": args, "tokenizer": tok_dict, "phase": "stream",
-                "shards": {"train": [], "val": []},
-                "checkpoint": {"file": 0, "resume": None, "docs": 0, "empty": 0, "sha256": [],
-                               "bytes": 0, "splits": {"train": {"tokens": 0, "docs": 0},
-                                                      "val": {"tokens": 0, "docs": 0}}},
-            }
+            run.state = _fresh_state(args, tok_dict)
             run.save()
-        tok = tokenizer_from_dict(tok_dict)
+        tok = tokenizer_from_dict(run.state["tokenizer"])
         bytes_before = run.state["checkpoint"]["bytes"]
 
         # 3, 4. tokenize into the splits
@@ -803,7 +825,7 @@ def prepare(
 
         # 6. publish
         if "meta" not in run.state:
-            run.state["meta"] = _meta(run, sources, tok_dict, opt, rule)
+            run.state["meta"] = _meta(run, sources, run.state["tokenizer"], opt, rule)
             run.state["replaces"] = _old_result(out)
             run.save()
         _publish(run)
