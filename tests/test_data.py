@@ -412,6 +412,29 @@ def test_download_wrong_checksum_not_cached(tmp_path, offline_env):
     assert tree(cache) == {} and not (tmp_path / "out").exists()
 
 
+def test_fetch_a_dataset_of_ones_own(tmp_path, offline_env):
+    """fetch_named_dataset also takes a NamedDataset that is not in NAMED_DATASETS."""
+    served = tmp_path / "www"
+    served.mkdir()
+    write(served / "input.txt", "some evaluation data\n")
+    ds = data.NamedDataset(url="unused", sha256=hashlib.sha256(b"some evaluation data\n").hexdigest(),
+                           filename="mine/input.txt", url_env="GPTFORGE_TEST_MINE_URL", title="Mine")
+    server = _Server(served)
+    try:
+        path = data.fetch_named_dataset(ds, url=server.url, cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.stop()
+    assert path == str(tmp_path / "cache" / "mine" / "input.txt")
+    assert data.fetch_named_dataset(ds, cache_dir=str(tmp_path / "cache")) == path  # cached
+    bad = data.NamedDataset(**{**ds.__dict__, "sha256": "0" * 64, "filename": "bad/input.txt"})
+    server = _Server(served)
+    try:
+        with pytest.raises(GptforgeError, match="the Mine downloaded from .* has sha256"):
+            data.fetch_named_dataset(bad, url=server.url, cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.stop()
+
+
 def test_download_unreachable_one_line(tmp_path, offline_env, monkeypatch):
     url = "http://127.0.0.1:1/input.txt"
     monkeypatch.setenv("GPTFORGE_SHAKESPEARE_URL", url)  # the mirror variable is honoured

@@ -614,6 +614,33 @@ def test_a_late_bad_line_leaves_older_data_as_it_was(tmp_path, capsys):
     assert files(out) == before and not (out / ".prepare").exists()
 
 
+def test_unreadable_file(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", make_docs(5))
+
+    def denied(file, *a, **k):
+        if str(file) == path:
+            raise PermissionError(13, "Permission denied")
+        return open(file, *a, **k)
+
+    monkeypatch.setattr(sources, "open", denied, raising=False)  # root may read anything
+    assert run_cli("prepare", path, "--out", str(tmp_path / "out")) == 2
+    assert f"cannot read {path} (Permission denied)" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_output_inside_an_input_directory_is_not_read(tmp_path, gpt2):
+    docs = make_docs(5, empty=())
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(d, encoding="utf-8")
+    prepare([str(tmp_path)], tmp_path / "tokens", val_fraction=0, progress=False)
+    again = prepare([str(tmp_path)], tmp_path / "tokens", val_fraction=0, progress=False)
+    assert again["run"]["status"] == "unchanged" and len(again["sources"]) == 5
+    assert tokens_of(tmp_path / "tokens") == joined(docs, gpt2)
+    os.remove(tmp_path / "tokens" / "train-000000.bin")
+    with pytest.raises(GptforgeError, match="missing or not what meta.json lists: pass --force"):
+        prepare([str(tmp_path)], tmp_path / "tokens", val_fraction=0, progress=False)
+
+
 def test_missing_extras_say_what_to_install(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.parquet").write_bytes(b"PAR1")
     (tmp_path / "b.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")

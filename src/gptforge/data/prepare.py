@@ -694,6 +694,14 @@ def _finished(run: _Run, args: dict[str, Any], force: bool) -> dict[str, Any] | 
     except GptforgeError:
         meta, old_args, why = None, None, "its meta.json cannot be read"
     if meta is not None and old_args == args and not force:
+        for split in ("train", "val"):  # cheap: sizes and headers, not sha256
+            for e in split_shards(meta, split):
+                path = os.path.join(run.out, e["file"])
+                if not os.path.isfile(path) or shard_count(path) != e["tokens"]:
+                    raise GptforgeError(
+                        f"{path} is missing or not what meta.json lists: pass --force to "
+                        "prepare the data again"
+                    )
         state = run.load()
         if state is None or state["args"] == args:
             run.discard()  # what a run killed just after publishing left
@@ -787,7 +795,7 @@ def prepare(
         raise GptforgeError(f"output {out} exists and is not a directory: choose another --out")
 
     # 1. the files, and what identifies this run
-    sources = expand_inputs(inputs, format, url, cache_dir)
+    sources = expand_inputs(inputs, format, url, cache_dir, out)
     args = {"options": asdict(opt), "inputs": [s.identity() for s in sources]}
     total_bytes = sum(s.bytes for s in sources)
     rule = _val_rule(sources, val_fraction)

@@ -103,22 +103,25 @@ def _format_of(path: str, forced: str | None) -> tuple[str, str | None]:
     return fmt, compression
 
 
-def _walk(directory: str) -> list[str]:
+def _walk(directory: str, skip: str | None = None) -> list[str]:
     """Files under directory, recursively, sorted by path (a/z.txt before b.txt), hidden files
-    and directories skipped."""
+    and directories skipped, and the directory ``skip`` (prepare's own output)."""
     found = []
     for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not (skip and os.path.realpath(os.path.join(root, d)) == skip)]
         found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
     return sorted(found, key=lambda p: os.path.relpath(p, directory).split(os.sep))
 
 
 def expand_inputs(
     inputs: list[str], forced_format: str | None = None, url: str | None = None,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, out: str | None = None,
 ) -> list[Source]:
     """The files ``inputs`` name, in order: files, directories (recursive, sorted, hidden files
-    skipped), glob patterns (sorted matches) and named datasets (fetched once, verified)."""
+    skipped), glob patterns (sorted matches) and named datasets (fetched once, verified). A
+    directory ``out`` (where the tokens go) is never read, even inside an input directory."""
+    skip = os.path.realpath(out) if out else None
     if not inputs:
         raise GptforgeError("no inputs given: gptforge prepare INPUT [INPUT ...] --out DIR")
     names: list[str] = []
@@ -126,7 +129,7 @@ def expand_inputs(
         if arg in NAMED_DATASETS and not os.path.exists(arg):
             names.append(arg)
         elif os.path.isdir(arg):
-            files = _walk(arg)
+            files = _walk(arg, skip)
             if not files:
                 raise GptforgeError(
                     f"directory {arg} has no files to read (hidden files are skipped): "
@@ -137,7 +140,7 @@ def expand_inputs(
             names.append(arg)
         elif glob.has_magic(arg):
             matches = sorted(glob.glob(arg, recursive=True))
-            files = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m])]
+            files = [f for m in matches for f in (_walk(m, skip) if os.path.isdir(m) else [m])]
             if not files:
                 raise GptforgeError(f"the pattern {arg} matches no files: check it")
             names.extend(files)
