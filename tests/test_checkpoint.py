@@ -24,7 +24,7 @@ from gptforge.checkpoint import (
     read_optimizer_state,
 )
 from gptforge.data import prepare
-from gptforge.metrics import read_metrics
+from gptforge.metrics import read_metrics, read_run_record
 from gptforge.model import GPT
 from gptforge.train import TrainingDiverged, train
 
@@ -45,9 +45,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def tree_digest(path: Path) -> str:
+    """Every file under path, but the run lock (it names whoever took it last)."""
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != ".lock":
             h.update(str(p.relative_to(path)).encode() + p.read_bytes())
     return h.hexdigest()
 
@@ -143,6 +144,8 @@ def test_sigterm_finishes_the_step_and_saves(char_data, tmp_path):
     assert "SIGTERM received" in out
     last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
     assert load_checkpoint(tmp_path / "run").step == last["step"] + 1
+    record = read_run_record(tmp_path / "run")
+    assert (record["status"], record["stopped_by"]) == ("stopped", "SIGTERM")
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch, capsys):
@@ -172,6 +175,30 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_pat
     assert code == 2 and "at step 5" in err and err.count("\n") == 1
 
 
+def test_a_nan_gradient_norm_stops_the_run(char_data, tmp_path, monkeypatch):
+    """The loss stays finite; only its gradient turns NaN (a bad backward, an overflow)."""
+    calls = {"n": 0}
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 5:  # 2 micro-steps per step: steps 0-4 are fine
+                loss.register_hook(lambda g: g * float("nan"))
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    cfg = tiny_cfg(char_data, "train.max_steps=20", "train.save_interval=2", "train.total_batch_tokens=512",
+                   "train.log_interval=1")
+    with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 5"):
+        train(cfg, tmp_path / "run", log=quiet)
+    assert load_checkpoint(tmp_path / "run").step == 4
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
+    logged = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(logged) == 5 and all(isinstance(x, float) for x in logged)
+
+
 class Payload:
     """Unpickling this runs ``touch MARKER``."""
 
@@ -192,8 +219,15 @@ def test_a_pickle_payload_is_refused_without_running(char_data, tmp_path):
         with open(evil / name, "wb") as f:
             pickle.dump(Payload(marker), f)
         torch.save({"x": Payload(marker)}, evil / "extra.pt")  # never looked at either
+        with pytest.raises(CheckpointError, match="manifest says"):
+            load_checkpoint(evil)  # the manifest no longer matches ...
+        # ... and an attacker who rewrites the manifest too gets no further: safetensors refuses it.
+        manifest = json.loads((evil / "manifest.json").read_text())
+        manifest["files"][name] = {"bytes": (evil / name).stat().st_size,
+                                   "sha256": hashlib.sha256((evil / name).read_bytes()).hexdigest()}
+        (evil / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match="corrupt or truncated"):
-            c = load_checkpoint(evil)
+            c = load_checkpoint(evil, verify="sha256")
             build_model(c)  # reads model.safetensors
             read_optimizer_state(c)  # reads optimizer.safetensors
     assert not marker.exists()
@@ -238,7 +272,7 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     fails("train", "--out", str(run), "--resume", "--data", str(other),
           "--set", "train.max_steps=6", match="different tokenizer")
     # already finished
-    fails("train", "--out", str(run), "--resume", match="already at step 3")
+    fails("train", "--out", str(run), "--resume", match="reached train.max_steps=3 (step 3)")
     assert tree_digest(run) == before  # nothing was overwritten by any of the above
 
     # truncated weights, and corrupt JSON
@@ -247,8 +281,9 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     shutil.copytree(ckpt, broken)
     data_bytes = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data_bytes[: len(data_bytes) // 2])
-    fails("sample", "--ckpt", str(broken), match="corrupt or truncated")
+    fails("sample", "--ckpt", str(broken), match="bytes but its manifest says")
     shutil.copytree(ckpt, tmp_path / "badjson")
+    (tmp_path / "badjson" / "manifest.json").unlink()  # as a format-1 checkpoint, to reach the parser
     (tmp_path / "badjson" / "config.json").write_text("{not json")
     fails("sample", "--ckpt", str(tmp_path / "badjson"), match="config.json is corrupt")
     (tmp_path / "badjson" / "config.json").write_text('{"format_version": 99, "config": {}, "tokenizer": {}}')
@@ -256,5 +291,5 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     # resuming a truncated checkpoint leaves the run untouched
     shutil.copy(broken / "model.safetensors", ckpt / "model.safetensors")
     mid = tree_digest(run)
-    fails("train", "--out", str(run), "--resume", "--set", "train.max_steps=6", match="corrupt or truncated")
+    fails("train", "--out", str(run), "--resume", "--set", "train.max_steps=6", match="it is truncated")
     assert tree_digest(run) == mid

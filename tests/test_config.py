@@ -5,6 +5,7 @@ import pytest
 from gptforge.config import (
     RUN_PRESETS,
     ConfigError,
+    RunConfig,
     grad_accum_steps,
     parse_override,
     resolve,
@@ -44,9 +45,26 @@ def test_the_speedrun_is_the_same_task_with_its_own_recipe():
     assert run.train.eval_interval == 0  # one evaluation, at the end
 
 
+# What each preset is: (n_layer, n_head, n_embd, block_size), tokens per optimizer step, and
+# accumulation steps on one process. A new preset says here what it is.
+PRESET_FACTS = {
+    "gpt2-shakespeare": ((12, 12, 768, 1024), 4096, 4),
+    "shakespeare-char": ((4, 4, 128, 64), 768, 1),
+    "shakespeare-char-speedrun": ((2, 4, 64, 64), 2048, 1),
+    "gpt2-tiny": ((2, 2, 32, 64), 256, 1),
+    "gpt2-mini": ((4, 4, 128, 256), 2048, 1),
+}
+
+
 def test_every_preset_is_valid():
-    for name in RUN_PRESETS:
-        resolve(name, None, [])
+    assert set(PRESET_FACTS) == set(RUN_PRESETS)
+    for name, (shape, tokens, accum) in PRESET_FACTS.items():
+        cfg = resolve(name, None, [])
+        m, t, o = cfg.model, cfg.train, cfg.optim
+        assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == shape, name
+        assert t.total_batch_tokens == tokens and grad_accum_steps(t) == accum, name
+        assert t.seq_len <= m.block_size and o.warmup_steps < o.decay_steps <= 300_000, name
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg, name  # what a checkpoint stores reloads
 
 
 def test_dotted_overrides_are_typed_by_field():

@@ -1,5 +1,6 @@
 """torchrun on the CPU with gloo: DDP and FSDP2 equal one process, checkpoints cross over."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,11 +28,11 @@ COMMON = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.
 
 
 
-def gptforge(*args: str, nproc: int = 1, timeout: int = 180) -> subprocess.CompletedProcess:
+def gptforge(*args: str, nproc: int = 1, timeout: int = 180, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gptforge", "train", *args]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -53,13 +54,55 @@ def assert_close_runs(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+# Imported by every process the audited runs start (PYTHONPATH): records each file operation
+# under GPTFORGE_AUDIT_ROOT that changes something, in one log per torchrun rank.
+AUDIT_HOOK = """
+import os, sys
+root, log = os.environ.get("GPTFORGE_AUDIT_ROOT"), os.environ.get("GPTFORGE_AUDIT_LOG")
+if root and log and "RANK" in os.environ:
+    out = open(f"{log}.{os.environ['RANK']}", "a", buffering=1)
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    changing = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.link",
+                "os.truncate")
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            changes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & writes)
+        elif event in changing and args:
+            path, changes = args[0], True
+        else:
+            return
+        if changes and isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(root):
+            out.write(f"{event} {path}\\n")
+    sys.addaudithook(hook)
+"""
+
+
+def audited(tmp_path: Path, root: Path) -> tuple[dict, Path]:
+    """Environment for a run whose file writes under ``root`` are logged per rank."""
+    hooks = tmp_path / "audit-hook"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
+    log = tmp_path / f"audit-{root.name}"
+    return {"PYTHONPATH": f"{hooks}:{SRC}", "GPTFORGE_AUDIT_ROOT": str(root),
+            "GPTFORGE_AUDIT_LOG": str(log)}, log
+
+
+def assert_only_rank_0_wrote(log: Path) -> None:
+    rank0 = Path(f"{log}.0").read_text()
+    assert "metrics.jsonl" in rank0 and "checkpoints" in rank0 and "run.json" in rank0  # the hook works
+    assert Path(f"{log}.1").exists() and Path(f"{log}.1").read_text() == ""
+
+
 def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tmp_path):
     d = ["--data", str(char_data)]
     # reference: one process, 2 accumulation steps per optimizer step
     gptforge("--out", str(tmp_path / "one"), *d, *COMMON, "--set", "train.max_steps=8")
-    # DDP: 2 processes, 1 accumulation step each, the same global batch
-    gptforge("--out", str(tmp_path / "ddp"), *d, *COMMON, "--set", "train.max_steps=8", nproc=2)
+    # DDP: 2 processes, 1 accumulation step each, the same global batch; only rank 0 writes
+    env, log = audited(tmp_path, tmp_path / "ddp")
+    gptforge("--out", str(tmp_path / "ddp"), *d, *COMMON, "--set", "train.max_steps=8", nproc=2, env=env)
     assert_close_runs(tmp_path / "one", tmp_path / "ddp")
+    assert_only_rank_0_wrote(log)
     ckpt = load_checkpoint(tmp_path / "ddp")
     assert ckpt.trainer["world_size"] == 2 and len(ckpt.trainer["rng_ranks"]) == 2
     # DDP stopped at 4 and resumed with 2 ranks is bit-identical to DDP straight through
@@ -69,8 +112,10 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
     wa, wb = weights(tmp_path / "ddp"), weights(tmp_path / "ddp-resumed")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # FSDP: 2 processes, sharded; its checkpoints hold full weights with GPT-2 names
+    env, log = audited(tmp_path, tmp_path / "fsdp")
     gptforge("--out", str(tmp_path / "fsdp"), *d, *COMMON, "--set", "train.max_steps=4",
-             "--set", "train.parallel=fsdp", nproc=2)
+             "--set", "train.parallel=fsdp", nproc=2, env=env)
+    assert_only_rank_0_wrote(log)
     # ... and an FSDP checkpoint resumes in one process,
     gptforge("--out", str(tmp_path / "fsdp"), "--resume", "--set", "train.max_steps=8",
              "--set", "train.parallel=ddp")
@@ -130,3 +175,73 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
     step = load_checkpoint(run).step
     gptforge("--out", str(run), "--resume", "--set", f"train.max_steps={step + 2}", nproc=2)
     assert load_checkpoint(run).step == step + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient sync: once per optimizer step, not once per micro-step
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from gptforge.distributed import DistEnv, shutdown
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    env = DistEnv(rank=rank, world_size=world)
+    _two_ddp_steps(env, out_dir)
+    # As train() does: the DDP module is gone (it holds the process group) and the ranks meet
+    # before the group is torn down; otherwise gloo can abort a rank at exit.
+    shutdown(env)
+
+
+def _two_ddp_steps(env, out_dir: str) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from gptforge import GPT, GPTConfig
+    from gptforge.distributed import grad_sync, mean_over_ranks, wrap_model
+    from gptforge.train import train_step
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50))
+    ddp = wrap_model(model, env, "ddp")
+    reduced: list[int] = []  # the index of every gradient bucket all-reduced
+
+    def counting_hook(state, bucket):
+        reduced.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(dist.group.WORLD, counting_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # look at the gradients only
+    g = torch.Generator().manual_seed(100 + env.rank)
+    batches = [(torch.randint(0, 50, (4, 16), generator=g), torch.randint(0, 50, (4, 16), generator=g))
+               for _ in range(4)]
+    it = iter(batches)
+    per_step = []
+    for _ in range(2):  # 2 optimizer steps of 2 micro-steps each
+        before = len(reduced)
+        train_step(ddp, optimizer, lambda: next(it), 2, 0.0, contextlib.nullcontext,
+                   grad_sync=lambda last: grad_sync(ddp, env, "ddp", last),
+                   reduce_mean=lambda t: mean_over_ranks(t, env))
+        per_step.append(reduced[before:])
+    torch.save({"per_step": per_step, "batches": batches,
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
+               f"{out_dir}/rank{env.rank}.pt")
+
+
+def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    from gptforge import GPT, GPTConfig
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in results:
+        for buckets in res["per_step"]:
+            # every bucket exactly once per step; all-reducing on each micro-step would double it
+            assert buckets and sorted(buckets) == sorted(set(buckets)), res["per_step"]
+    # ... and the gradient is that of the mean loss over both ranks' last step (4 micro-batches)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50))
+    loss = sum(model(x, y)[1] for res in results for x, y in res["batches"][2:]) / 4
+    loss.backward()
+    for name, p in model.named_parameters():
+        for res in results:
+            torch.testing.assert_close(res["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -58,11 +58,13 @@ def test_stops_at_the_end_of_text_token():
     assert out == [[7] * 4] * 3
 
 
-def test_long_prompts_are_cropped_to_the_context():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_long_prompts_keep_their_last_block_size_tokens(use_cache):
     model, _ = model_and_prompt()
-    idx = torch.randint(0, 50, (1, 200))  # block_size is 64
-    out = generate(model, idx, 3, generator=torch.Generator().manual_seed(0))
-    assert len(out[0]) == 3
+    idx = torch.randint(0, 50, (1, 200), generator=torch.Generator().manual_seed(0))  # block_size 64
+    out = generate(model, idx, 8, top_k=1, use_cache=use_cache)
+    assert out == generate(model, idx[:, -64:], 8, top_k=1, use_cache=use_cache)
+    assert out != generate(model, idx[:, :64], 8, top_k=1, use_cache=use_cache)  # it matters which
 
 
 # ----------------------------------------------------------------------------------------------

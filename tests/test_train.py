@@ -1,5 +1,6 @@
 """The trainer: accumulation, determinism, logging, stopping, checkpoints, the CLI end to end."""
 
+import contextlib
 import json
 import math
 import os
@@ -14,10 +15,11 @@ import torch
 from shared_data import SHAKESPEARE as _SHAKESPEARE
 
 from gptforge import GPT, GPTConfig
-from gptforge.checkpoint import build_model, load_checkpoint
+from gptforge.checkpoint import build_model, load_checkpoint, read_optimizer_state, save_checkpoint
+from gptforge.optim import build_optimizer
 from gptforge.cli import main
 from gptforge.config import resolve
-from gptforge.metrics import format_step, read_metrics
+from gptforge.metrics import format_step, read_metrics, read_run_record
 from gptforge.train import train, train_step
 
 SHAKESPEARE = Path(_SHAKESPEARE)
@@ -115,15 +117,31 @@ def test_target_loss_stops_the_run(char_data, tmp_path):
     assert all(l >= 3.5 for l in losses[:-1])
 
 
-def test_checkpoint_reloads_the_same_model(char_data, tmp_path):
-    cfg = tiny_cfg(char_data, "train.max_steps=5")
-    train(cfg, tmp_path / "run", log=quiet)
-    ckpt = load_checkpoint(tmp_path / "run")
-    model = build_model(ckpt)
-    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
-    again = build_model(load_checkpoint(ckpt.path))
-    torch.testing.assert_close(model(x)[0], again(x)[0], rtol=0, atol=0)
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+def test_a_checkpoint_holds_exactly_the_model_and_optimizer_in_memory(char_data, tmp_path):
+    cfg = tiny_cfg(char_data, "train.max_steps=5", "model.vocab_size=0")
+    cfg.model.vocab_size = result_vocab(char_data)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    x = torch.randint(0, cfg.model.vocab_size, (4, 16))
+    for _ in range(3):  # trained weights and non-zero AdamW moments, not the initial ones
+        train_step(model, optimizer, lambda: (x, x.roll(-1, 1)), 1, 1.0, contextlib.nullcontext)
+    save_checkpoint(tmp_path / "run", model.state_dict(), optimizer.state_dict(), cfg,
+                    {"name": "char", "chars": "x"}, {"step": 3, "tokens": 0})
+    ckpt = load_checkpoint(tmp_path / "run", verify="sha256")
+    loaded = build_model(ckpt)
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    model.eval()
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+    saved = read_optimizer_state(ckpt)
+    mine = optimizer.state_dict()
+    assert saved["param_groups"] == json.loads(json.dumps(mine["param_groups"]))  # tuples: lists
+    assert saved["state"].keys() == mine["state"].keys()
+    for i, state in mine["state"].items():
+        for key, value in state.items():
+            assert torch.equal(saved["state"][i][key], value), (i, key)
 
 
 @pytest.mark.parametrize("loader, optim", [
@@ -229,6 +247,8 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_0(char_data, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run")
     logged = read_metrics(metrics)
     assert ckpt.step == logged[-1]["step"] + 1 >= 3
+    record = read_run_record(tmp_path / "run")
+    assert (record["status"], record["stopped_by"], record["step"]) == ("stopped", "SIGINT", ckpt.step)
 
 
 @needs_shakespeare

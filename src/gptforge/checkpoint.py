@@ -1,17 +1,23 @@
-"""Checkpoints that describe themselves and never execute code on load.
+"""Checkpoints that describe themselves, prove their integrity and never execute code on load.
 
 Layout of one checkpoint, ``RUN/checkpoints/step_0001000/``:
     model.safetensors      weights of the unwrapped model, the tied wte/lm_head matrix stored once
     optimizer.safetensors  optimizer state tensors (AdamW moments, Muon momentum), keyed
                            ``state.<param index>.<name>``
     config.json            the resolved run config, tokenizer, gptforge version, git commit
-    trainer_state.json     step, tokens seen, loader cursor, every RNG state, best val loss, and
-                           the optimizer's hyper-parameters; written last, it marks completeness
+    trainer_state.json     step, tokens seen, loader cursor, every RNG state, best val loss, why
+                           the run stopped, and the optimizer's hyper-parameters
+    manifest.json          the size and sha256 of each file above; written last
 
 No pickle anywhere: tensors go through safetensors, everything else is JSON, so a crafted file
 cannot run code when loaded. A checkpoint is written into a hidden temporary directory, flushed,
-and renamed into place; ``RUN/checkpoints/latest`` is updated only after that. A directory without
-a ``trainer_state.json`` is never picked up.
+and renamed into place; ``RUN/checkpoints/latest`` is updated only after that (it is the one
+"this save is complete" marker: a name under ``step_*`` exists only once its directory is whole).
+Loading checks every file's size against the manifest, and with ``verify="sha256"`` (resume,
+export) its checksum too, so bit rot or a bad copy is caught before anyone trains on it.
+Before a save, the free space is checked against the checkpoint's size, pruning first what
+``keep_last`` would delete anyway; a write that fails (disk full, I/O error) leaves the previous
+checkpoints as they were and says so in one line.
 
 ``load_pretrained`` and ``load_model`` also read a Hugging Face GPT-2 directory (via hf.py),
 so sampling, evaluation and ``train --init-from`` take either kind of path.
@@ -19,6 +25,7 @@ so sampling, evaluation and ``train --init-from`` take either kind of path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,15 +45,19 @@ from gptforge.errors import GptforgeError
 from gptforge.hf import HFFormatError, is_hf_dir
 from gptforge.hf import load_pretrained as load_hf_pretrained
 from gptforge.model import GPT
+from gptforge.rundir import DiskWriteError, disk_free, format_bytes, guarded_write, write_failure
 from gptforge.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds manifest.json; format-1 checkpoints (no manifest) still load
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"  # written last: every other file's size and sha256
+VERIFY = ("sizes", "sha256")
+SPACE_SLACK_BYTES = 1 << 20  # JSON files, safetensors headers, filesystem blocks
 TIED_KEY = "lm_head.weight"  # same storage as transformer.wte.weight: saved once, under wte
 
 
@@ -147,6 +158,27 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def space_needed(tensor_total: int) -> int:
+    """Free bytes a save asks for, given the bytes of its tensors."""
+    return tensor_total + SPACE_SLACK_BYTES
+
+
+def _resume_hint(run_dir: Path) -> str:
+    return f"free space on that disk (or lower train.keep_last), then continue: gptforge train --out {run_dir} --resume"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     model_state: dict[str, torch.Tensor],
@@ -159,19 +191,26 @@ def save_checkpoint(
     """Write ``RUN/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, prune old ones.
 
     ``model_state`` and ``optimizer_state`` are full (unsharded) state dicts, the optimizer's
-    keyed by parameter index as ``optimizer.state_dict()`` gives them on one device.
+    keyed by parameter index as ``optimizer.state_dict()`` gives them on one device. Raises
+    DiskWriteError, with the previous checkpoints intact, when the disk cannot take it.
     """
-    root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINT_DIR
     name = f"step_{int(trainer['step']):07d}"
     final = root / name
+    fix = _resume_hint(run_dir)
+    model_sd = clean_model_state(model_state)
+    optim_tensors, optim_rest = ({}, None) if optimizer_state is None else _optimizer_tensors(optimizer_state)
+    with guarded_write("checkpoint", final, fix):
+        root.mkdir(parents=True, exist_ok=True)
+        _make_room(root, space_needed(tensor_bytes(model_sd) + tensor_bytes(optim_tensors)),
+                   keep_last, name, fix)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        save_file(clean_model_state(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        _fsync_file(tmp / MODEL_FILE)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(model_sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, {
             "format_version": FORMAT_VERSION,
             "gptforge_version": __version__,
@@ -180,25 +219,57 @@ def save_checkpoint(
             "config": config.to_dict(),
             "tokenizer": tokenizer,
         })
-        state = {"format_version": FORMAT_VERSION, "trainer": trainer, "optimizer": None}
         if optimizer_state is not None:
-            tensors, rest = _optimizer_tensors(optimizer_state)
-            save_file(tensors, str(tmp / OPTIMIZER_FILE))
-            _fsync_file(tmp / OPTIMIZER_FILE)
-            state["optimizer"] = rest
-        # trainer_state.json last: its presence marks the directory complete.
-        _write_json(tmp / STATE_FILE, state)
+            save_file(optim_tensors, str(tmp / OPTIMIZER_FILE))
+        _write_json(tmp / STATE_FILE,
+                    {"format_version": FORMAT_VERSION, "trainer": trainer, "optimizer": optim_rest})
+        files = sorted(p.name for p in tmp.iterdir())
+        for f in files:
+            if f.endswith(".safetensors"):  # the JSON files were synced as they were written
+                _fsync_file(tmp / f)
+        # The manifest last: what each file must be, so a reader can tell it is whole and intact.
+        _write_json(tmp / MANIFEST_FILE, {
+            "format_version": FORMAT_VERSION,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
+                      for f in files},
+        })
         _fsync_dir(tmp)
         if final.exists():  # e.g. a re-save of the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+        _point_latest(root, name)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskWriteError(write_failure("checkpoint", final, e, fix)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _point_latest(root, name)
     _prune(root, keep_last, protect={name})
     return final
+
+
+def _make_room(root: Path, need: int, keep_last: int, name: str, fix: str) -> None:
+    """Make sure ``need`` bytes are free for a new checkpoint, or raise before writing anything.
+
+    The checkpoints that ``keep_last`` deletes once this one is saved are deleted first instead,
+    oldest first; never the one ``latest`` names, so a kill mid-save still leaves one to resume.
+    """
+    free = disk_free(root)
+    if free >= need:
+        return
+    others = [d for d in _step_dirs(root) if d.name != name]
+    latest = _latest_name(root)
+    for old in others[: max(0, len(others) + 1 - keep_last)]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+            free = disk_free(root)  # a directory hard-linked by best/ frees less than its size
+            if free >= need:
+                return
+    raise DiskWriteError(
+        f"not enough space for the checkpoint {root / name}: it needs {format_bytes(need)} and "
+        f"{format_bytes(free)} are free there; nothing was written: {fix}"
+    )
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -208,12 +279,24 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _is_complete(ckpt_dir: Path) -> bool:
+    # A format-1 checkpoint (no manifest) is whole once trainer_state.json is there.
+    return (ckpt_dir / MANIFEST_FILE).is_file() or (ckpt_dir / STATE_FILE).is_file()
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
+            and p.name[5:].isdigit() and _is_complete(p)]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -224,18 +307,31 @@ def _prune(root: Path, keep_last: int, protect: set[str]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Checkpoint files are never changed in place (a save writes new ones and renames), so a
+    hard link is as good as a copy and takes no space."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def save_best(run_dir: str | Path, step_dir: Path) -> Path:
-    """Copy a checkpoint to ``RUN/checkpoints/best`` (atomically), for the best val loss so far."""
+    """Make ``RUN/checkpoints/best`` (atomically) the checkpoint with the best val loss so far."""
     root = Path(run_dir) / CHECKPOINT_DIR
     tmp = root / f".tmp-best-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(step_dir, tmp)
     best = root / "best"
     old = root / f".old-best-{os.getpid()}"
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
+    with guarded_write("best checkpoint", best, _resume_hint(Path(run_dir))):
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(step_dir, tmp, copy_function=_link_or_copy)
+            if best.exists():
+                os.replace(best, old)
+            os.replace(tmp, best)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return best
 
 
@@ -256,16 +352,14 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: pass a run directory or a checkpoint directory")
-    if (p / STATE_FILE).is_file():
+    if _is_complete(p):
         return p
     root = p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR).is_dir() else p
     for stale in sorted(root.glob(".tmp-*")) if root.is_dir() else []:
         warnings.warn(f"ignoring incomplete checkpoint {stale} (a save was interrupted)")
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+    latest = _latest_name(root)
+    if latest and _is_complete(root / latest):
+        return root / latest
     dirs = _step_dirs(root)
     if dirs:
         return dirs[-1]
@@ -292,9 +386,49 @@ def _read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
     return obj
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read the JSON parts of a checkpoint (or of a run's latest one); tensors load lazily."""
+def _earlier(ckpt_dir: Path) -> str:
+    """The fix for a damaged checkpoint: an earlier one of the same run, named if there is one."""
+    older = [d for d in _step_dirs(ckpt_dir.parent)  # names are zero-padded: they sort by step
+             if d.name != ckpt_dir.name and (ckpt_dir.name == "best" or d.name < ckpt_dir.name)]
+    return f"use an earlier checkpoint ({older[-1]})" if older else "use an earlier checkpoint"
+
+
+def verify_files(ckpt_dir: Path, checksums: bool) -> bool:
+    """Every file the manifest lists is there with its size (and, with ``checksums``, its
+    sha256). Returns False where there is no manifest (format 1 had none)."""
+    path = ckpt_dir / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    files = _read_json(path, ("files",))["files"]
+    for name, entry in sorted(files.items()):
+        f = ckpt_dir / name
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {f} is missing: {_earlier(ckpt_dir)}") from None
+        if size != entry.get("bytes"):
+            raise CheckpointError(
+                f"checkpoint file {f} is {size} bytes but its manifest says {entry.get('bytes')}: "
+                f"it is truncated or was changed; {_earlier(ckpt_dir)}"
+            )
+        if checksums and file_sha256(f) != entry.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint file {f} is corrupt: its sha256 differs from the one in "
+                f"{MANIFEST_FILE} (bit rot or a bad copy); {_earlier(ckpt_dir)}"
+            )
+    return True
+
+
+def load_checkpoint(path: str | Path, verify: str = "sizes") -> Checkpoint:
+    """Read the JSON parts of a checkpoint (or of a run's latest one); tensors load lazily.
+
+    Every file's size is checked against the manifest; ``verify="sha256"`` also checks every
+    checksum (it reads the whole checkpoint: done before resuming and exporting).
+    """
+    assert verify in VERIFY, verify
     ckpt_dir = find_checkpoint(path)
+    # Files first: a damaged file is named as such, before its contents are parsed.
+    has_manifest = verify_files(ckpt_dir, checksums=verify == "sha256")
     meta = _read_json(ckpt_dir / CONFIG_FILE, ("format_version", "config", "tokenizer"))
     state = _read_json(ckpt_dir / STATE_FILE, ("trainer", "optimizer"))
     meta.update(trainer=state["trainer"], optimizer=state["optimizer"])
@@ -306,6 +440,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} has format {meta['format_version']}, newer than this "
             f"gptforge reads ({FORMAT_VERSION}): upgrade gptforge"
+        )
+    if not has_manifest and meta["format_version"] >= 2:
+        raise CheckpointError(
+            f"checkpoint file {ckpt_dir / MANIFEST_FILE} is missing: {_earlier(ckpt_dir)}"
         )
     return Checkpoint(ckpt_dir, meta)
 
@@ -383,13 +521,13 @@ def load_pretrained(
     return model.config, sd, ckpt.tokenizer
 
 
-def load_model(path: str | Path) -> tuple[GPT, dict[str, Any]]:
+def load_model(path: str | Path, verify: str = "sizes") -> tuple[GPT, dict[str, Any]]:
     """The model at ``path`` (either kind, see load_pretrained) in eval mode on the CPU, and its
-    tokenizer dict (for ``tokenizer.tokenizer_from_dict``)."""
+    tokenizer dict (for ``tokenizer.tokenizer_from_dict``). ``verify`` as in load_checkpoint."""
     if is_hf_dir(path):
         cfg, sd, tokenizer = load_pretrained(path)
         model = GPT(cfg)
         model.load_state_dict(sd, strict=False)  # every key but the tied one, checked in hf.py
         return model.eval(), tokenizer
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, verify)
     return build_model(ckpt), ckpt.tokenizer

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -78,45 +77,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.config import apply_overrides, resolve, validate_run
-    from gptforge.train import train
+    from gptforge.distributed import launch_rank
+    from gptforge.metrics import say
+    from gptforge.rundir import check_not_locked, hold_run_lock
+    from gptforge.train import plan_run, train
 
     if args.nproc is not None:
+        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
         return launch_torchrun(args.nproc, args.argv)
-    resume = None
-    if args.resume is not None:
-        if args.preset or args.config:
-            raise GptforgeError(
-                "--resume continues a run with the config it was started with: drop --preset "
-                "and --config (use --set to change a key, e.g. --set train.max_steps=N)"
-            )
-        where = Path(args.out) if args.resume == "" else Path(args.resume)
-        resume = load_checkpoint(where)
-        cfg = resume.config
-        apply_overrides(cfg, args.set)
-        validate_run(cfg)
-    else:
-        cfg = resolve(args.preset, args.config, args.set)
-    if args.data:
-        cfg.data.path = args.data
-    if not cfg.data.path:
-        raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
-
-    result = train(cfg, args.out, resume=resume,
-                   preset=None if resume is not None else (args.preset or DEFAULT_PRESET),
-                   init_from=args.init_from)
-    if int(os.environ.get("RANK", "0")) != 0:
+    writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
+    # The lock first: a live run is reported before anything of it is read or written.
+    with hold_run_lock(args.out, enabled=writer, create=args.resume != ""):
+        plan = plan_run(args.out, args.resume, args.preset, args.config, args.set, args.data,
+                        args.init_from, verify="sha256" if writer else "sizes")
+        if plan.complete is not None:
+            if writer:
+                say(f"{args.out}: {plan.complete}; nothing to do")
+            return 0
+        if not plan.cfg.data.path:
+            raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
+        result = train(plan.cfg, args.out, resume=plan.resume, restart=plan.restart,
+                       preset=None if plan.resume is not None else (args.preset or DEFAULT_PRESET),
+                       init_from=args.init_from if plan.resume is None else None)
+    if not writer:
         return 0  # rank 0 reports for the job
-    print()
-    print(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
-          f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
-          + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+    say()
+    say(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
+        f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
+        + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+        + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
     if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint}")
-    print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
-    print(f"sample:     gptforge sample --ckpt {args.out}")
+        say(f"checkpoint: {result.checkpoint}")
+    say(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
+    say(f"sample:     gptforge sample --ckpt {args.out}")
     return 0
 
 
@@ -227,7 +220,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from gptforge.evaluate import evaluate_path
 
-    result, what = evaluate_path(args.ckpt, args.data, split=args.split, batch_size=args.batch_size,
+    if args.task == "hellaswag":
+        return eval_hellaswag(args)
+    if not args.data:
+        raise GptforgeError("--data is required with --task loss: give a prepared directory or a "
+                            "UTF-8 text file")
+    if args.limit:
+        raise GptforgeError("--limit applies to --task hellaswag only: leave it out")
+    result, what = evaluate_path(args.ckpt, args.data, split=args.split or "val",
+                                 batch_size=args.batch_size,
                                  seq_len=args.seq_len, device=args.device, progress=True)
     tail = f" + 1 of {result.tail}" if result.tail else ""
     print(f"{what}: loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | "
@@ -235,6 +236,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{result.wall_s:.1f}s")
     if args.json:
         record = {"checkpoint": args.ckpt, "data": args.data, "what": what, **result.to_dict()}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def eval_hellaswag(args: argparse.Namespace) -> int:
+    """``gptforge eval --task hellaswag``: one result line, a note on stderr if rows were cropped."""
+    import json
+
+    from gptforge.evaluate import evaluate_hellaswag_path
+
+    for option, given in (("--split", args.split is not None), ("--seq-len", args.seq_len != 0)):
+        if given:
+            raise GptforgeError(f"{option} applies to --task loss only: leave it out with "
+                                "--task hellaswag")
+    result, path = evaluate_hellaswag_path(args.ckpt, args.data, limit=args.limit,
+                                           batch_size=args.batch_size, device=args.device,
+                                           progress=sys.stderr.isatty())
+    if result.cropped:
+        print(f"note: {result.cropped:,} of {result.rows:,} rows (context + ending) were longer "
+              "than the model's context and were cropped from the left", file=sys.stderr)
+    print(f"hellaswag: acc {result.acc:.4f} | acc_norm {result.acc_norm:.4f} | "
+          f"{result.examples:,} examples | {result.tok_per_s:,.0f} tok/s | {result.wall_s:.1f}s")
+    if args.json:
+        record = {"task": "hellaswag", **result.summary(), "checkpoint": args.ckpt, "data": path}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -325,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
     tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
-    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                    help="continue the run in --out (or from checkpoint PATH) exactly where it stopped")
+    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|PATH",
+                    help="continue the run in --out (or from checkpoint PATH) exactly where it "
+                         "stopped; 'auto': continue it if it has a checkpoint, else start it, and "
+                         "exit 0 if it is complete (the same command for the first start and "
+                         "every restart of a preemptible job)")
     tp.add_argument("--init-from", metavar="PATH", default=None,
                     help="start from the weights of a local Hugging Face GPT-2 directory or a "
                          "gptforge run/checkpoint (fine-tuning); the model shape comes from there")
@@ -373,19 +401,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
     ep.set_defaults(func=cmd_export)
 
-    evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file",
+    evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file, or HellaSwag",
                          description="Score every token of a prepared split or a text file "
-                                     "(consecutive windows; not a sampled estimate).")
+                                     "(consecutive windows; not a sampled estimate), or, with "
+                                     "--task hellaswag, HellaSwag's acc and acc_norm.")
     evp.add_argument("--ckpt", required=True, metavar="PATH",
                      help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
-    evp.add_argument("--data", required=True, metavar="DIR|FILE",
-                     help="prepared data directory (from gptforge prepare) or a UTF-8 text file")
-    evp.add_argument("--split", default="val", choices=["val", "train"],
+    evp.add_argument("--task", default="loss", choices=["loss", "hellaswag"],
+                     help="loss: loss and perplexity of --data; hellaswag: HellaSwag, completion "
+                          "style as llm.c and build-nanogpt score it (default: loss)")
+    evp.add_argument("--data", metavar="DIR|FILE",
+                     help="prepared data directory (from gptforge prepare) or a UTF-8 text file; "
+                          "with --task hellaswag a HellaSwag .jsonl file (default there: the "
+                          "validation set, downloaded once and cached)")
+    evp.add_argument("--split", default=None, choices=["val", "train"],
                      help="split of a prepared directory (default: val)")
     evp.add_argument("--batch-size", type=int, default=4, metavar="N",
-                     help="windows per forward pass (default: 4)")
+                     help="windows per forward pass; with --task hellaswag, examples (of 4 rows) "
+                          "per forward pass (default: 4)")
     evp.add_argument("--seq-len", type=int, default=0, metavar="N",
                      help="tokens per window (default: the model's context)")
+    evp.add_argument("--limit", type=int, default=0, metavar="N",
+                     help="with --task hellaswag: score only the first N examples (default: all)")
     evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     evp.set_defaults(func=cmd_eval)

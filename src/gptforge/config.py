@@ -156,6 +156,10 @@ class TrainConfig:
     "compute validation loss every this many steps when the data has a val split (0 disables; always done at the end)"
     eval_max_batches: int = 0
     "cap on validation batches per evaluation (0: the whole val split)"
+    hellaswag_interval: int = 0
+    "score HellaSwag (acc, acc_norm) every this many steps and at the end (0 disables; needs GPT-2 BPE data)"
+    hellaswag_data: str = ""
+    "HellaSwag .jsonl file for hellaswag_interval (empty: the validation set, downloaded once and cached)"
     save_interval: int = 0
     "write a checkpoint every this many steps (0: only at the end)"
     keep_last: int = 3
@@ -457,7 +461,7 @@ def validate(obj: Any, section: str) -> None:
     elif isinstance(obj, TrainConfig):
         for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_interval"):
             chk(key, getattr(obj, key) >= 1, "must be >= 1")
-        for key in ("eval_interval", "eval_max_batches", "save_interval"):
+        for key in ("eval_interval", "eval_max_batches", "save_interval", "hellaswag_interval"):
             chk(key, getattr(obj, key) >= 0, "must be >= 0 (0 disables)")
         chk("keep_last", obj.keep_last >= 1, "must be >= 1")
         chk("target_loss", finite("target_loss") and obj.target_loss >= 0, "must be >= 0 (0 disables)")
@@ -490,6 +494,32 @@ def validate_run(cfg: RunConfig) -> None:
     # Muon orthogonalizes whole matrices; FSDP holds each rank's shard of them.
     _check(not (cfg.optim.name == "muon" and t.parallel == "fsdp"), "train.parallel",
            "optim.name=muon needs whole matrices on every rank: use train.parallel=ddp", t.parallel)
+
+
+# Keys a resumed run may change: when it stops, how often it reports, evaluates and saves, and
+# where and how it runs. Every other key defines the experiment, and a command line that
+# continues a run must give the run's own value (config_differences).
+RESUMABLE_KEYS = frozenset({
+    "data.path",  # data may move; resuming checks its tokenizer and token count
+    "train.max_steps", "train.target_loss", "train.target_val_loss",
+    "train.log_interval", "train.eval_interval", "train.eval_max_batches", "train.save_interval",
+    "train.hellaswag_interval", "train.hellaswag_data",
+    "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
+    "train.dist_timeout_s", "train.keep_freed_memory", "train.tensorboard",
+    *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),
+})
+
+
+def dotted_items(cfg: RunConfig) -> dict[str, Any]:
+    """``{"model.n_layer": 12, ...}``: every key of every section, in section order."""
+    return {f"{section}.{k}": v for section in SECTIONS
+            for k, v in dataclasses.asdict(getattr(cfg, section)).items()}
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every key where a and b differ, in section order."""
+    da, db = dotted_items(a), dotted_items(b)
+    return [(k, da[k], db[k]) for k in da if da[k] != db[k]]
 
 
 def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:

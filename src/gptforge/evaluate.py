@@ -1,4 +1,5 @@
-"""``gptforge eval``: loss and perplexity over all of a split or a text file, not an estimate.
+"""``gptforge eval``: loss and perplexity over all of a split or a text file, not an estimate;
+with ``--task hellaswag``, HellaSwag's acc and acc_norm (the scoring is in ``hellaswag.py``).
 
 The tokens are cut into consecutive, non-overlapping windows of seq_len (``data.iter_eval_batches``)
 plus one shorter window for the remainder, so every token but the first is predicted exactly
@@ -12,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gptforge.checkpoint import load_model
 from gptforge.data import count_eval_windows, iter_eval_batches, load_meta, load_split
 from gptforge.device import pick_device
 from gptforge.errors import GptforgeError
+from gptforge.hellaswag import HellaSwagResult, load_rendered, score
+from gptforge.metrics import progress_bar
 from gptforge.model import GPT
 from gptforge.tokenizer import tokenizer_from_dict
 
@@ -77,8 +78,8 @@ def evaluate(
         tail.append((rest[:-1].view(1, -1), rest[1:].view(1, -1)))  # (1, n - 1 - tail_start)
     batches = itertools.chain(iter_eval_batches(tokens, batch_size, seq_len), tail)
     total_nats, count = 0.0, 0
-    with tqdm(total=n - 1, desc="eval", unit="tok", unit_scale=True, file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+    with progress_bar(total=n - 1, desc="eval", unit="tok", unit_scale=True,
+                      disable=not progress, leave=False) as bar:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits, _ = model(x)  # (rows, T, V)
@@ -147,3 +148,21 @@ def evaluate_path(
     model = model.to(dev)
     result = evaluate(model, tokens, seq_len or model.config.block_size, batch_size, dev, progress)
     return result, what
+
+
+def evaluate_hellaswag_path(
+    ckpt_path: str,
+    data: str | None = None,
+    limit: int = 0,
+    batch_size: int = 4,
+    device: str = "auto",
+    progress: bool = False,
+) -> tuple[HellaSwagResult, str]:
+    """HellaSwag acc and acc_norm of a checkpoint (or Hugging Face GPT-2 directory) on ``data``
+    (a HellaSwag .jsonl file; None: the validation set, downloaded once). Returns the result and
+    the path of the file scored."""
+    model, tokenizer = load_model(ckpt_path)
+    items, path = load_rendered(data, tokenizer, model.config.block_size, what=ckpt_path,
+                                limit=limit)
+    dev = pick_device(device)
+    return score(model.to(dev), items, batch_size=batch_size, device=dev, progress=progress), path

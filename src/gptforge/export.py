@@ -75,7 +75,7 @@ def export_hf(
     directory at ``out``. A char-level model is refused unless ``weights_only``."""
     out = Path(out)
     _check_out_dir(out, force)
-    model, tokenizer = load_model(ckpt_path)
+    model, tokenizer = load_model(ckpt_path, verify="sha256")
     gpt2 = tokenizer.get("name") == "gpt2"
     if not gpt2 and not weights_only:
         raise GptforgeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptforge.errors import GptforgeError
+from gptforge.rundir import guarded_write
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -27,20 +29,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _resume_fix(run_dir: Path) -> str:
+    return f"free space on that disk, then continue: gptforge train --out {run_dir} --resume"
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``RUN/metrics.jsonl``, flushed at once so that a
-    crashed run still has every line it logged."""
+    crashed run still has every line it logged. A failed write (disk full) is one line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._f = open(self.path, "a", encoding="utf-8")
+        with self._guard():
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    def _guard(self):  # noqa: ANN202
+        return guarded_write("metrics", self.path, _resume_fix(self.path.parent))
 
     def write(self, **fields: Any) -> None:
-        self._f.write(json.dumps({k: _jsonable(v) for k, v in fields.items()}) + "\n")
-        self._f.flush()
+        with self._guard():
+            self._f.write(json.dumps({k: _jsonable(v) for k, v in fields.items()}) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()  # flushes nothing new: every write was flushed
+        except OSError:
+            pass
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -62,8 +76,12 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.strip() and _record_step(line) < step]
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, p)
+    with guarded_write("metrics", p, _resume_fix(p.parent)):
+        try:
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _record_step(line: str) -> float:
@@ -75,6 +93,48 @@ def _record_step(line: str) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # The progress bar
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar on stderr, drawn only where stderr is a terminal. In a pipe or a log file a bar
+    is a stream of carriage returns, so there it stays silent and the command's own summary line
+    says what happened. Pass ``disable=True`` to turn it off on a terminal too."""
+    from tqdm import tqdm
+
+    disable = kwargs.pop("disable", False) or not sys.stderr.isatty()
+    if not disable:
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+            known = size.columns > 0 and size.lines > 0
+        except (OSError, ValueError):
+            known = False
+        # A terminal that reports no size (some emulators, pty wrappers) would get a zero-width
+        # bar, and tqdm draws nothing at all for 0 rows: assume 100 x 20 there.
+        kwargs.setdefault("dynamic_ncols", known)
+        kwargs.setdefault("ncols", None if known else 100)
+        kwargs.setdefault("nrows", None if known else 20)
+    return tqdm(file=sys.stderr, disable=disable, **kwargs)
+
+
+_output_gone = False
+
+
+def say(line: str = "") -> None:
+    """print(line), unless stdout has gone away (terminal closed: SIGHUP; a pipe's reader quit).
+    Then output stops instead of the run: a training job must still save and exit cleanly."""
+    global _output_gone
+    if _output_gone:
+        return
+    try:
+        print(line, flush=True)
+    except OSError:  # EIO from a hung-up terminal, EPIPE from a closed pipe
+        _output_gone = True
+        # What is still buffered would fail again at exit (and turn the exit code into 120):
+        # send stdout to /dev/null from here on.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 class Progress:
@@ -89,17 +149,8 @@ class Progress:
         self.bar = None
         self.target_loss = target_loss
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            try:
-                known_width = os.get_terminal_size(sys.stderr.fileno()).columns > 0
-            except (OSError, ValueError):
-                known_width = False
-            # A terminal that reports no size (some emulators, pty wrappers) would get a
-            # zero-width bar: draw 100 columns there instead.
-            self.bar = tqdm(total=total, initial=initial, unit="step", mininterval=0.25,
-                            file=sys.stderr, leave=False, dynamic_ncols=known_width,
-                            ncols=None if known_width else 100)
+            self.bar = progress_bar(total=total, initial=initial, unit="step", mininterval=0.25,
+                                    leave=False)
 
     def wrap(self, log: Callable[[str], None]) -> Callable[[str], None]:
         if self.bar is None:
@@ -108,7 +159,10 @@ class Progress:
         def write(line: str) -> None:
             from tqdm import tqdm
 
-            tqdm.write(line, file=sys.stdout)
+            try:
+                tqdm.write(line, file=sys.stdout)
+            except OSError:  # the terminal is gone (SIGHUP): keep training, stop drawing
+                self.close()
 
         return write
 
@@ -119,11 +173,18 @@ class Progress:
         if self.target_loss:
             post["target"] = f"{self.target_loss:g}"
         self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
+        try:
+            self.bar.update(1)
+        except OSError:
+            self.close()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            try:
+                bar.close()
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +226,13 @@ class RunRecord:
 
     def _write(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
-                       encoding="utf-8")
-        os.replace(tmp, self.path)
+        with guarded_write("run record", self.path, _resume_fix(self.path.parent)):
+            try:
+                tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
+                               encoding="utf-8")
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
@@ -183,7 +248,8 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
 
 def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -> Path:
     """One PNG comparing runs: loss against steps and against tokens (train solid, val dashed),
-    learning rate, gradient norm and tokens/s against steps."""
+    learning rate, gradient norm and tokens/s against steps, and HellaSwag acc_norm (solid) and
+    acc (dotted) against steps where a run has them."""
     try:
         import matplotlib
     except ImportError:
@@ -206,7 +272,12 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
             raise GptforgeError(f"{path} is empty: the run has not logged a step yet")
         series.append((Path(run).name or str(run), records))
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    # A run that scored HellaSwag (train.hellaswag_interval) gets a third row: acc_norm and acc.
+    hellaswag = any(_is_num(r.get("hellaswag_acc_norm")) for _, records in series for r in records)
+    n_rows = 3 if hellaswag else 2
+    fig = plt.figure(figsize=(16, 4.5 * n_rows), constrained_layout=True)
+    grid = fig.add_gridspec(n_rows, 3)
+    axes = {(r, c): fig.add_subplot(grid[r, c]) for r in range(2) for c in range(3)}
     panels = [
         (axes[0, 0], "step", "loss", "loss", "loss vs steps"),
         (axes[0, 1], "tokens", "loss", "loss", "loss vs tokens"),
@@ -214,20 +285,27 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
         (axes[1, 1], "step", "norm", "gradient norm (before clipping)", "gradient norm"),
         (axes[1, 2], "step", "tok_per_s", "tokens / s", "throughput"),
     ]
+    if hellaswag:
+        panels.append((fig.add_subplot(grid[2, :]), "step", "hellaswag_acc_norm", "accuracy",
+                       "HellaSwag: acc_norm (solid), acc (dotted)"))
+    # the series drawn second in a panel: key, line style, label
+    second = {"loss": ("val_loss", "--", "val"), "hellaswag_acc_norm": ("hellaswag_acc", ":", "acc")}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, records) in enumerate(series):
         color = colors[i % len(colors)]
         for ax, xkey, ykey, _, _ in panels:
             pts = [(r[xkey], r[ykey]) for r in records if _is_num(r.get(xkey)) and _is_num(r.get(ykey))]
+            sparse = ykey.startswith("hellaswag")  # a point per evaluation, not per step
             if pts:
-                ax.plot(*zip(*pts), color=color, label=f"{name} train" if ykey == "loss" else name,
-                        linewidth=1.2)
-            if ykey == "loss":
-                val = [(r[xkey], r["val_loss"]) for r in records
-                       if _is_num(r.get(xkey)) and _is_num(r.get("val_loss"))]
-                if val:
-                    ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3,
-                            label=f"{name} val")
+                ax.plot(*zip(*pts), color=color, label={"loss": f"{name} train"}.get(ykey, name),
+                        linewidth=1.2, marker="o" if sparse else None, markersize=3)
+            if ykey in second:
+                key, style, label = second[ykey]
+                more = [(r[xkey], r[key]) for r in records
+                        if _is_num(r.get(xkey)) and _is_num(r.get(key))]
+                if more:
+                    ax.plot(*zip(*more), color=color, linestyle=style, marker="o", markersize=3,
+                            label=f"{name} {label}")
     for ax, xkey, _, ylabel, title in panels:
         ax.set_title(title)
         ax.set_xlabel("tokens" if xkey == "tokens" else "step")

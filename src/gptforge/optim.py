@@ -173,6 +173,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     )
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state once every parameter has taken a step (it is created lazily):
+    AdamW keeps two moments per parameter, Muon one momentum buffer, each of the parameter's
+    dtype. (A sharded parameter counts whole: checkpoints hold full tensors.)"""
+    total = 0
+    for group in optimizer.param_groups:
+        slots = 1 if group.get("algorithm") == "muon" else 2
+        total += sum(p.numel() * p.element_size() * slots for p in group["params"])
+    return total
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The schedule's lr on every group; Muon's groups carry their own ratio to it."""
     for group in optimizer.param_groups:

@@ -11,8 +11,8 @@ from gptforge.checkpoint import CHECKPOINT_DIR, find_checkpoint
 from gptforge.errors import GptforgeError
 from gptforge.metrics import RUN_FILE, read_metrics, read_run_record
 
-COLUMNS = ("run", "preset", "status", "steps", "tokens", "best val", "last loss", "wall",
-           "tok/s", "latest checkpoint")
+COLUMNS = ("run", "preset", "status", "steps", "tokens", "best val", "last loss", "hellaswag",
+           "wall", "tok/s", "latest checkpoint")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,6 +67,9 @@ def describe_run(run: Path, root: Path) -> dict[str, str]:
         metrics = []
     losses = [m for m in metrics if isinstance(m.get("loss"), (int, float))]
     vals = [m["val_loss"] for m in metrics if isinstance(m.get("val_loss"), (int, float))]
+    # the last HellaSwag acc_norm (train.hellaswag_interval)
+    hellaswag = [m["hellaswag_acc_norm"] for m in metrics
+                 if isinstance(m.get("hellaswag_acc_norm"), (int, float))]
     rates = [m["tok_per_s"] for m in losses[-10:] if isinstance(m.get("tok_per_s"), (int, float))]
     try:
         latest = find_checkpoint(run).name if (run / CHECKPOINT_DIR).is_dir() else "-"
@@ -82,6 +85,7 @@ def describe_run(run: Path, root: Path) -> dict[str, str]:
         "tokens": _fmt_num(tokens, ","),
         "best val": _fmt_num(min(vals) if vals else None, ".4f"),
         "last loss": _fmt_num(losses[-1]["loss"] if losses else None, ".4f"),
+        "hellaswag": _fmt_num(hellaswag[-1] if hellaswag else None, ".4f"),
         "wall": _fmt_time(record.get("wall_s")),
         "tok/s": _fmt_num(sum(rates) / len(rates) if rates else None, ",.0f"),
         "latest checkpoint": latest,

@@ -3,8 +3,13 @@
     resolve device and precision -> load data -> build model and optimizer -> (resume) ->
     for each step: lr_at(step) -> train_step (accumulate, clip, step) -> log / eval / save
 
-Stops on ``train.max_steps``, on ``train.target_loss``, or on Ctrl-C / SIGTERM (the current step
-finishes, a checkpoint is saved, and the run ends cleanly).
+Stops on ``train.max_steps``, on ``train.target_loss``, or on Ctrl-C / SIGTERM / SIGHUP (the
+current step finishes, a checkpoint is saved, and the run ends cleanly). The process that writes
+the run holds its lock (rundir.RunLock) from start to end.
+
+``plan_run`` decides what a command line does with a run directory: start a new run, continue
+one (``--resume``), or either (``--resume auto``, for jobs that are restarted with the same command
+after a preemption), or nothing because the run is already complete.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import dataclasses
 import math
 import platform
 import random
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,14 +36,29 @@ from gptforge.checkpoint import (
     TIED_KEY,
     Checkpoint,
     CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
     load_pretrained,
     load_weights,
     read_optimizer_state,
     remove_incomplete,
     save_best,
     save_checkpoint,
+    space_needed,
+    tensor_bytes,
 )
-from gptforge.config import ConfigError, RunConfig, format_config, grad_accum_steps, validate_run
+from gptforge.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_differences,
+    format_config,
+    grad_accum_steps,
+    resolve,
+    set_value,
+    validate_run,
+)
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, load_split
 from gptforge.device import autocast, keep_freed_memory, pick_autocast_dtype
 from gptforge.distributed import (
@@ -49,6 +71,7 @@ from gptforge.distributed import (
     gather_objects,
     grad_sync,
     init_distributed,
+    launch_rank,
     load_optimizer_state,
     mean_over_ranks,
     shutdown,
@@ -56,17 +79,22 @@ from gptforge.distributed import (
     wrap_model,
 )
 from gptforge.errors import GptforgeError
+from gptforge.hellaswag import HellaSwagResult, load_rendered
+from gptforge.hellaswag import score as score_hellaswag
 from gptforge.metrics import (
+    RUN_FILE,
     MetricsLog,
     Progress,
     RunRecord,
     TensorBoardLog,
     format_step,
     require_tensorboard,
+    say,
     truncate_metrics,
 )
 from gptforge.model import GPT
-from gptforge.optim import build_optimizer, lr_at, set_lr
+from gptforge.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr
+from gptforge.rundir import LOCK_FILE, disk_free, format_bytes, hold_run_lock
 
 
 class TrainingDiverged(GptforgeError):
@@ -211,10 +239,15 @@ def _from_json(obj: Any) -> Any:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step.
+    """Turns SIGINT, SIGTERM and SIGHUP (the terminal was closed) into a request to stop after
+    the current step. A signal this process was started ignoring stays ignored: under
+    ``nohup`` a closed terminal must not stop the run.
 
     A second Ctrl-C restores the default handler's behaviour (KeyboardInterrupt) for the impatient.
     """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, name))
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -226,7 +259,9 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -262,6 +297,19 @@ def _silent(_: str) -> None:
     pass
 
 
+def _warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer) -> None:
+    """A save needs room for a whole new checkpoint while the last one is still there."""
+    size = space_needed(tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
+                        + optimizer_state_bytes(optimizer))
+    free = disk_free(run_dir)
+    if free < 2 * size:
+        warnings.warn(
+            f"{run_dir} has {format_bytes(free)} free, less than two checkpoints of this run "
+            f"({format_bytes(2 * size)}): a save may run out of space; free some, or choose an "
+            "--out on a larger disk"
+        )
+
+
 def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     pin = device.type == "cuda"
 
@@ -274,13 +322,22 @@ def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], t
     return next_batch
 
 
+# What a run writes at its top level. A directory holding nothing else but no complete checkpoint
+# is a run that was stopped before its first save: --resume auto starts it again.
+RUN_FILES = {LOCK_FILE, RUN_FILE, "metrics.jsonl", "config.toml", CHECKPOINT_DIR, "tensorboard"}
+
+
+def _run_entries(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+
+
 def check_run_dir(run_dir: Path, resuming: bool) -> None:
     """A new run needs an empty (or absent) directory, so one run never overwrites another."""
     if resuming:
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise GptforgeError(f"--out {run_dir} is a file: choose a directory for the run")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if _run_entries(run_dir):
         raise GptforgeError(
             f"--out {run_dir} already holds files: continue that run with --resume, "
             "or choose another --out"
@@ -301,23 +358,146 @@ def resolve_model_vocab(cfg: RunConfig, meta: dict[str, Any]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------
+# What a command line does with a run directory
+
+
+@dataclass
+class RunPlan:
+    cfg: RunConfig
+    resume: Checkpoint | None = None  # continue from this checkpoint
+    complete: str | None = None  # the run needs no more steps: why (--resume auto exits 0)
+    restart: bool = False  # RUN holds only the files of a start that never saved a checkpoint
+
+
+def run_complete(ckpt: Checkpoint, cfg: RunConfig) -> str | None:
+    """Why the run in ``ckpt`` has nothing left to do under ``cfg``, or None."""
+    tc, state = cfg.train, ckpt.trainer
+    last, best_val = state.get("last_loss"), state.get("best_val_loss")
+    if ckpt.step >= tc.max_steps:
+        return f"the run is complete: it reached train.max_steps={tc.max_steps} (step {ckpt.step})"
+    # The loop checks the targets after every step (every evaluation), so a checkpoint whose loss
+    # is under the target is the one the run stopped at.
+    if tc.target_loss > 0 and isinstance(last, (int, float)) and last < tc.target_loss:
+        return (f"the run is complete: its training loss {last:.6f} is below "
+                f"train.target_loss={tc.target_loss} (step {ckpt.step})")
+    if tc.target_val_loss > 0 and isinstance(best_val, (int, float)) and best_val < tc.target_val_loss:
+        return (f"the run is complete: its validation loss {best_val:.6f} is below "
+                f"train.target_val_loss={tc.target_val_loss} (step {ckpt.step})")
+    return None
+
+
+def _is_started_run(run_dir: Path) -> bool:
+    """RUN holds only what a run writes, and no complete checkpoint: a start that never saved."""
+    entries = _run_entries(run_dir)  # a kill mid-rewrite leaves run.json.tmp and the like
+    return bool(entries) and all(e.removesuffix(".tmp") in RUN_FILES for e in entries)
+
+
+def _check_same_run(ckpt: Checkpoint, started: RunConfig, wanted: RunConfig, skip_model: bool) -> None:
+    """The command line must describe the run it continues: one line naming every key that differs."""
+    diffs = [(k, a, b) for k, a, b in config_differences(started, wanted)
+             if k not in RESUMABLE_KEYS and not (skip_model and k.startswith("model.") and k != "model.dropout")]
+    if diffs:
+        listed = "; ".join(f"{k} is {a!r} in the run, {b!r} in this command" for k, a, b in diffs)
+        raise ConfigError(
+            f"this command does not describe the run it continues ({ckpt.path}): {listed}. "
+            "Give the run's own settings (its config.toml); only train.max_steps, the targets, "
+            "the intervals, keep_last, the device, dtype, compile, parallel and sample keys may change"
+        )
+
+
+def plan_run(
+    out: str | Path,
+    resume: str | None,
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    init_from: str | None = None,
+    verify: str = "sha256",
+) -> RunPlan:
+    """What ``gptforge train`` does with ``--out`` (``resume``: None = a new run; "" = continue
+    RUN; "auto" = continue RUN if it holds a checkpoint, else start it; or a checkpoint path).
+
+    Continuing with ``--preset``/``--config`` (or ``auto``) checks that they, with ``--set`` and
+    ``--data``, give the run's own config except for RESUMABLE_KEYS, whose new values apply.
+    Continuing with ``--set`` alone applies those keys to the run's config, as asked.
+    """
+    out, overrides = Path(out), list(overrides or [])
+
+    def from_command_line() -> RunConfig:
+        cfg = resolve(preset, config_file, overrides)
+        if data:
+            cfg.data.path = data
+        return cfg
+
+    if resume is None:
+        return RunPlan(from_command_line())
+    auto = resume == "auto"
+    if auto:
+        try:
+            find_checkpoint(out)
+        except CheckpointError:
+            return RunPlan(from_command_line(), restart=_is_started_run(out))
+    elif init_from is not None:
+        raise GptforgeError("--init-from starts a new run and --resume continues one: use one of "
+                            "them (or --resume auto, which starts or continues as needed)")
+    ckpt = load_checkpoint(out if resume in ("", "auto") else resume, verify=verify)
+    cfg = ckpt.config
+    if preset or config_file or auto:
+        wanted = from_command_line()
+        if wanted.model.vocab_size == 0:
+            resolve_model_vocab(wanted, load_meta(wanted.data.path or cfg.data.path))
+        _check_same_run(ckpt, cfg, wanted, skip_model=init_from is not None)
+        for key in RESUMABLE_KEYS:
+            section, name = key.split(".")
+            set_value(cfg, key, getattr(getattr(wanted, section), name))
+    else:
+        apply_overrides(cfg, overrides)
+        if data:
+            cfg.data.path = data
+    validate_run(cfg)
+    done = run_complete(ckpt, cfg)
+    if done and not auto:
+        raise GptforgeError(
+            f"{done}: to train further, raise the limit it reached (e.g. --set "
+            f"train.max_steps=N with N > {ckpt.step}), or start a new run"
+        )
+    return RunPlan(cfg, ckpt, complete=done)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path,
     resume: Checkpoint | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     preset: str | None = None,
     init_from: str | Path | None = None,
+    restart: bool = False,
 ) -> TrainResult:
     """Train per ``cfg``, writing metrics and checkpoints under ``run_dir``.
 
     With ``resume``, the weights, optimizer, data cursor and RNG state continue from that
     checkpoint, so the run goes on exactly as if it had never stopped. With ``init_from`` (a
     local Hugging Face GPT-2 directory or a gptforge run/checkpoint), a new run starts from those
-    weights, for fine-tuning: the model's shape comes from there, dropout from ``cfg``.
+    weights, for fine-tuning: the model's shape comes from there, dropout from ``cfg``. With
+    ``restart``, a directory holding only the files of a run that never saved starts over.
+    The writing process holds the run's lock throughout (re-entrant: the CLI may hold it already).
     """
     t_start = time.time()
     run_dir = Path(run_dir)
+    with hold_run_lock(run_dir, enabled=launch_rank() == 0):
+        return _start(cfg, run_dir, resume, log, preset, init_from, restart, t_start)
+
+
+def _start(
+    cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
+    preset: str | None, init_from: str | Path | None, restart: bool, t_start: float,
+) -> TrainResult:
     tc = cfg.train
 
     # 1. data, and the model's vocabulary from it (every rank checks the same things, so a
@@ -342,7 +522,7 @@ def train(
         cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
-    check_run_dir(run_dir, resuming=resume is not None)
+    check_run_dir(run_dir, resuming=resume is not None or restart)
     if tc.tensorboard:
         require_tensorboard()
     train_tokens = load_split(cfg.data.path, "train")
@@ -353,17 +533,20 @@ def train(
         keep_freed_memory()
     env = init_distributed(tc.device, tc.dist_timeout_s)
     try:
-        return _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,
-                      preset, init_from, init_weights)
-    finally:
-        shutdown(env)
+        result = _train(cfg, run_dir, resume, log, env, meta, train_tokens, val_tokens, t_start,
+                        preset, init_from, init_weights, restart)
+    except BaseException:
+        shutdown(env, clean=False)
+        raise
+    shutdown(env)
+    return result
 
 
 def _train(
     cfg: RunConfig, run_dir: Path, resume: Checkpoint | None, log: Callable[[str], None],
     env: DistEnv, meta: dict[str, Any], train_tokens: np.ndarray, val_tokens: np.ndarray | None,
     t_start: float, preset: str | None, init_from: str | Path | None,
-    init_weights: dict[str, torch.Tensor] | None,
+    init_weights: dict[str, torch.Tensor] | None, restart: bool,
 ) -> TrainResult:
     tc, oc = cfg.train, cfg.optim
     if not env.is_main:
@@ -372,6 +555,12 @@ def _train(
     accum = grad_accum_steps(tc, env.world_size)
     loader = TokenLoader(train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
                          seed=tc.seed, rank=env.rank, world_size=env.world_size)
+    # HellaSwag's examples, read and tokenized once; a bad file stops every rank here, before
+    # any collective and before the run directory is written
+    hellaswag_items = load_rendered(
+        tc.hellaswag_data or None, meta["tokenizer"], cfg.model.block_size,
+        what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
+    )[0] if tc.hellaswag_interval else []
     amp_dtype = pick_autocast_dtype(device, tc.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for what autocast leaves in fp32
@@ -425,9 +614,11 @@ def _train(
     metrics = record = tboard = None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
+        if resume is not None or restart:
             remove_incomplete(run_dir)
-            truncate_metrics(run_dir / "metrics.jsonl", step)
+            truncate_metrics(run_dir / "metrics.jsonl", step)  # restart: step 0, all of it
+        if restart:
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         info = {"command": ["gptforge", *sys.argv[1:]]}
@@ -452,18 +643,23 @@ def _train(
         f"{tc.total_batch_tokens:,} tokens per step")
     if resume is not None:
         log(f"resuming from {resume.path} at step {step}")
+    if restart:
+        log(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again")
     if init_from is not None:
         log(f"starting from the weights of {init_from}")
+    if env.is_main:
+        _warn_if_disk_is_short(run_dir, model, optimizer)
 
-    def trainer_state(last_loss: float) -> dict[str, Any]:
+    def trainer_state(last_loss: float, stopped_by: str | None) -> dict[str, Any]:
         rngs = gather_objects(rng_state(device), env)
         return {
             "step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
             "rng": rngs[0], "rng_ranks": rngs, "world_size": env.world_size,
             "best_val_loss": best_val, "last_loss": last_loss, "wall_s": time.time() - t_start,
+            "stopped_by": stopped_by,
         }
 
-    def save(last_loss: float, val_loss: float | None) -> Path:
+    def save(last_loss: float, val_loss: float | None, stopped_by: str | None = None) -> Path:
         """Collective: every rank gathers, rank 0 writes, all wait for it."""
         nonlocal best_val
         is_best = val_loss is not None and (best_val is None or val_loss < best_val)
@@ -471,7 +667,7 @@ def _train(
             best_val = val_loss
         model_sd = full_model_state(wrapped, env, tc.parallel)
         optim_sd = full_optimizer_state(wrapped, optimizer, env, tc.parallel)
-        trainer = trainer_state(last_loss)
+        trainer = trainer_state(last_loss, stopped_by)
         path = run_dir / CHECKPOINT_DIR / f"step_{step:07d}"
         if env.is_main:
             path = save_checkpoint(run_dir, model_sd, optim_sd, cfg, tokenizer, trainer,
@@ -493,6 +689,19 @@ def _train(
                              tc.eval_max_batches, shard=eval_shard,
                              reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
 
+    def hellaswag() -> HellaSwagResult:
+        """As validate(): the uncompiled module; under DDP each rank a share of the batches, which
+        hold at most a training micro-batch's tokens."""
+        return score_hellaswag(eval_model, hellaswag_items, batch_size=len(hellaswag_items),
+                               max_tokens=tc.batch_size * tc.seq_len, device=device, amp=amp,
+                               shard=eval_shard,
+                               reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
+
+    def log_hellaswag(at_step: int, hs: HellaSwagResult) -> dict[str, float]:
+        log(f"step {at_step:5d} | hellaswag acc: {hs.acc:.4f} | acc_norm: {hs.acc_norm:.4f} "
+            f"({hs.examples:,} examples, {hs.wall_s:.1f}s)")
+        return {"hellaswag_acc": hs.acc, "hellaswag_acc_norm": hs.acc_norm}
+
     def write_metrics(**fields: Any) -> None:
         if metrics is not None:
             metrics.write(**fields)
@@ -506,6 +715,7 @@ def _train(
     next_batch = _device_batches(loader, device)
     wrapped.train()
     last_loss, val_loss, ckpt_path = float("nan"), None, None
+    hs: HellaSwagResult | None = None
     stopped_by = "max_steps"
     saved_step = first_step = step  # a resumed run's starting point is already on disk
     progress = Progress(tc.max_steps, step, enabled=env.is_main, target_loss=tc.target_loss)
@@ -534,12 +744,15 @@ def _train(
                 val_loss = None
                 if tc.eval_interval and step % tc.eval_interval == 0:
                     val_loss = validate()
+                hs = None
+                if tc.hellaswag_interval and step % tc.hellaswag_interval == 0:
+                    hs = hellaswag()
                 reached_target = tc.target_loss > 0 and result.loss < tc.target_loss
                 reached_val = (tc.target_val_loss > 0 and val_loss is not None
                                and val_loss < tc.target_val_loss)
                 stopping = any_rank(bool(stop), env)  # a signal may reach one rank first
                 last = step >= tc.max_steps or reached_target or reached_val or stopping
-                if done_step % tc.log_interval == 0 or last or val_loss is not None:
+                if done_step % tc.log_interval == 0 or last or val_loss is not None or hs is not None:
                     tok_per_s = tc.total_batch_tokens / dt
                     if done_step % tc.log_interval == 0 or last:
                         log(format_step(done_step, result.loss, lr, result.norm, dt * 1000, tok_per_s))
@@ -549,6 +762,8 @@ def _train(
                                   dt_ms=dt * 1000, tok_per_s=tok_per_s, tokens=tokens_seen)
                     if val_loss is not None:
                         fields["val_loss"] = val_loss
+                    if hs is not None:
+                        fields.update(log_hellaswag(done_step, hs))
                     write_metrics(**fields)
                 if tc.save_interval and step % tc.save_interval == 0 and not last:
                     ckpt_path = save(result.loss, val_loss)
@@ -574,12 +789,18 @@ def _train(
                 if val_loss is not None:
                     log(f"step {step - 1:5d} | val loss: {val_loss:.6f}")
                     write_metrics(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
+            if (tc.hellaswag_interval and hs is None and step > 0
+                    and stopped_by in ("max_steps", "target_loss", "target_val_loss")):
+                write_metrics(step=step - 1, tokens=tokens_seen,
+                              **log_hellaswag(step - 1, hellaswag()))
             if step != saved_step and step > 0:
-                ckpt_path = save(last_loss, val_loss)
+                ckpt_path = save(last_loss, val_loss, stopped_by)
     except BaseException as e:
         if record is not None:
-            record.update(status="crashed", error=str(e) or type(e).__name__, step=step,
-                          tokens=tokens_seen)
+            # Best effort: when the disk is full, run.json cannot say so either.
+            with contextlib.suppress(GptforgeError, OSError):
+                record.update(status="crashed", error=str(e) or type(e).__name__, step=step,
+                              tokens=tokens_seen)
         raise
     finally:
         progress.close()

@@ -43,19 +43,19 @@ def default_cache_dir() -> str:
 
 
 def fetch_named_dataset(
-    name_or_ds: str | NamedDataset, url: str | None = None, cache_dir: str | None = None
+    name_or_ds: str | NamedDataset, url: str | None = None, cache_dir: str | None = None,
+    hint: str | None = None,
 ) -> str:
-    """Path of a verified local copy of a dataset, downloading it once into the cache.
-
-    ``name_or_ds`` is a name in ``NAMED_DATASETS`` or a ``NamedDataset`` of the caller's own.
-    """
+    """Path of a verified local copy of a dataset (registered name or a ``NamedDataset``),
+    downloading it once into the cache. ``hint`` ends a failure's message: how to get the file
+    and pass it to the command at hand (default: to ``gptforge prepare``)."""
     ds = NAMED_DATASETS[name_or_ds] if isinstance(name_or_ds, str) else name_or_ds
     url = url or os.environ.get(ds.url_env) or ds.url
     path = os.path.join(cache_dir or default_cache_dir(), ds.filename)
     if os.path.isfile(path) and file_sha256(path) == ds.sha256:
         return path
     base = os.path.basename(ds.filename)
-    hint = f"download {base} yourself and pass the file: gptforge prepare {base} --out DIR"
+    hint = hint or f"download {base} yourself and pass the file: gptforge prepare {base} --out DIR"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as e:

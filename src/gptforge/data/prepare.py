@@ -55,7 +55,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from gptforge.data.shards import (
     DATA_FORMAT,
@@ -79,6 +78,7 @@ from gptforge.data.sources import (
     read_sources,
 )
 from gptforge.errors import GptforgeError
+from gptforge.metrics import progress_bar
 from gptforge.tokenizer import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 from gptforge.version import __version__
 
@@ -515,8 +515,8 @@ def _tokenize(run: _Run, sources: list[Source], tok: Tokenizer, opt: Options, ru
                     break
             i, piece = batch[-1]
             bar.update(writer.file_start + piece.done - bar.n)
-            bar.set_postfix_str(f"{tqdm.format_sizeof(writer.total())} tokens, "
-                                f"{tqdm.format_sizeof(writer.docs)} documents", refresh=False)
+            bar.set_postfix_str(f"{bar.format_sizeof(writer.total())} tokens, "
+                                f"{bar.format_sizeof(writer.docs)} documents", refresh=False)
             if not going:
                 break
         writer.finish(stopped=not going)
@@ -634,15 +634,11 @@ def _char_tokenizer(sources: list[Source], opt: Options, show: bool) -> CharToke
     return CharTokenizer("".join(sorted(chars)))
 
 
-def _bar(total: int, desc: str, show: bool) -> tqdm:
-    """Bytes read, MB/s and ETA; tokens and documents go in its postfix."""
-    # A terminal that reports 0 x 0 (a bare pty) would hide the bar: get_terminal_size's
-    # fallback (80 x 24) is used instead.
-    size = shutil.get_terminal_size()
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
-                disable=not show, ncols=size.columns, nrows=size.lines,
-                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B {rate_fmt} "
-                           "ETA {remaining}{postfix}")
+def _bar(total: int, desc: str, show: bool) -> Any:
+    """Bytes read, MB/s and ETA; tokens and documents go in its postfix. On a terminal only."""
+    return progress_bar(total=total, unit="B", unit_scale=True, desc=desc, disable=not show,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+                                   "{rate_fmt} ETA {remaining}{postfix}")
 
 
 def _meta(run: _Run, sources: list[Source], tok: dict[str, Any], opt: Options, rule: str
@@ -808,7 +804,7 @@ def prepare(
                                     "bytes_read": 0}}
     resumed, created = _start(run, args, force)
 
-    show = progress and sys.stderr.isatty()  # a bar on a terminal; in a pipe, nothing
+    show = progress  # progress_bar draws on a terminal only; in a pipe, the summary line
     try:
         if not resumed:
             tok_dict = (_char_tokenizer(sources, opt, show) if tokenizer == "char"
