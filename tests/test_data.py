@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import importlib
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from gptforge.data import (
 )
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
+
+sources = importlib.import_module("gptforge.data.sources")  # (data.prepare is the function)
 
 needs_shakespeare = pytest.mark.skipif(
     not os.path.isfile(SHAKESPEARE), reason="Tiny Shakespeare is not here"
@@ -70,10 +73,14 @@ def tree(path) -> dict:
 # prepare and shards
 
 
+def split_tokens(out, split) -> list[int]:
+    return load_split(out, split)[:].tolist()
+
+
 @needs_shakespeare
 def test_prepare_shakespeare_round_trip(shakespeare_gpt2, shakespeare_text, gpt2):
-    train = read_shard(os.path.join(shakespeare_gpt2, "train.bin"))
-    val = read_shard(os.path.join(shakespeare_gpt2, "val.bin"))
+    train = read_shard(os.path.join(shakespeare_gpt2, "train-000000.bin"))
+    val = read_shard(os.path.join(shakespeare_gpt2, "val-000000.bin"))
     assert isinstance(train, np.memmap) and train.dtype == np.uint16 and not train.flags.writeable
     expected = gpt2.encode(shakespeare_text)
     assert len(train) + len(val) == len(expected) == 338_025
@@ -81,7 +88,9 @@ def test_prepare_shakespeare_round_trip(shakespeare_gpt2, shakespeare_text, gpt2
     assert np.array_equal(np.concatenate([train, val]), np.array(expected, dtype=np.uint16))
 
     meta = load_meta(shakespeare_gpt2)
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
+    assert meta["val_split"]["rule"] == "tail"
+    assert meta["documents"]["read"] == 1 and meta["documents"]["empty_skipped"] == 0
     assert meta["tokenizer"] == {"name": "gpt2"}
     assert (meta["vocab_size"], meta["eot_id"]) == (50257, 50256)
     assert (meta["train_tokens"], meta["val_tokens"], meta["val_fraction"]) == (
@@ -95,41 +104,61 @@ def test_prepare_shakespeare_round_trip(shakespeare_gpt2, shakespeare_text, gpt2
     assert os.path.samefile(src["path"], SHAKESPEARE)
     assert meta["created"] and meta["gptforge_version"]
     assert len(load_split(shakespeare_gpt2, "val")) == len(val)
-    assert sorted(os.listdir(shakespeare_gpt2)) == ["meta.json", "train.bin", "val.bin"]
+    assert meta["shards"] == {
+        split: [{"file": f"{split}-000000.bin", "tokens": n,
+                 "sha256": data.shards.file_sha256(os.path.join(shakespeare_gpt2, f"{split}-000000.bin"))}]
+        for split, n in (("train", len(train)), ("val", len(val)))
+    }
+    assert sorted(os.listdir(shakespeare_gpt2)) == ["meta.json", "train-000000.bin", "val-000000.bin"]
 
 
 @needs_shakespeare
 def test_chunked_prepare_equals_whole_encoding(tmp_path, monkeypatch, shakespeare_gpt2):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # ~270 chunks, each cut at a safe boundary
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # ~270 chunks, each cut at a safe boundary
     prepare([SHAKESPEARE], str(tmp_path / "out"), progress=False)
     for split in ("train", "val"):
-        chunked = read_shard(str(tmp_path / "out" / f"{split}.bin"))
-        whole = read_shard(os.path.join(shakespeare_gpt2, f"{split}.bin"))
-        assert np.array_equal(chunked, whole)
+        assert split_tokens(tmp_path / "out", split) == split_tokens(shakespeare_gpt2, split)
 
 
-def test_chunked_pieces_unicode_whitespace(tmp_path, gpt2):
+def text_source(path) -> "sources.Source":
+    [src] = sources.expand_inputs([str(path)])
+    return src
+
+
+@pytest.mark.parametrize("errors", ["strict", "replace"])
+def test_chunked_pieces_unicode_whitespace(tmp_path, gpt2, monkeypatch, errors):
     # Odd tiny chunks split multi-byte characters and whitespace runs at every possible place.
     text = ("naïve  café\n\n  déjà\t\tvu 🤖🤖 x\u3000y\u00a0 z  \r\n" * 40) + "   end  "
-    path = write(tmp_path / "u.txt", text)
+    raw = text.encode()
+    if errors == "replace":  # invalid bytes, some of them next to the places cuts go
+        raw = raw.replace(b"x", b"\xe2\x82").replace(b"vu", b"v\xff")
+        text = raw.decode("utf-8", "replace")
+    path = write(tmp_path / "u.txt", raw)
+    opt = sources.ReadOptions(errors=errors)
     for chunk in (1, 3, 7, 64):
-        src = data._Source(name=path, path=path, bytes=os.path.getsize(path))
-        pieces = list(data._iter_text_pieces(src, chunk_bytes=chunk))
-        assert "".join(pieces) == text
-        assert [t for p in pieces for t in gpt2.encode(p)] == gpt2.encode(text)
-        assert src.sha256 == hashlib.sha256(text.encode()).hexdigest()
+        monkeypatch.setattr(sources, "CHUNK_BYTES", chunk)
+        src = text_source(path)
+        pieces = list(sources.read_text(src, opt))
+        assert "".join(p.text for p in pieces) == text
+        assert [t for p in pieces for t in gpt2.encode(p.text)] == gpt2.encode(text)
+        assert src.sha256 == hashlib.sha256(raw).hexdigest()
+        # Starting again at any piece's resume point gives the rest of the text exactly.
+        for k in range(0, len(pieces), 7):
+            rest = list(sources.read_text(text_source(path), opt, pieces[k].resume))
+            assert "".join(p.text for p in rest) == "".join(p.text for p in pieces[k:])
+            assert rest[0].first == (k == 0)
 
 
 def test_multiple_files_separated_by_eot(tmp_path, gpt2):
     a = write(tmp_path / "a.txt", "Hello world\n")
     b = write(tmp_path / "b.txt", "second document")
     meta = prepare([a, b], str(tmp_path / "out"), val_fraction=0.0, progress=False)
-    train = read_shard(str(tmp_path / "out" / "train.bin"))
-    assert train.tolist() == gpt2.encode("Hello world\n") + [50256] + gpt2.encode("second document")
+    train = split_tokens(tmp_path / "out", "train")
+    assert train == gpt2.encode("Hello world\n") + [50256] + gpt2.encode("second document")
     assert [s["name"] for s in meta["sources"]] == [a, b]
-    # val_fraction 0: everything trains, val.bin is valid and empty
-    val = read_shard(str(tmp_path / "out" / "val.bin"))
-    assert len(val) == 0 and meta["val_tokens"] == 0
+    # val_fraction 0: everything trains, val has no shards and no tokens
+    assert len(load_split(str(tmp_path / "out"), "val")) == 0 and meta["val_tokens"] == 0
+    assert meta["shards"]["val"] == [] and meta["val_split"] == {"rule": "none"}
 
 
 def test_char_files_are_concatenated(tmp_path):
@@ -139,7 +168,7 @@ def test_char_files_are_concatenated(tmp_path):
         [a, b], str(tmp_path / "out"), tokenizer="char", val_fraction=0.5, progress=False
     )
     assert meta["tokenizer"] == {"name": "char", "chars": "abc"} and meta["eot_id"] is None
-    train, val = (read_shard(str(tmp_path / "out" / f"{s}.bin")).tolist() for s in ("train", "val"))
+    train, val = (split_tokens(tmp_path / "out", s) for s in ("train", "val"))
     assert train + val == [0, 1, 2, 2, 0, 1] and len(val) == 3
 
 
@@ -148,7 +177,7 @@ def test_char_prepare_shakespeare(tmp_path, shakespeare_text):
     meta = prepare([SHAKESPEARE], str(tmp_path / "out"), tokenizer="char", progress=False)
     assert meta["vocab_size"] == 65 and len(meta["tokenizer"]["chars"]) == 65
     tok = CharTokenizer.from_text(shakespeare_text)
-    train = read_shard(str(tmp_path / "out" / "train.bin"))
+    train = load_split(str(tmp_path / "out"), "train")
     assert train[:1000].tolist() == tok.encode(shakespeare_text[:1000])
     assert meta["train_tokens"] + meta["val_tokens"] == len(shakespeare_text)
 
@@ -181,7 +210,7 @@ def test_write_read_shard(tmp_path):
     "content, kwargs, needle",
     [
         (None, {}, "does not exist"),
-        (b"", {}, "is empty"),
+        (b"", {}, "hold no text"),
         (b"hello\0world", {}, "NUL byte at byte offset 5"),
         (b"caf\xc3\xa9 ok \xff\xfe", {}, "byte 0xff at byte offset 9"),
         (b"abc\xc3", {}, "at byte offset 3"),  # a character cut off by the end of the file
@@ -209,14 +238,14 @@ def test_bad_input_leaves_nothing(tmp_path, content, kwargs, needle):
 
 
 def test_offsets_across_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 7)  # splits the 2-byte characters
-    bad = write(tmp_path / "bad.bin", "é".encode() * 100 + b"\xff" + b"tail")
-    binary = write(tmp_path / "nul.bin", b"x" * 123 + b"\0")
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 7)  # splits the 2-byte characters
+    bad = write(tmp_path / "bad.txt", "é".encode() * 100 + b"\xff" + b"tail")
+    binary = write(tmp_path / "nul.txt", b"x" * 123 + b"\0")
     with pytest.raises(GptforgeError, match="byte 0xff at byte offset 200"):
         prepare([bad], str(tmp_path / "out"), progress=False)
     with pytest.raises(GptforgeError, match="NUL byte at byte offset 123"):
         prepare([binary], str(tmp_path / "out"), progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["bad.bin", "nul.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["bad.txt", "nul.txt"]
 
 
 def test_errors_replace(tmp_path, gpt2):
@@ -224,7 +253,7 @@ def test_errors_replace(tmp_path, gpt2):
     meta = prepare(
         [path], str(tmp_path / "out"), errors="replace", val_fraction=0.0, progress=False
     )
-    assert read_shard(str(tmp_path / "out" / "train.bin")).tolist() == gpt2.encode("caf\ufffd ok")
+    assert split_tokens(tmp_path / "out", "train") == gpt2.encode("caf\ufffd ok")
     assert meta["train_tokens"] > 0
     # NUL still means binary, whatever the decoding
     nul = write(tmp_path / "nul.txt", b"text\0")
@@ -235,7 +264,7 @@ def test_errors_replace(tmp_path, gpt2):
 
 def test_late_failure_cleans_temp_files(tmp_path):
     good = write(tmp_path / "good.txt", "fine text " * 100)
-    binary = write(tmp_path / "z.bin", b"x" * 50 + b"\0")
+    binary = write(tmp_path / "z.txt", b"x" * 50 + b"\0")
     out = tmp_path / "out"
     out.mkdir()  # an existing, empty directory stays, empty
     with pytest.raises(GptforgeError, match="offset 50"):
@@ -255,13 +284,14 @@ def test_existing_output_needs_force(tmp_path, gpt2):
     assert tree(out) == before
     # a forced run that fails leaves the old data as it was
     with pytest.raises(GptforgeError):
-        prepare([write(tmp_path / "n.bin", b"\0")], out, force=True, progress=False)
+        prepare([write(tmp_path / "n.txt", b"\0")], out, force=True, progress=False)
+    assert tree(out) == before
+    # the same arguments again: nothing to do, nothing touched
+    assert prepare([first], out, val_fraction=0.0, progress=False)["run"]["status"] == "unchanged"
     assert tree(out) == before
     prepare([second], out, val_fraction=0.0, force=True, progress=False)
-    assert read_shard(os.path.join(out, "train.bin")).tolist() == gpt2.encode(
-        "second, different text"
-    )
-    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    assert split_tokens(out, "train") == gpt2.encode("second, different text")
+    assert sorted(os.listdir(out)) == ["meta.json", "train-000000.bin"]
 
 
 def test_corrupt_shards(tmp_path):
@@ -294,7 +324,7 @@ def test_corrupt_shards(tmp_path):
 def test_load_meta_errors(tmp_path):
     with pytest.raises(GptforgeError) as e:
         load_meta(str(tmp_path / "nowhere"))
-    assert "no prepared data in" in one_line_error(e) and "gptforge prepare FILE --out" in str(
+    assert "no prepared data in" in one_line_error(e) and "gptforge prepare INPUT --out" in str(
         e.value
     )
     write(tmp_path / "meta.json", "{not json")
@@ -380,6 +410,29 @@ def test_download_wrong_checksum_not_cached(tmp_path, offline_env):
         server.stop()
     assert "sha256" in one_line_error(e)
     assert tree(cache) == {} and not (tmp_path / "out").exists()
+
+
+def test_fetch_a_dataset_of_ones_own(tmp_path, offline_env):
+    """fetch_named_dataset also takes a NamedDataset that is not in NAMED_DATASETS."""
+    served = tmp_path / "www"
+    served.mkdir()
+    write(served / "input.txt", "some evaluation data\n")
+    ds = data.NamedDataset(url="unused", sha256=hashlib.sha256(b"some evaluation data\n").hexdigest(),
+                           filename="mine/input.txt", url_env="GPTFORGE_TEST_MINE_URL", title="Mine")
+    server = _Server(served)
+    try:
+        path = data.fetch_named_dataset(ds, url=server.url, cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.stop()
+    assert path == str(tmp_path / "cache" / "mine" / "input.txt")
+    assert data.fetch_named_dataset(ds, cache_dir=str(tmp_path / "cache")) == path  # cached
+    bad = data.NamedDataset(**{**ds.__dict__, "sha256": "0" * 64, "filename": "bad/input.txt"})
+    server = _Server(served)
+    try:
+        with pytest.raises(GptforgeError, match="the Mine downloaded from .* has sha256"):
+            data.fetch_named_dataset(bad, url=server.url, cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.stop()
 
 
 def test_download_unreachable_one_line(tmp_path, offline_env, monkeypatch):

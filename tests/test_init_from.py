@@ -7,7 +7,7 @@ import torch
 from test_train import quiet, shakespeare_head, tiny_cfg
 
 from gptforge.checkpoint import CheckpointError
-from gptforge.data import TokenLoader, prepare, read_shard
+from gptforge.data import TokenLoader, load_split, prepare
 from gptforge.metrics import read_metrics, read_run_record
 from gptforge.train import train
 
@@ -30,7 +30,7 @@ def test_init_from_a_hugging_face_directory(tmp_path):
     assert hf.config.resid_pdrop == 0.1
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.model.dropout) == (2, 32, 64, 0.0)
     # The first step's loss is the Hugging Face model's loss on the first batch.
-    loader = TokenLoader(read_shard(tmp_path / "data" / "train.bin"), 8, 32)
+    loader = TokenLoader(load_split(tmp_path / "data", "train"), 8, 32)
     x, y = (t.long() for t in loader.next_batch())  # int32 ids, as train widens them
     hf.eval()
     with torch.no_grad():

@@ -20,37 +20,54 @@ RANK = {
     "bench": 7,
     "cli": 8,
 }
+# A package is one layer outside; inside, its modules are layered the same way.
+PACKAGE_RANK = {
+    "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "prepare": 3, "__init__": 4},
+}
 
 
-def gptforge_imports(path: Path) -> set[str]:
-    """Every gptforge module imported anywhere in the file, lazy imports inside functions too."""
+def gptforge_imports(path: Path) -> set[tuple[str, str | None]]:
+    """Every gptforge module imported anywhere in the file, lazy imports inside functions too,
+    as (module, submodule of a package or None)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gptforge"):
             parts = node.module.split(".")
             if len(parts) == 1:  # from gptforge import X
-                out.update(alias.name for alias in node.names)
+                out.update((alias.name, None) for alias in node.names)
             else:
-                out.add(parts[1])
+                out.add((parts[1], parts[2] if len(parts) > 2 else None))
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("gptforge."):
-                    out.add(alias.name.split(".")[1])
+                parts = alias.name.split(".")
+                if parts[0] == "gptforge" and len(parts) > 1:
+                    out.add((parts[1], parts[2] if len(parts) > 2 else None))
                 elif alias.name == "gptforge":
-                    out.add("gptforge")
+                    out.add(("gptforge", None))
     return out
 
 
 def test_every_module_has_a_layer():
     modules = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__"}
-    assert modules == set(RANK)
+    packages = {p.parent.name for p in SRC.glob("*/__init__.py")}
+    assert modules | packages == set(RANK)
+    for package, ranks in PACKAGE_RANK.items():
+        assert {p.stem for p in (SRC / package).glob("*.py")} == set(ranks)
 
 
 def test_imports_point_down_only():
     for name, rank in RANK.items():
-        for dep in gptforge_imports(SRC / f"{name}.py"):
-            assert dep in RANK, f"{name} imports {dep}, which is not a layer"
-            assert RANK[dep] < rank, f"{name} (layer {rank}) imports {dep} (layer {RANK[dep]})"
+        files = ({f"{name}.{p.stem}": p for p in (SRC / name).glob("*.py")} if name in PACKAGE_RANK
+                 else {name: SRC / f"{name}.py"})
+        for where, path in files.items():
+            for dep, sub in gptforge_imports(path):
+                assert dep in RANK, f"{where} imports {dep}, which is not a layer"
+                if dep == name:  # inside the package
+                    inner = PACKAGE_RANK[name]
+                    mine = inner[path.stem]
+                    assert sub in inner and inner[sub] < mine, f"{where} imports {dep}.{sub}"
+                else:
+                    assert RANK[dep] < rank, f"{where} (layer {rank}) imports {dep} (layer {RANK[dep]})"
 
 
 def test_model_imports_only_torch_and_its_config():
@@ -66,8 +83,9 @@ def test_model_imports_only_torch_and_its_config():
 
 def test_core_import_pulls_no_optional_extras():
     code = ("import sys, gptforge, gptforge.cli, gptforge.train, gptforge.generate, "
-            "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint; "
-            "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard') if m in sys.modules]; "
+            "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint, gptforge.data; "
+            "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard', 'pyarrow', "
+            "'zstandard') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(SRC.parent), "PATH": ""})

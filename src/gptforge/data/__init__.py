@@ -1,0 +1,43 @@
+"""Data: text in many formats -> token shards on disk -> batches for training and evaluation.
+
+- ``sources``: which files the inputs name, and one reader per format (text, JSON lines, Parquet)
+- ``shards``: the shard file (a self-describing header), its writer and reader, and a split's
+  shards read as one stream (``load_split``)
+- ``prepare``: ``gptforge prepare``, inputs -> tokens -> shards, in parallel and resumable
+- ``loader``: training batches with a resumable cursor, and evaluation windows
+- ``named``: datasets known by name (``shakespeare``), fetched once and verified
+
+What the rest of gptforge uses is named here.
+"""
+
+from gptforge.data.loader import TokenLoader, count_eval_windows, iter_eval_batches
+from gptforge.data.named import NAMED_DATASETS, NamedDataset, default_cache_dir, fetch_named_dataset
+from gptforge.data.prepare import DEFAULT_SHARD_TOKENS, prepare
+from gptforge.data.shards import (
+    ShardWriter,
+    TokenStream,
+    load_meta,
+    load_split,
+    read_shard,
+    write_shard,
+)
+from gptforge.data.sources import FORMATS
+
+__all__ = [
+    "DEFAULT_SHARD_TOKENS",
+    "FORMATS",
+    "NAMED_DATASETS",
+    "NamedDataset",
+    "ShardWriter",
+    "TokenLoader",
+    "TokenStream",
+    "count_eval_windows",
+    "default_cache_dir",
+    "fetch_named_dataset",
+    "iter_eval_batches",
+    "load_meta",
+    "load_split",
+    "prepare",
+    "read_shard",
+    "write_shard",
+]

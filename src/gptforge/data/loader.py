@@ -1,0 +1,174 @@
+"""Batches from a split: a deterministic, resumable loader and consecutive evaluation windows.
+
+``tokens`` is anything that behaves like a 1-D uint16 array: a shard's memmap, a plain array, or
+a ``TokenStream`` over all the shards of a split (``load_split``), whose slices and index arrays
+may cross shard boundaries. So a split of many shards is one stream of tokens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from gptforge.data.shards import TokenStream
+from gptforge.errors import GptforgeError
+
+Tokens = Union[np.ndarray, TokenStream]  # 1-D uint16 token ids
+
+
+def _too_short(tokens: Tokens, n: int, b: int, t: int, need: int) -> GptforgeError:
+    where = getattr(tokens, "name", None) or getattr(tokens, "filename", None) or "the token array"
+    return GptforgeError(
+        f"{where} has {n} tokens, fewer than one batch of {b} x {t} + 1 = {need}; "
+        "use a smaller train.batch_size/train.seq_len or more text"
+    )
+
+
+class TokenLoader:
+    """(x, y) int32 batches of shape (B, T) from a split; y is x shifted left by one token.
+    (int32, not int64: half the bytes to the device, widened there; see device.BatchFeeder.)
+
+    There is one global stream of sequences (windows of T+1 tokens). ``cursor`` counts global
+    sequences consumed; a call on rank r returns sequences [cursor + r*B, cursor + (r+1)*B) and
+    advances cursor by world_size*B. So the stream does not depend on how many processes read
+    it: 2 calls on 1 process see what 1 call each on 2 processes see, and a run can resume with
+    a different world size.
+
+    mode "sequential" is build-nanogpt's DataLoaderLite: sequence k starts at token
+    (k mod n_seq) * T with n_seq = floor((N-1) / (B*T)) * B, i.e. batches walk the split in
+    order (across its shards) and wrap to the start when a whole B*T+1 no longer fits (the tail
+    is dropped).
+    mode "random" draws each sequence's start uniformly in [0, N-T-1] over the whole split (all
+    shards, not shard by shard), seeded per global index.
+    """
+
+    RANDOM_BLOCK = 4096  # sequences whose starts come from one seeded generator
+
+    def __init__(
+        self,
+        tokens: Tokens,
+        batch_size: int,
+        seq_len: int,
+        mode: str = "sequential",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if mode not in ("sequential", "random"):
+            raise GptforgeError(f"unknown data loader mode {mode!r}: choose sequential or random")
+        if batch_size < 1 or seq_len < 1:
+            raise GptforgeError(
+                f"batch size and sequence length must be >= 1, got {batch_size} x {seq_len}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.tokens = tokens
+        self.B, self.T = batch_size, seq_len
+        self.mode, self.seed = mode, int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.cursor = 0
+        n = len(tokens)
+        if mode == "sequential":
+            need = self.B * self.T + 1
+            self.n_seq = (n - 1) // (self.B * self.T) * self.B if n > 0 else 0
+        else:
+            need = self.T + 1
+            self.n_seq = 0
+        if n < need:
+            raise _too_short(tokens, n, self.B, self.T, need)
+        self._block_index = -1
+        self._block_starts = np.zeros(0, dtype=np.int64)
+
+    def _random_starts(self, first: int) -> np.ndarray:
+        """Window starts of global sequences first .. first+B-1, independent of world size."""
+        ks = np.arange(first, first + self.B, dtype=np.int64)
+        starts = np.empty(self.B, dtype=np.int64)
+        high = len(self.tokens) - self.T  # exclusive: start + T + 1 <= N
+        for block in np.unique(ks // self.RANDOM_BLOCK):
+            block = int(block)
+            if block != self._block_index:
+                rng = np.random.default_rng([self.seed, block])
+                self._block_starts = rng.integers(0, high, size=self.RANDOM_BLOCK, dtype=np.int64)
+                self._block_index = block
+            sel = ks // self.RANDOM_BLOCK == block
+            starts[sel] = self._block_starts[ks[sel] % self.RANDOM_BLOCK]
+        return starts
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.B, self.T
+        first = self.cursor + self.rank * B
+        if self.mode == "sequential":
+            # n_seq is a multiple of B and first is too, so a batch never straddles the wrap:
+            # it is one contiguous run of B*T+1 tokens.
+            start = (first % self.n_seq) * T
+            buf = torch.from_numpy(
+                np.asarray(self.tokens[start : start + B * T + 1], dtype=np.int32)
+            )
+            x = buf[:-1].view(B, T)
+            y = buf[1:].view(B, T)  # shares storage with x, like DataLoaderLite
+        else:
+            idx = self._random_starts(first)[:, None] + np.arange(T + 1)  # (B, T+1)
+            buf = np.asarray(self.tokens[idx], dtype=np.int32)
+            x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
+            y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+        self.cursor += self.world_size * B
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is, plus what must match for resuming to continue the same stream."""
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "cursor": self.cursor,
+            "batch_size": self.B,
+            "seq_len": self.T,
+            "n_tokens": len(self.tokens),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        # state key -> the setting a person would change (config names; n_tokens is the data)
+        settings = {
+            "mode": "data.loader",
+            "seed": "train.seed",
+            "batch_size": "train.batch_size",
+            "seq_len": "train.seq_len",
+            "n_tokens": "train tokens in the data",
+        }
+        for key, setting in settings.items():
+            if state.get(key) != mine[key]:
+                raise GptforgeError(
+                    f"cannot resume the data stream: {setting} was {state.get(key)!r} in the "
+                    f"checkpoint and is {mine[key]!r} now; resume with the same data and settings"
+                )
+        cursor = state.get("cursor")
+        if not isinstance(cursor, int) or cursor < 0:
+            raise GptforgeError(
+                f"cannot resume the data stream: bad cursor {cursor!r} in the checkpoint"
+            )
+        self.cursor = cursor
+
+
+def count_eval_windows(tokens: Tokens, seq_len: int) -> int:
+    """Windows of seq_len+1 tokens in ``tokens``, consecutive (neighbours share one token)."""
+    return max(len(tokens) - 1, 0) // seq_len
+
+
+def iter_eval_batches(
+    tokens: Tokens, batch_size: int, seq_len: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every full window of a split, in order, as (x, y) int32 batches; the last may be smaller.
+
+    Window w predicts tokens[w*T+1 : (w+1)*T+1], so together they score every token but the
+    first once. A final window shorter than T is dropped. Yields nothing if the split is shorter
+    than T+1 tokens (check count_eval_windows first to say so).
+    """
+    T = seq_len
+    n_windows = count_eval_windows(tokens, T)
+    for w0 in range(0, n_windows, batch_size):
+        rows = min(batch_size, n_windows - w0)
+        buf = torch.from_numpy(np.asarray(tokens[w0 * T : (w0 + rows) * T + 1], dtype=np.int32))
+        yield buf[:-1].view(rows, T), buf[1:].view(rows, T)

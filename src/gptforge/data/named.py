@@ -1,0 +1,95 @@
+"""Named datasets: a name on the command line that stands for a file fetched once and verified."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from gptforge.data.shards import file_sha256, temp_path
+from gptforge.errors import GptforgeError
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    url: str
+    sha256: str
+    filename: str  # name of the cached copy under the cache directory
+    url_env: str  # environment variable that overrides url (a mirror)
+    title: str
+
+
+NAMED_DATASETS: dict[str, NamedDataset] = {
+    "shakespeare": NamedDataset(
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        filename="tinyshakespeare/input.txt",
+        url_env="GPTFORGE_SHAKESPEARE_URL",
+        title="Tiny Shakespeare",
+    ),
+}
+
+
+def default_cache_dir() -> str:
+    if os.environ.get("GPTFORGE_CACHE"):
+        return os.environ["GPTFORGE_CACHE"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "gptforge")
+
+
+def fetch_named_dataset(
+    name_or_ds: str | NamedDataset, url: str | None = None, cache_dir: str | None = None,
+    hint: str | None = None,
+) -> str:
+    """Path of a verified local copy of a dataset (registered name or a ``NamedDataset``),
+    downloading it once into the cache. ``hint`` ends a failure's message: how to get the file
+    and pass it to the command at hand (default: to ``gptforge prepare``)."""
+    ds = NAMED_DATASETS[name_or_ds] if isinstance(name_or_ds, str) else name_or_ds
+    url = url or os.environ.get(ds.url_env) or ds.url
+    path = os.path.join(cache_dir or default_cache_dir(), ds.filename)
+    if os.path.isfile(path) and file_sha256(path) == ds.sha256:
+        return path
+    base = os.path.basename(ds.filename)
+    hint = hint or f"download {base} yourself and pass the file: gptforge prepare {base} --out DIR"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise GptforgeError(
+            f"cannot create cache directory {os.path.dirname(path)} ({e.strerror}): "
+            "set GPTFORGE_CACHE to a writable directory"
+        ) from None
+    tmp = temp_path(path)
+    try:
+        h = hashlib.sha256()
+        with open(tmp, "xb") as f:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                    for block in iter(lambda: resp.read(1 << 20), b""):
+                        h.update(block)
+                        f.write(block)
+            except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
+                if isinstance(e, urllib.error.URLError) and not isinstance(
+                    e, urllib.error.HTTPError
+                ):
+                    reason = str(e.reason)
+                else:
+                    reason = str(e) or type(e).__name__
+                reason = " ".join(reason.split())  # one line, whatever the OS said
+                raise GptforgeError(
+                    f"could not download {ds.title} from {url} ({reason}): {hint}"
+                ) from None
+        if h.hexdigest() != ds.sha256:
+            raise GptforgeError(
+                f"the {ds.title} downloaded from {url} has sha256 {h.hexdigest()}, expected "
+                f"{ds.sha256}: the mirror serves other data; {hint}"
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

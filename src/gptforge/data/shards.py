@@ -1,0 +1,329 @@
+"""Token shards on disk: the self-describing file, an atomic writer, a checked reader, and the
+tokens of a prepared split as one read-only stream over its shards.
+
+A shard, after modded-nanogpt: it says what it is, so a truncated or foreign file is caught at
+load time instead of training on garbage.
+
+    offset  size  field
+    0       8     magic b"GPTFTOK\\0"
+    8       4     shard format version (1), uint32 little-endian
+    12      4     bytes per token (2), uint32
+    16      8     token count, uint64
+    24      40    zero padding
+    64      2*N   tokens, uint16 little-endian
+
+A prepared directory is ``meta.json`` plus the shards it lists. ``meta.json`` is written last, so
+a directory without it holds no prepared data, whatever else is there.
+
+- data format 2: ``meta["shards"]["train"]`` (and ``"val"``) lists ``{"file", "tokens", "sha256"}``
+  per shard, in stream order (``train-000000.bin``, ``train-000001.bin``, ...).
+- data format 1 (gptforge before sharding): one ``train.bin`` and one ``val.bin``. Still read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from gptforge.errors import GptforgeError
+
+MAGIC = b"GPTFTOK\0"
+SHARD_VERSION = 1
+TOKEN_BYTES = 2
+HEADER_BYTES = 64
+TOKEN_DTYPE = np.dtype("<u2")
+
+DATA_FORMAT = 2  # what meta.json's format_version says for directories written now
+READ_FORMATS = (1, 2)
+SPLITS = ("train", "val")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def temp_path(path: str) -> str:
+    """A fresh name beside ``path``: same directory, so os.replace() onto ``path`` is atomic."""
+    head, base = os.path.split(path)
+    return os.path.join(head, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def file_sha256(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_header(count: int) -> bytes:
+    head = MAGIC + np.array([SHARD_VERSION, TOKEN_BYTES], "<u4").tobytes()
+    head += np.array([count], "<u8").tobytes()
+    return head.ljust(HEADER_BYTES, b"\0")
+
+
+def as_tokens(tokens: Any) -> np.ndarray:
+    """Token ids as a flat uint16 array (ids must lie in 0..65535)."""
+    arr = np.asarray(tokens)
+    if arr.dtype != TOKEN_DTYPE:
+        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
+            raise ValueError("token ids must lie in 0..65535 to be stored as uint16")
+        arr = arr.astype(TOKEN_DTYPE)
+    return arr.reshape(-1)
+
+
+class ShardWriter:
+    """Append tokens to a shard that appears at ``path`` only on ``commit()``.
+
+    Tokens go to ``tmp_path`` (by default a fresh hidden name beside ``path``, so the final rename
+    is atomic), behind a header that says 0 tokens until ``finish()`` writes the real count: a
+    file caught halfway never passes ``read_shard``. ``keep=N`` reopens an existing ``tmp_path``
+    and keeps its first N tokens, to go on with a shard an interrupted run left. Used as a context
+    manager it commits on success and removes the temporary file on error.
+    """
+
+    def __init__(self, path: PathLike, tmp_path: str | None = None, keep: int = 0) -> None:
+        self.path = os.fspath(path)
+        self.tmp_path = tmp_path or temp_path(self.path)
+        if keep:
+            self._f = open(self.tmp_path, "r+b")
+            self._f.truncate(HEADER_BYTES + TOKEN_BYTES * keep)
+            self._f.seek(0)
+            self._f.write(shard_header(0))
+            self._f.seek(0, os.SEEK_END)
+        else:
+            self._f = open(self.tmp_path, "wb" if tmp_path else "xb")
+            self._f.write(shard_header(0))
+        self.count = keep
+
+    def write(self, tokens: Any) -> None:
+        arr = as_tokens(tokens)
+        self._f.write(arr.tobytes())
+        self.count += arr.size
+
+    def flush(self) -> None:
+        """Hand what was written to the OS: it survives the process being killed."""
+        self._f.flush()
+
+    def finish(self, sync: bool = False) -> str:
+        """Write the real header and close (``sync``: to the disk); returns the temp file's path."""
+        if not self._f.closed:
+            self._f.seek(0)
+            self._f.write(shard_header(self.count))
+            self._f.flush()
+            if sync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+        return self.tmp_path
+
+    def commit(self) -> None:
+        self.finish()
+        os.replace(self.tmp_path, self.path)
+
+    def close(self) -> None:
+        """Close, keeping the temporary file as it is (an interrupted run resumes from it)."""
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        try:
+            os.remove(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_shard(path: PathLike, tokens: Any) -> None:
+    """Write ``tokens`` (ints in 0..65535) as a shard at ``path``, atomically."""
+    with ShardWriter(path) as w:
+        w.write(tokens)
+
+
+def shard_count(path: PathLike, redo: str = "re-run `gptforge prepare ... --force` to rebuild it") -> int:
+    """The token count a shard's header promises, checked against the file's size."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise GptforgeError(
+            f"token shard {path} does not exist: run `gptforge prepare FILE --out DIR` first"
+        ) from None
+    except OSError as e:
+        raise GptforgeError(
+            f"cannot read token shard {path} ({e.strerror}): check its permissions"
+        ) from None
+    if len(head) < HEADER_BYTES or head[:8] != MAGIC:
+        raise GptforgeError(
+            f"{path} is not a gptforge token shard (bad header at byte offset 0); {redo}"
+        )
+    version, token_bytes = np.frombuffer(head, "<u4", count=2, offset=8)
+    (count,) = np.frombuffer(head, "<u8", count=1, offset=16)
+    if version != SHARD_VERSION:
+        raise GptforgeError(
+            f"{path} has shard format version {version}, this gptforge reads version "
+            f"{SHARD_VERSION}; {redo}"
+        )
+    if token_bytes != TOKEN_BYTES:
+        raise GptforgeError(
+            f"{path} stores {token_bytes} bytes per token, expected {TOKEN_BYTES}; {redo}"
+        )
+    expected = HEADER_BYTES + TOKEN_BYTES * int(count)
+    if size != expected:
+        raise GptforgeError(
+            f"{path} is {size} bytes but its header promises {int(count)} tokens "
+            f"({expected} bytes): it is truncated or corrupt; {redo}"
+        )
+    return int(count)
+
+
+def read_shard(path: PathLike) -> np.ndarray:
+    """Map a shard read-only: a uint16 ``np.memmap`` of its tokens (empty array if none)."""
+    count = shard_count(path)
+    if count == 0:
+        empty = np.zeros(0, dtype=TOKEN_DTYPE)  # mmap cannot map zero bytes
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+class TokenStream:
+    """The shards of one split back to back, read through memmap, used like a 1-D uint16 array.
+
+    ``len()``; slices ``[a:b]`` with step 1 (a view inside one shard, a copy across shards); and
+    integer arrays of any shape (random windows), each index looked up in its shard. Nothing is
+    read until asked for, so a split of billions of tokens costs only its memory maps.
+    """
+
+    def __init__(self, shards: Sequence[np.ndarray], name: str) -> None:
+        self._shards = [s for s in shards if len(s)]
+        self._starts = [0]  # _starts[i]: stream index of shard i's first token; last: the length
+        for s in self._shards:
+            self._starts.append(self._starts[-1] + len(s))
+        self._starts_np = np.array(self._starts, dtype=np.int64)
+        self.name = name
+        self.dtype = TOKEN_DTYPE
+        self.shape = (self._starts[-1],)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _shard_of(self, i: int) -> int:
+        return bisect.bisect_right(self._starts, i) - 1
+
+    def __getitem__(self, key: Any) -> Any:
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("a TokenStream slice takes step 1 only")
+            if stop <= start:
+                return np.zeros(0, dtype=TOKEN_DTYPE)
+            first, last = self._shard_of(start), self._shard_of(stop - 1)
+            parts = [
+                self._shards[k][max(start, self._starts[k]) - self._starts[k] :
+                                min(stop, self._starts[k + 1]) - self._starts[k]]
+                for k in range(first, last + 1)
+            ]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"index {int(key)} is out of range for {n} tokens")
+            k = self._shard_of(i)
+            return self._shards[k][i - self._starts[k]]
+        idx = np.asarray(key)
+        if idx.dtype.kind not in "iu":
+            raise IndexError(f"a TokenStream takes slices and integer indices, not {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"indices out of range for {n} tokens")
+        which = np.searchsorted(self._starts_np, idx, side="right") - 1
+        out = np.empty(idx.shape, dtype=TOKEN_DTYPE)
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self._shards[k][idx[sel] - self._starts[k]]
+        return out
+
+    def __repr__(self) -> str:
+        return f"TokenStream({self.name}: {len(self):,} tokens in {len(self._shards)} shards)"
+
+
+def _redo(data_dir: str) -> str:
+    return f"re-run `gptforge prepare INPUT --out {data_dir} --force`"
+
+
+def load_meta(data_dir: PathLike) -> dict[str, Any]:
+    """Read ``data_dir/meta.json`` as written by ``prepare`` (data format 1 or 2)."""
+    data_dir = os.fspath(data_dir)
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise GptforgeError(
+            f"no prepared data in {data_dir}: run `gptforge prepare INPUT --out {data_dir}`"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GptforgeError(
+            f"{path} is unreadable or corrupt ({' '.join(str(e).split())}); {_redo(data_dir)}"
+        ) from None
+    if not isinstance(meta, dict) or "format_version" not in meta or "tokenizer" not in meta:
+        raise GptforgeError(f"{path} is not gptforge metadata; {_redo(data_dir)}")
+    if meta["format_version"] not in READ_FORMATS:
+        raise GptforgeError(
+            f"{path} has data format version {meta['format_version']}, this gptforge reads "
+            f"versions {', '.join(map(str, READ_FORMATS))}; {_redo(data_dir)} or upgrade gptforge"
+        )
+    return meta
+
+
+def split_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The shards of ``split`` as meta.json lists them (a format-1 directory: its one file)."""
+    if meta["format_version"] == 1:
+        return [{"file": f"{split}.bin", "tokens": meta.get(f"{split}_tokens")}]
+    return list(meta.get("shards", {}).get(split, []))
+
+
+def load_split(data_dir: PathLike, split: str) -> TokenStream:
+    """The tokens of ``split`` ("train" or "val") of a prepared directory, as one stream.
+
+    Each shard's length is checked against its header and meta.json when it is opened; its
+    sha256 is not (that would read every byte on every load: ``gptforge prepare`` checks what it
+    reuses, and ``sha256sum`` can check the files against meta.json).
+    """
+    data_dir = os.fspath(data_dir)
+    meta = load_meta(data_dir)
+    shards = []
+    for entry in split_shards(meta, split):
+        path = os.path.join(data_dir, entry["file"])
+        tokens = read_shard(path)
+        if len(tokens) != entry["tokens"]:
+            raise GptforgeError(
+                f"{path} has {len(tokens)} tokens but meta.json says {entry['tokens']}: "
+                f"{_redo(data_dir)}"
+            )
+        shards.append(tokens)
+    stream = TokenStream(shards, f"{data_dir} ({split} split)")
+    promised = meta.get(f"{split}_tokens")
+    if len(stream) != promised:
+        raise GptforgeError(
+            f"the {split} shards of {data_dir} hold {len(stream)} tokens but meta.json says "
+            f"{promised}: {_redo(data_dir)}"
+        )
+    if len(shards) == 1:
+        stream.name = getattr(shards[0], "filename", None) or stream.name
+    return stream
