@@ -250,3 +250,21 @@ def test_no_tracker_is_imported_unless_asked(char_data, tmp_path):
                          text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_restarted_run_gets_new_tracker_runs(char_data, tmp_path, offline, recwarn):
+    """--resume auto starts over a run that never saved a checkpoint: its steps are gone from
+    metrics.jsonl, so its tracker runs are left behind and new ones begin."""
+    pytest.importorskip("mlflow")
+    run = tmp_path / "run"
+    (run / "wandb").mkdir(parents=True)  # what a start killed before its first save leaves
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 4.2}\n')
+    (run / "run.json").write_text(json.dumps({"trackers": {"mlflow": {"run_id": "f" * 32}}}))
+    assert run_cli("train", "--data", str(char_data), "--out", str(run), "--preset", "gpt2-tiny",
+                   "--set", "train.device=cpu", "--set", "train.max_steps=3", "--set", "train.log_interval=1",
+                   "--set", "train.mlflow=true", "--resume", "auto") == 0
+    client, runs = mlflow_runs(offline)
+    assert len(runs) == 1 and runs[0].info.run_id != "f" * 32
+    assert read_run_record(run)["trackers"] == {"mlflow": {"run_id": runs[0].info.run_id, "tracking_uri": offline}}
+    assert_same(mlflow_history(client, runs[0].info.run_id, "train/loss"), expected(run)["train/loss"])
+    assert not [w for w in recwarn if "MLflow" in str(w.message)]

@@ -280,8 +280,8 @@ class TrackedRun:
 
 
 class Tracker:
-    """One experiment tracker. A new one is a subclass that sets the four class attributes below
-    and implements ``__init__`` (start, or continue the run in ``run.saved``; log the config),
+    """One experiment tracker. A new one is a subclass that sets the class attributes below and
+    implements ``__init__`` (start, or continue the run in ``run.saved``; log the config),
     ``log`` and ``close``, plus a ``train.<name>`` switch in config.TrainConfig.
 
     Trackers live on rank 0 only, and get the same records as metrics.jsonl (``log``: a step and
@@ -323,8 +323,8 @@ class Tracker:
 class TensorBoardLog(Tracker):
     """Scalars under ``RUN/tensorboard``, the config in the HPARAMS tab."""
 
-    name, title, module, pip, run_files = ("tensorboard", "TensorBoard", "torch.utils.tensorboard",
-                                           "tensorboard", ("tensorboard",))
+    name, title, pip = "tensorboard", "TensorBoard", "tensorboard"
+    module, run_files = "torch.utils.tensorboard", ("tensorboard",)
 
     def __init__(self, run: TrackedRun) -> None:
         tb = self.require()
@@ -353,7 +353,8 @@ class WandbLog(Tracker):
     """A Weights & Biases run in project ``train.wandb_project``; its local files under RUN/wandb.
     ``WANDB_MODE=offline`` keeps everything local (``wandb sync`` uploads it later)."""
 
-    name, title, module, pip, run_files = "wandb", "W&B", "wandb", "wandb", ("wandb",)
+    name, title, pip = "wandb", "W&B", "wandb"
+    module, run_files = "wandb", ("wandb",)
 
     def __init__(self, run: TrackedRun) -> None:
         wandb = self.require()
@@ -378,7 +379,8 @@ class MlflowLog(Tracker):
     """An MLflow run at ``MLFLOW_TRACKING_URI``, else in ``./mlruns``, in the experiment
     ``MLFLOW_EXPERIMENT_NAME`` (else gptforge); the config's keys are its parameters."""
 
-    name, title, module, pip = "mlflow", "MLflow", "mlflow", "mlflow-skinny"
+    name, title, pip = "mlflow", "MLflow", "mlflow-skinny"
+    module = "mlflow"  # its store is outside RUN
     STATUS = {"finished": "FINISHED", "stopped": "KILLED", "crashed": "FAILED"}
 
     def __init__(self, run: TrackedRun) -> None:
