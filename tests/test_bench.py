@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gptforge.bench import bench, flops_per_token, model_for
+from gptforge.bench import bench, cuda_card, flops_per_token, model_for
 from gptforge.cli import main
 from gptforge.config import GPTConfig
 
@@ -67,3 +67,36 @@ def test_fast_path_agrees_with_plain_fp32_within_bf16_tolerance(char_data, tmp_p
     assert fp32 != bf16  # really two precisions
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05  # bf16 has ~3 significant digits
     assert bf16[-1] < bf16[0] - 0.3
+
+
+def test_cuda_cards_are_named_with_their_form_factor():
+    assert cuda_card("NVIDIA H100 80GB HBM3") == ("NVIDIA H100 80GB HBM3 (SXM)", 989e12)
+    assert cuda_card("NVIDIA H100 PCIe") == ("NVIDIA H100 PCIe (PCIe)", 756e12)
+    assert cuda_card("NVIDIA A100-PCIE-40GB")[0].endswith("(PCIe)")
+    assert cuda_card("Some Future GPU") == ("Some Future GPU", None)
+
+
+def test_bench_pads_and_shapes_as_train_does_per_device():
+    assert model_for("gpt2", "cuda").padded_vocab_size == 50304
+    assert model_for("gpt2", "cpu").padded_vocab_size == 50257
+    assert model_for("gpt2", "cuda", plain=True).padded_vocab_size == 50257
+
+
+def test_bench_under_ddp_reports_the_whole_job(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run(
+        [sys.executable, "-m", "gptforge", "bench", "--preset", "gpt2-tiny", "--batch-size", "2",
+         "--seq-len", "16", "--steps", "2", "--warmup", "1", "--device", "cpu", "--dtype", "float32",
+         "--peak-seconds", "0.1", "--nproc", "2", "--json", str(tmp_path / "b.json")],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "micro-batch 2 x 16 x 2 processes (DDP)" in out.stdout
+    (row,) = json.loads((tmp_path / "b.json").read_text())
+    assert row["processes"] == 2
+    assert row["tokens_per_s"] == pytest.approx(2 * 2 * 16 / (row["step_ms"] / 1000))

@@ -11,19 +11,39 @@ from gptforge.config import (
     resolve,
     run_preset,
 )
+from gptforge.device import resolve_for
+from gptforge.optim import lr_at
 
 
 def test_gpt2_shakespeare_is_the_original_recipe():
     cfg = run_preset("gpt2-shakespeare")
     m, o, t = cfg.model, cfg.optim, cfg.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (12, 12, 768, 1024, 50257)
-    assert m.pad_vocab_multiple == 1 and m.dropout == 0.0 and m.bias
+    assert m.dropout == 0.0 and m.bias
+    # padding and compilation are implementation details decided per device, the numbers are not
+    assert resolve_for(cfg, "cpu").padded_vocab_size == 50257
+    assert resolve_for(cfg, "cuda", present=False).padded_vocab_size == 50304
     assert (o.lr, o.min_lr, o.warmup_steps, o.decay_steps) == (6e-4, 6e-5, 1000, 300_000)
     assert (o.beta1, o.beta2, o.weight_decay, o.grad_clip) == (0.9, 0.95, 0.1, 1.0)
     assert (t.batch_size, t.seq_len, t.total_batch_tokens) == (16, 64, 4096)
     assert grad_accum_steps(t) == 4
     assert t.target_loss == 0.09 and t.log_interval == 100
     assert cfg.data.loader == "sequential"
+
+
+def test_gpt2_fineweb_is_the_llm_c_reproduction():
+    cfg = run_preset("gpt2-fineweb")
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (12, 12, 768, 1024, 50257)
+    assert (o.name, o.lr, o.min_lr, o.warmup_steps, o.decay_steps) == ("adamw", 6e-4, 0.0, 700, 18_865)
+    assert (o.beta1, o.beta2, o.weight_decay, o.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert (t.batch_size, t.seq_len, t.total_batch_tokens, t.max_steps) == (64, 1024, 2**19, 18_865)
+    assert [grad_accum_steps(t, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert (t.eval_interval, t.hellaswag_interval, t.save_interval) == (250, 250, 5000)
+    assert t.max_steps * t.total_batch_tokens == pytest.approx(9.89e9, rel=1e-3)  # ~10B tokens
+    assert lr_at(699, o) == pytest.approx(6e-4) and lr_at(18_865, o) == 0.0
+    r = resolve_for(cfg, "cuda", world_size=8, present=False)
+    assert (r.dtype, r.compile, r.padded_vocab_size, r.grad_accum_steps) == ("bfloat16", True, 50304, 1)
 
 
 def test_shakespeare_char_is_nanogpts_cpu_recipe():
@@ -53,6 +73,7 @@ PRESET_FACTS = {
     "shakespeare-char-speedrun": ((2, 4, 64, 64), 2048, 1),
     "gpt2-tiny": ((2, 2, 32, 64), 256, 1),
     "gpt2-mini": ((4, 4, 128, 256), 2048, 1),
+    "gpt2-fineweb": ((12, 12, 768, 1024), 524_288, 8),
 }
 
 
@@ -64,6 +85,7 @@ def test_every_preset_is_valid():
         assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == shape, name
         assert t.total_batch_tokens == tokens and grad_accum_steps(t) == accum, name
         assert t.seq_len <= m.block_size and o.warmup_steps < o.decay_steps <= 300_000, name
+        assert m.pad_vocab_multiple == "auto" and t.compile == "auto", name  # train decides per device
         assert RunConfig.from_dict(cfg.to_dict()) == cfg, name  # what a checkpoint stores reloads
 
 

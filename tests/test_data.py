@@ -429,7 +429,7 @@ def test_sequential_matches_dataloaderlite(tokens):
         for _ in range(3 * (999 // (B * T)) + 2):  # wraps a few times
             x, y = ours.next_batch()
             rx, ry = ref.next_batch()
-            assert x.dtype == torch.int64 and x.shape == (B, T)
+            assert x.dtype == torch.int32 and x.shape == (B, T)
             assert torch.equal(x, rx) and torch.equal(y, ry)
 
 

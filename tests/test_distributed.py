@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from test_checkpoint import weights
 
 from gptforge.checkpoint import load_checkpoint
@@ -258,3 +257,53 @@ def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
     for name, p in model.named_parameters():
         for res in results:
             torch.testing.assert_close(res["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _muon_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from gptforge.distributed import DistEnv, shutdown
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    env = DistEnv(rank=rank, world_size=world)
+    torch.save(_muon_steps(shard=(rank, world)), f"{out_dir}/muon{rank}.pt")
+    shutdown(env)
+
+
+def _muon_steps(shard: tuple[int, int]) -> dict:
+    """Two Muon steps on a tiny model with the same gradients everywhere (as DDP leaves them);
+    returns the final weights and how many matrices this process orthogonalized."""
+    from gptforge import GPT, GPTConfig
+    from gptforge import optim as optim_module
+    from gptforge.config import OptimConfig
+    from gptforge.optim import build_optimizer
+
+    done = []
+    real = optim_module.orthogonalize
+
+    def counted(stack, steps):
+        done.append(stack.size(0))
+        return real(stack, steps)
+
+    optim_module.orthogonalize = counted
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50, n_layer=3))  # 3 blocks: uneven shares
+    optimizer = build_optimizer(model, OptimConfig(name="muon"), "cpu", shard=shard)
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x, x.roll(-1, 1))[1].backward()
+        optimizer.step()
+    optim_module.orthogonalize = real
+    return {"weights": model.state_dict(), "matrices": sum(done)}
+
+
+def test_muon_ranks_share_the_orthogonalization(tmp_path):
+    import torch.multiprocessing as mp
+
+    alone = _muon_steps(shard=(0, 1))
+    mp.spawn(_muon_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"muon{r}.pt") for r in range(2)]
+    # 3 blocks x 4 matrices of 4 shapes: 3 of each shape per step alone, 2 per rank (rank 1: 1 + padding)
+    assert alone["matrices"] == 2 * 12 and all(r["matrices"] == 2 * 8 for r in ranks)
+    for r in ranks:
+        for k, v in alone["weights"].items():
+            torch.testing.assert_close(r["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -31,7 +31,7 @@ def test_init_from_a_hugging_face_directory(tmp_path):
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.model.dropout) == (2, 32, 64, 0.0)
     # The first step's loss is the Hugging Face model's loss on the first batch.
     loader = TokenLoader(read_shard(tmp_path / "data" / "train.bin"), 8, 32)
-    x, y = loader.next_batch()
+    x, y = (t.long() for t in loader.next_batch())  # int32 ids, as train widens them
     hf.eval()
     with torch.no_grad():
         expected = hf(input_ids=x, labels=None).logits

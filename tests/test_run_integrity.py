@@ -18,11 +18,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import SRC, TRAIN_ARGS, assert_same_weights, logged_steps, spawn, tree_digest
+from test_checkpoint import (
+    SRC,
+    TRAIN_ARGS,
+    assert_same_weights,
+    logged_steps,
+    spawn,
+    tree_digest,
+)
 from test_train import run_cli
 
 from gptforge import checkpoint, metrics
-from gptforge.checkpoint import MANIFEST_FILE, build_model, find_checkpoint, load_checkpoint
+from gptforge.checkpoint import (
+    MANIFEST_FILE,
+    build_model,
+    find_checkpoint,
+    load_checkpoint,
+)
 from gptforge.metrics import read_metrics, read_run_record
 
 

@@ -15,12 +15,17 @@ import torch
 from shared_data import SHAKESPEARE as _SHAKESPEARE
 
 from gptforge import GPT, GPTConfig
-from gptforge.checkpoint import build_model, load_checkpoint, read_optimizer_state, save_checkpoint
-from gptforge.optim import build_optimizer
+from gptforge.checkpoint import (
+    build_model,
+    load_checkpoint,
+    read_optimizer_state,
+    save_checkpoint,
+)
 from gptforge.cli import main
 from gptforge.config import resolve
 from gptforge.metrics import format_step, read_metrics, read_run_record
-from gptforge.train import train, train_step
+from gptforge.optim import build_optimizer
+from gptforge.train import TrainingDiverged, train, train_step
 
 SHAKESPEARE = Path(_SHAKESPEARE)
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare not found")
@@ -63,7 +68,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: look at gradients only
         chunks = iter([(x[i:i + micro], y[i:i + micro]) for i in range(0, 64, micro)])
         result = train_step(model, opt, lambda: next(chunks), accum, 0.0, lambda: torch.autocast("cpu", enabled=False))
-        grads.append(([p.grad.clone() for p in model.parameters()], result.loss, result.norm))
+        grads.append(([p.grad.clone() for p in model.parameters()], float(result.loss), float(result.norm)))
     (g1, loss1, norm1), (g4, loss4, norm4) = grads
     for a, b in zip(g1, g4):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -118,7 +123,7 @@ def test_target_loss_stops_the_run(char_data, tmp_path):
 
 
 def test_a_checkpoint_holds_exactly_the_model_and_optimizer_in_memory(char_data, tmp_path):
-    cfg = tiny_cfg(char_data, "train.max_steps=5", "model.vocab_size=0")
+    cfg = tiny_cfg(char_data, "train.max_steps=5", "model.pad_vocab_multiple=1")
     cfg.model.vocab_size = result_vocab(char_data)
     torch.manual_seed(0)
     model = GPT(cfg.model)
@@ -313,3 +318,91 @@ def test_compiled_training_tracks_eager_and_saves_plain_names(char_data, tmp_pat
     ckpt = load_checkpoint(runs[True])
     model = build_model(ckpt)  # strict load: the saved names are the model's own
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# No host sync on steps that do not log
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_no_host_sync_on_steps_that_do_not_log(char_data, tmp_path, monkeypatch, optim):
+    """Reading a device value (item, float, bool, tolist, cpu, synchronize ...) makes the host
+    wait for the GPU to drain. The loop may do it only on steps that log, evaluate or save."""
+    import gptforge.train as train_module
+
+    reads: list[str] = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            reads.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", counting("synchronize", torch.cuda.synchronize))
+    at_step: dict[int, int] = {}  # reads so far when each step began
+    real_step = train_module.train_step
+
+    def marked_step(*args, **kwargs):
+        at_step[args[7]] = len(reads)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", marked_step)
+    cfg = tiny_cfg(char_data, "train.max_steps=12", "train.log_interval=5", f"optim.name={optim}",
+                   "train.total_batch_tokens=512")
+    train(cfg, tmp_path / "run", log=quiet)
+    at_step[12] = len(reads)
+    per_step = {s: at_step[s + 1] - at_step[s] for s in range(12)}
+    assert all(per_step[s] == 0 for s in (1, 2, 3, 4, 6, 7, 8, 9)), per_step
+    assert per_step[0] > 0 and per_step[5] > 0  # the logged steps do read: the counting works
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_a_non_finite_step_is_skipped_on_the_device(optim):
+    cfg = resolve("gpt2-tiny", None, [f"optim.name={optim}", "model.vocab_size=50",
+                                      "model.pad_vocab_multiple=1"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    x = torch.randint(0, 50, (4, 16))
+    batch = lambda: (x, x.roll(-1, 1))  # noqa: E731
+    train_step(model, optimizer, batch, 1, 1.0, contextlib.nullcontext)  # creates the state
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    hook = model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * float("nan"))
+    result = train_step(model, optimizer, batch, 1, 1.0, contextlib.nullcontext)
+    hook.remove()
+    assert bool(result.bad) and torch.isfinite(result.loss) and not torch.isfinite(result.norm)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for i, s in optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, state[i][k]), (i, k)  # moments, momentum and step counts too
+    result = train_step(model, optimizer, batch, 1, 1.0, contextlib.nullcontext)
+    assert not bool(result.bad) and not torch.equal(model.state_dict()["lm_head.weight"], before["lm_head.weight"])
+
+
+def test_divergence_on_a_step_that_does_not_log_is_reported_at_the_next_check(char_data, tmp_path, monkeypatch):
+    """NaN at step 5 only (a transient spike): the step is skipped on the device, and the next
+    step that syncs (the save at step 8) stops the run naming step 5; the checkpoint before it stands."""
+    calls = {"n": 0}
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 6:  # step 5's only micro-step
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    cfg = tiny_cfg(char_data, "train.max_steps=20", "train.save_interval=4", "train.log_interval=100")
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 5"):
+        train(cfg, tmp_path / "run", log=quiet)
+    assert calls["n"] == 8  # it ran on to step 7, the last step before the save at step 8
+    assert load_checkpoint(tmp_path / "run").step == 4

@@ -2,10 +2,16 @@
 
 A step is forward + backward over one micro-batch, gradient clipping and the optimizer step, the
 same ``train_step`` the trainer uses: AdamW for a model preset, the run preset's own optimizer
-(e.g. Muon for ``shakespeare-char-speedrun``) for a run preset. Reported: tokens/s, achieved FLOP/s, MFU against the device's
-peak (on the CPU a matmul peak measured here; on CUDA a table of known peaks, with the measured
-matmul rate beside it), peak memory, and the one-time start-up cost (first steps, compilation)
-apart from the steady state.
+(e.g. Muon for ``shakespeare-char-speedrun``) for a run preset. Batches come from the real loader
+through the real host-to-device path (int32 ids, pinned buffers on CUDA), over random tokens or a
+prepared directory. The defaults are train's own for the device: on CUDA, 64 x 1024 micro-batches,
+compiled, the vocabulary padded to 64, bf16; on the CPU, 16 x 64, eager. Under torchrun
+(``--nproc N``) every process steps a DDP replica and the figures are for the whole job.
+
+Reported: tokens/s, achieved FLOP/s, MFU against the device's peak (on the CPU a matmul peak
+measured here; on CUDA the card's data-sheet bf16 peak, its form factor named, with a measured
+8192 x 8192 bf16 matmul beside it), peak memory, and the one-time start-up cost (first steps,
+compilation) apart from the steady state.
 
 ``plain=True`` measures the baseline every figure is compared with: fp32, eager, glibc's default
 allocator, torch's default AdamW. The allocator setting is process-wide, so a baseline in the same
@@ -22,22 +28,59 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from gptforge.config import MODEL_PRESETS, GPTConfig, OptimConfig, run_preset
-from gptforge.device import autocast, keep_freed_memory, pick_autocast_dtype, pick_device
+from gptforge.config import (
+    AUTO,
+    MODEL_PRESETS,
+    GPTConfig,
+    OptimConfig,
+    RunConfig,
+    run_preset,
+)
+from gptforge.data import TokenLoader, load_meta, load_split
+from gptforge.device import (
+    BatchFeeder,
+    autocast,
+    configure_backends,
+    keep_freed_memory,
+    pick_autocast_dtype,
+    resolve_for,
+)
+from gptforge.distributed import (
+    grad_sync,
+    init_distributed,
+    mean_over_ranks,
+    shutdown,
+    wrap_model,
+)
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, param_groups
 from gptforge.train import train_step
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), by a name fragment of
-# torch.cuda.get_device_name(). SXM parts; PCIe parts are lower, so MFU there reads low.
-CUDA_BF16_PEAKS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-    "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
-}
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s): (a fragment of
+# torch.cuda.get_device_name(), the form factor, the peak), the first match wins. The same chip
+# runs slower as a PCIe card (lower clocks and power), so the form factor matters: "NVIDIA H100
+# 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" the PCIe one.
+CUDA_BF16_PEAKS = [
+    ("H100 PCIe", "PCIe", 756e12), ("H100 NVL", "NVL", 835e12), ("H100", "SXM", 989e12),
+    ("H200 NVL", "NVL", 835e12), ("H200", "SXM", 989e12),
+    ("A100-PCIE", "PCIe", 312e12), ("A100", "SXM", 312e12),
+    ("L40S", "PCIe", 362e12), ("L4", "PCIe", 121e12), ("A10G", "PCIe", 70e12),
+    ("RTX 4090", "PCIe", 165e12), ("RTX 3090", "PCIe", 71e12), ("V100", "SXM", 125e12),
+]
+
+
+def cuda_card(name: str) -> tuple[str, float | None]:
+    """(name with its form factor, data-sheet bf16 peak or None) for a CUDA device name."""
+    for fragment, form, peak in CUDA_BF16_PEAKS:
+        if fragment in name:
+            return f"{name} ({form})", peak
+    return name, None
 
 
 @dataclass
@@ -60,17 +103,20 @@ class BenchResult:
     steps: int
     plain: bool
     optimizer: str = "adamw"
+    processes: int = 1
+    card: str = ""  # the CUDA card, with its form factor
 
 
-def model_for(preset: str) -> GPTConfig:
-    """A model shape from a model preset (gpt2, gpt2-medium, ...) or a run preset. Run presets
-    that take the vocabulary from the data get GPT-2's, or 65 symbols for char-level ones."""
-    if preset in MODEL_PRESETS:
-        return GPTConfig.preset(preset)
-    cfg = run_preset(preset).model
-    if cfg.vocab_size == 0:
-        cfg.vocab_size = 65 if "char" in preset else 50257
-    return cfg
+def model_for(preset: str, device_type: str = "cpu", plain: bool = False) -> GPTConfig:
+    """A model shape from a model preset (gpt2, gpt2-medium, ...) or a run preset, its vocabulary
+    padded as train pads it on ``device_type`` (never for the plain baseline). Run presets that
+    take the vocabulary from the data get GPT-2's, or 65 symbols for char-level ones."""
+    run = RunConfig()
+    run.model = GPTConfig.preset(preset, pad_vocab_multiple=AUTO) if preset in MODEL_PRESETS else run_preset(preset).model
+    if run.model.vocab_size == 0:
+        run.model.vocab_size = 65 if "char" in preset else 50257
+    run.model.pad_vocab_multiple = 1 if plain else resolve_for(run, device_type).pad_vocab_multiple
+    return run.model
 
 
 def count_params(cfg: GPTConfig) -> int:
@@ -115,31 +161,59 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _token_source(data: str | None, vocab_size: int, n_tokens: int) -> Any:
+    """The train split of a prepared directory, or uniform random ids (what the step computes
+    does not depend on them)."""
+    if data:
+        if load_meta(data)["vocab_size"] > vocab_size:
+            raise GptforgeError(f"--data {data} has a larger vocabulary than the preset's model")
+        return load_split(data, "train")
+    gen = np.random.default_rng(0)
+    return gen.integers(0, vocab_size, size=n_tokens, dtype=np.uint16)
+
+
 def bench(
     preset: str = "gpt2",
-    batch_size: int = 16,
-    seq_len: int = 64,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     steps: int = 5,
     warmup: int = 2,
     device: str = "auto",
     dtype: str = "auto",
-    compile: bool = False,
+    compile: bool | None = None,
     plain: bool = False,
     peak_seconds: float = 2.0,
+    data: str | None = None,
+    bucket_mb: int = 25,
 ) -> BenchResult:
-    """Time ``steps`` full training steps after ``warmup`` untimed ones."""
+    """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape or
+    ``compile`` means train's default on the device. Under torchrun, a DDP job (rank 0's result
+    is the whole job's; the others return None)."""
+    env = init_distributed(device, 900)
+    try:
+        return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
+                      peak_seconds, data, bucket_mb)
+    finally:
+        shutdown(env)
+
+
+def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
+           warmup: int, dtype: str, compile: bool | None, plain: bool, peak_seconds: float,
+           data: str | None, bucket_mb: int) -> BenchResult | None:
+    dev = env.device
+    cuda = dev.type == "cuda"
+    batch_size = batch_size or (64 if cuda else 16)
+    seq_len = seq_len or (1024 if cuda else 64)
     if steps < 1 or warmup < 0 or batch_size < 1 or seq_len < 1:
         raise GptforgeError("--steps, --batch-size and --seq-len must be >= 1, --warmup >= 0")
-    cfg = model_for(preset)
+    cfg = model_for(preset, dev.type, plain)
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
-    dev = pick_device(device)
     amp_dtype = None if plain else pick_autocast_dtype(dev, dtype)
+    compile = False if plain else (dev.type == "cuda" if compile is None else compile)
     if not plain:
         keep_freed_memory()
-        if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_backends(dev)
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     # A run preset's own optimizer (Muon for the speedrun), AdamW's defaults for a model preset.
@@ -148,14 +222,18 @@ def bench(
         optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                       betas=(optim.beta1, optim.beta2))
     else:
-        optimizer = build_optimizer(model, optim, dev.type)
-    step_model = torch.compile(model) if compile else model
-    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=dev)
-    y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=dev)
+        optimizer = build_optimizer(model, optim, dev.type, shard=(env.rank, env.world_size))
+    wrapped = wrap_model(model, env, "ddp", compile=compile, amp_dtype=amp_dtype, bucket_mb=bucket_mb)
+    tokens_needed = (steps + max(1, warmup)) * batch_size * seq_len * env.world_size + 1
+    loader = TokenLoader(_token_source(data, cfg.vocab_size, max(tokens_needed, 1 << 20)),
+                         batch_size, seq_len, rank=env.rank, world_size=env.world_size)
+    next_batch = BatchFeeder(loader.next_batch, dev)
 
     def one_step() -> None:
-        train_step(step_model, optimizer, lambda: (x, y), 1, optim.grad_clip,
-                   lambda: autocast(dev, amp_dtype))
+        train_step(wrapped, optimizer, next_batch, 1, optim.grad_clip,
+                   lambda: autocast(dev, amp_dtype),
+                   grad_sync=lambda last: grad_sync(wrapped, env, "ddp", last),
+                   reduce_mean=lambda t: mean_over_ranks(t, env))
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
@@ -168,18 +246,22 @@ def bench(
     _sync(dev)
     step_s = (time.perf_counter() - t0) / steps
     startup = max(0.0, first - max(1, warmup) * step_s)
+    if not env.is_main:
+        return None
 
-    tokens = batch_size * seq_len
+    tokens = batch_size * seq_len * env.world_size
     fpt = flops_per_token(cfg, seq_len)
     achieved = fpt * tokens / step_s
     peak_dtype = amp_dtype or torch.float32
-    measured_peak = measure_matmul_peak(dev, peak_dtype, seconds=peak_seconds)
-    peak, source = measured_peak, f"measured {str(peak_dtype).replace('torch.', '')} matmul"
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        table = next((v for k, v in CUDA_BF16_PEAKS.items() if k in name), None)
+    measured_peak = env.world_size * measure_matmul_peak(
+        dev, peak_dtype, n=8192 if cuda else 2048, seconds=peak_seconds)
+    peak, source, card = measured_peak, f"measured {str(peak_dtype).replace('torch.', '')} matmul", ""
+    if cuda:
+        card, table = cuda_card(torch.cuda.get_device_name(dev))
         if table is not None and peak_dtype == torch.bfloat16:
-            peak, source = table, f"{name} data sheet (measured matmul {measured_peak / 1e12:.0f} TFLOP/s)"
+            peak = table * env.world_size
+            source = (f"data sheet x {env.world_size}, measured matmul "
+                      f"{measured_peak / env.world_size / 1e12:.0f} TFLOP/s per GPU")
     prec = "float32" if amp_dtype is None else str(amp_dtype).replace("torch.", "") + " autocast"
     return BenchResult(
         preset=preset, device=str(dev), precision=prec + (" + compile" if compile else ""),
@@ -188,6 +270,7 @@ def bench(
         achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12, peak_source=source,
         mfu=achieved / peak, startup_s=startup, peak_memory_mb=_peak_memory_mb(dev),
         steps=steps, plain=plain, optimizer="adamw" if plain else optim.name,
+        processes=env.world_size, card=card,
     )
 
 
@@ -214,9 +297,11 @@ def format_results(results: list[BenchResult]) -> str:
                      f"{r.mfu:.1%}", f"{r.peak_tflops:.3f} ({r.peak_source})",
                      f"{r.peak_memory_mb:,.0f}", f"{r.startup_s:.1f}", ratio))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    first = results[0]
+    first = results[-1]
+    procs = f" x {first.processes} processes (DDP)" if first.processes > 1 else ""
     head = (f"{first.preset}: {first.params:,} parameters, micro-batch {first.batch_size} x "
-            f"{first.seq_len}, {first.flops_per_token / 1e9:.3f} GFLOP/token, device {first.device}")
+            f"{first.seq_len}{procs}, {first.flops_per_token / 1e9:.3f} GFLOP/token, device "
+            f"{first.card or first.device}")
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
 

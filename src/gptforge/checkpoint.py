@@ -45,7 +45,13 @@ from gptforge.errors import GptforgeError
 from gptforge.hf import HFFormatError, is_hf_dir
 from gptforge.hf import load_pretrained as load_hf_pretrained
 from gptforge.model import GPT
-from gptforge.rundir import DiskWriteError, disk_free, format_bytes, guarded_write, write_failure
+from gptforge.rundir import (
+    DiskWriteError,
+    disk_free,
+    format_bytes,
+    guarded_write,
+    write_failure,
+)
 from gptforge.version import __version__
 
 FORMAT_VERSION = 2  # 2 adds manifest.json; format-1 checkpoints (no manifest) still load

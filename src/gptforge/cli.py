@@ -20,6 +20,7 @@ from gptforge.config import (
     RUN_PRESETS,
     SECTION_TYPES,
     SECTIONS,
+    RunConfig,
     SampleConfig,
     field_help,
     validate,
@@ -31,11 +32,12 @@ def _config_keys_help() -> str:
     """Every config key with its default and meaning, for ``train --help``."""
     lines = ["config keys (set with --set KEY=VALUE or in a --config TOML file; defaults shown",
              "before a preset is applied):"]
+    defaults = RunConfig()
     for section in SECTIONS:
         cls = SECTION_TYPES[section]
         helps = field_help(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = getattr(getattr(defaults, section), f.name)
             lines.append(f"  {section}.{f.name} = {default!r}")
             if helps.get(f.name):
                 lines.append(f"      {helps[f.name]}")
@@ -95,6 +97,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptforge.config import format_config, resolve
+    from gptforge.data import load_meta
+    from gptforge.device import device_type_of, resolve_for
+    from gptforge.train import resolve_model_vocab
+
+    if args.nproc is not None and args.nproc < 1:
+        raise GptforgeError(f"--nproc {args.nproc}: give the number of processes, 1 or more")
+    overrides = [*args.set, *([f"train.device={args.device}"] if args.device else [])]
+    cfg = resolve(args.preset, args.config, overrides)
+    if cfg.model.vocab_size == 0 and cfg.data.path:
+        resolve_model_vocab(cfg, load_meta(cfg.data.path))
+    device = device_type_of(cfg.train.device)
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(
+        device, lambda: True)()
+    world = args.nproc or 1
+    resolved = resolve_for(cfg, device, world, present=present)
+    note = (f"what the sections give on {device}{'' if present else ' (not on this machine)'}"
+            f" with {world} process{'es' if world > 1 else ''}; derived, ignored when read back")
+    if cfg.model.vocab_size == 0:
+        note += "; padded_vocab_size 0: the vocabulary comes from the data (set data.path)"
+    print(format_config(cfg, resolved.table(), note).rstrip())
+    return 0
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """``gptforge train --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge train ...``."""
     import subprocess
@@ -141,8 +170,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from gptforge.bench import bench, compare_with_plain, format_results, result_dict
 
+    if args.nproc is not None:
+        if args.compare:
+            raise GptforgeError("--compare runs one process: leave out --nproc for it")
+        return launch_torchrun(args.nproc, args.argv)
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
-                   args.device, args.dtype, args.compile, args.plain, args.peak_seconds)
+                   args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
+                   args.ddp_bucket_mb)
+    if result is None:
+        return 0  # a rank other than 0 under torchrun: rank 0 reports for the job
     results = [result]
     if args.compare and not args.plain:
         results.insert(0, compare_with_plain(args.argv[1:]))
@@ -387,19 +423,46 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     evp.set_defaults(func=cmd_eval)
+    cp = sub.add_parser("config", help="print the complete config a run would use, resolved",
+                        description="Print, as TOML, the complete config `train` would run with "
+                                    "(every section and key), and a [resolved] table of what its "
+                                    "auto settings become on a device type with N processes. The "
+                                    "output is a valid --config file.",
+                        epilog=_config_keys_help())
+    cp.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
+                    help=f"starting configuration (default: {DEFAULT_PRESET})")
+    cp.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key (repeatable)")
+    cp.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
+                    help="resolve for this device type, here or not (sets train.device; default: "
+                         "train.device, where auto is what this machine has)")
+    cp.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="resolve for N processes (accumulation steps) (default: 1)")
+    cp.set_defaults(func=cmd_config)
+
     bp = sub.add_parser("bench", help="measure training throughput, FLOP/s and MFU",
                         description="Time full training steps (forward, backward, clipping, optimizer) "
                                     "on random tokens, the way `train` runs them.")
     bp.add_argument("--preset", default="gpt2",
                     help=f"model preset ({', '.join(MODEL_PRESETS)}) or run preset")
-    bp.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    bp.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    bp.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per step per process (default: 64 on CUDA, 16 elsewhere)")
+    bp.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sequence (default: 1024 on CUDA, 64 elsewhere)")
     bp.add_argument("--steps", type=int, default=5, help="timed steps")
     bp.add_argument("--warmup", type=int, default=2, help="untimed steps first (start-up, compile)")
     bp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     bp.add_argument("--dtype", default="auto", choices=list(DTYPES),
                     help="precision, as train.dtype")
-    bp.add_argument("--compile", action="store_true", help="torch.compile the model")
+    bp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the step (default: as train.compile=auto, on CUDA only)")
+    bp.add_argument("--data", metavar="DIR", default=None,
+                    help="batches from this prepared directory's train split (default: random tokens)")
+    bp.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="benchmark DDP with N processes on this machine (launches torchrun)")
+    bp.add_argument("--ddp-bucket-mb", type=int, default=25, metavar="MB",
+                    help="DDP gradient bucket size, as train.ddp_bucket_mb")
     bp.add_argument("--plain", action="store_true",
                     help="the baseline: fp32, eager, default allocator, default AdamW")
     bp.add_argument("--compare", action="store_true",

@@ -16,9 +16,10 @@ import dataclasses
 import json
 import math
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from gptforge.errors import GptforgeError
 
@@ -30,6 +31,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 class ConfigError(GptforgeError):
     """A configuration value, key or file is wrong."""
+
+
+# A value that depends on the device a run starts on (device.resolve_for decides it).
+AUTO = "auto"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,8 +55,8 @@ class GPTConfig:
     "longest context the model can attend over (positions in wpe)"
     vocab_size: int = 50257
     "tokens the model can read and predict; 0 in a run config means: take it from the data"
-    pad_vocab_multiple: int = 1
-    "round the embedding table up to a multiple of this (64 gives 50,304 rows for speed); padded ids are never predicted"
+    pad_vocab_multiple: int | str = 1
+    "round the embedding table up to a multiple of this (64 gives 50,304 rows for faster matmuls); auto: 64 on CUDA and MPS, 1 on the CPU, fixed when a run starts (it is the model's shape); padded ids are never predicted"
     dropout: float = 0.0
     "dropout probability on attention, residual and embeddings (0 disables)"
     bias: bool = True
@@ -60,6 +65,9 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
+        if m == AUTO:
+            raise ValueError("model.pad_vocab_multiple is 'auto': resolve it for a device first "
+                             "(device.resolve_for)")
         return (self.vocab_size + m - 1) // m * m
 
     @property
@@ -170,12 +178,14 @@ class TrainConfig:
     "auto (bf16 autocast where the hardware supports it, else fp32), float32, bfloat16 or float16"
     seed: int = 1337
     "seed for model initialisation, data order and dropout"
-    compile: bool = False
-    "torch.compile the training forward and backward (the first step pays the compilation; torch caches it for later runs)"
+    compile: bool | str = AUTO
+    "torch.compile the training forward and backward; auto: on CUDA only (the first step pays the compilation; torch caches it for later runs)"
     parallel: str = "ddp"
     "with several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer state"
     dist_timeout_s: int = 900
     "seconds a collective may wait before the job fails (a dead rank then stops the others)"
+    ddp_bucket_mb: int = 25
+    "DDP gradient bucket size in MB: each bucket's all-reduce starts as soon as its gradients are ready, overlapping the backward pass"
     keep_freed_memory: bool = True
     "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
@@ -208,7 +218,8 @@ class SampleConfig:
 
 @dataclass
 class RunConfig:
-    model: GPTConfig = field(default_factory=GPTConfig)
+    # A run pads its vocabulary where that is faster (GPTConfig alone stays unpadded).
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(pad_vocab_multiple=AUTO))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -264,6 +275,21 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(batch_size=32, seq_len=64, total_batch_tokens=32 * 64, max_steps=500,
                       log_interval=50),
     },
+    # GPT-2 124M the way llm.c and build-nanogpt reproduce it on ~10B tokens of FineWeb(-Edu):
+    # 524,288 (2**19) tokens per step in micro-batches of 64 x 1024 per GPU (8 accumulation steps
+    # on one GPU, 1 on eight), AdamW 6e-4 (0.9, 0.95), weight decay 0.1, clipping at 1.0, 700
+    # warmup steps, then a cosine to 0 at step 18,865 (~10B tokens, one pass over a 10B sample);
+    # validation loss (20 batches, ~1.3M tokens) and HellaSwag every 250 steps, a checkpoint
+    # every 5,000. llm.c reaches a val loss of ~3.28 and HellaSwag acc_norm ~0.30 this way.
+    "gpt2-fineweb": {
+        "model": dict(MODEL_PRESETS["gpt2"]),
+        "data": dict(loader="sequential"),
+        "optim": dict(lr=6e-4, min_lr=0.0, warmup_steps=700, decay_steps=18_865,
+                      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
+        "train": dict(batch_size=64, seq_len=1024, total_batch_tokens=524_288, max_steps=18_865,
+                      log_interval=10, eval_interval=250, eval_max_batches=20,
+                      hellaswag_interval=250, save_interval=5000),
+    },
     # Tiny models for tests and quick experiments on any machine.
     "gpt2-tiny": {
         "model": dict(MODEL_PRESETS["gpt2-tiny"], vocab_size=0),
@@ -297,7 +323,16 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check a value against a field type (int, float, bool, str), converting only where lossless."""
+    """Check a value against a field type (int, float, bool, str, or one of them | str for
+    fields that also take "auto"), converting only where lossless."""
+    if isinstance(typ, types.UnionType) or get_origin(typ) is Union:
+        if value == AUTO:
+            return AUTO
+        (base,) = [t for t in get_args(typ) if t is not str]
+        try:
+            return _coerce(value, base, key)
+        except ConfigError:
+            raise ConfigError(f"{key} must be {base.__name__} or \"auto\", got {value!r}") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -381,14 +416,21 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+RESOLVED = "resolved"  # the table `gptforge config` adds: derived values, recomputed, never read
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's sections. A [resolved] table (what `gptforge config` prints after the
+    sections) is dropped: it only reports what the sections resolve to."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist: check the path given to --config")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid TOML ({e}): fix it or remove --config")
+    d.pop(RESOLVED, None)
+    return d
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
@@ -440,7 +482,8 @@ def validate(obj: Any, section: str) -> None:
         chk("block_size", obj.block_size >= 1, "must be >= 1")
         chk("vocab_size", 0 <= obj.vocab_size <= 65536,
             "must be between 1 and 65,536 (tokens are stored as uint16), or 0 to take it from the data")
-        chk("pad_vocab_multiple", obj.pad_vocab_multiple >= 1, "must be >= 1 (1 means no padding)")
+        chk("pad_vocab_multiple", obj.pad_vocab_multiple == AUTO or obj.pad_vocab_multiple >= 1,
+            "must be >= 1 (1 means no padding) or auto")
         chk("dropout", 0.0 <= obj.dropout < 1.0, "must be in [0, 1)")
     elif isinstance(obj, DataConfig):
         chk("loader", obj.loader in LOADERS, f"choose one of {', '.join(LOADERS)}")
@@ -483,6 +526,7 @@ def validate(obj: Any, section: str) -> None:
         chk("seed", 0 <= obj.seed < 2**63, "must be a non-negative integer")
         chk("parallel", obj.parallel in PARALLEL, f"choose one of {', '.join(PARALLEL)}")
         chk("dist_timeout_s", obj.dist_timeout_s >= 1, "must be >= 1")
+        chk("ddp_bucket_mb", obj.ddp_bucket_mb >= 1, "must be >= 1")
         chk("wandb_project", 0 < len(obj.wandb_project) <= 128
             and not any(c in obj.wandb_project for c in "/\\#?%:"),
             "must be 1 to 128 characters, none of / \\ # ? % :")
@@ -516,7 +560,7 @@ RESUMABLE_KEYS = frozenset({
     "train.log_interval", "train.eval_interval", "train.eval_max_batches", "train.save_interval",
     "train.hellaswag_interval", "train.hellaswag_data",
     "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
-    "train.dist_timeout_s", "train.keep_freed_memory",
+    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.keep_freed_memory",
     "train.tensorboard", "train.wandb", "train.wandb_project", "train.mlflow", "train.run_name",
     *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),
 })
@@ -546,12 +590,18 @@ def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:
     return train.total_batch_tokens // per_micro
 
 
-def format_config(cfg: RunConfig) -> str:
-    """The resolved config as TOML-like text, printed at start and saved with the run."""
+def format_config(cfg: RunConfig, resolved: dict[str, Any] | None = None, note: str = "") -> str:
+    """The config as TOML (a valid --config file: JSON's scalars are TOML's), printed at start and
+    saved with the run; with ``resolved``, a [resolved] table after it, headed by ``note``."""
     lines = []
-    for section in SECTIONS:
+    tables = [(section, dataclasses.asdict(getattr(cfg, section))) for section in SECTIONS]
+    if resolved is not None:
+        tables.append((RESOLVED, resolved))
+    for section, values in tables:
         lines.append(f"[{section}]")
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+        if section == RESOLVED and note:
+            lines.append(f"# {note}")
+        for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)

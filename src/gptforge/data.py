@@ -604,7 +604,8 @@ def _too_short(tokens: np.ndarray, n: int, b: int, t: int, need: int) -> Gptforg
 
 
 class TokenLoader:
-    """(x, y) batches of shape (B, T) from one shard; y is x shifted left by one token.
+    """(x, y) int32 batches of shape (B, T) from one shard; y is x shifted left by one token.
+    (int32, not int64: half the bytes to the device, widened there; see device.BatchFeeder.)
 
     There is one global stream of sequences (windows of T+1 tokens). ``cursor`` counts global
     sequences consumed; a call on rank r returns sequences [cursor + r*B, cursor + (r+1)*B) and
@@ -678,13 +679,13 @@ class TokenLoader:
             # it is one contiguous run of B*T+1 tokens.
             start = (first % self.n_seq) * T
             buf = torch.from_numpy(
-                np.asarray(self.tokens[start : start + B * T + 1], dtype=np.int64)
+                np.asarray(self.tokens[start : start + B * T + 1], dtype=np.int32)
             )
             x = buf[:-1].view(B, T)
             y = buf[1:].view(B, T)  # shares storage with x, like DataLoaderLite
         else:
             idx = self._random_starts(first)[:, None] + np.arange(T + 1)  # (B, T+1)
-            buf = np.asarray(self.tokens[idx], dtype=np.int64)
+            buf = np.asarray(self.tokens[idx], dtype=np.int32)
             x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
             y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
         self.cursor += self.world_size * B
@@ -733,7 +734,7 @@ def count_eval_windows(tokens: np.ndarray, seq_len: int) -> int:
 def iter_eval_batches(
     tokens: np.ndarray, batch_size: int, seq_len: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every full window of a split, in order, as (x, y) batches; the last batch may be smaller.
+    """Every full window of a split, in order, as (x, y) int32 batches; the last may be smaller.
 
     Window w predicts tokens[w*T+1 : (w+1)*T+1], so together they score every token but the
     first once. A final window shorter than T is dropped. Yields nothing if the split is shorter
@@ -743,5 +744,5 @@ def iter_eval_batches(
     n_windows = count_eval_windows(tokens, T)
     for w0 in range(0, n_windows, batch_size):
         rows = min(batch_size, n_windows - w0)
-        buf = torch.from_numpy(np.asarray(tokens[w0 * T : (w0 + rows) * T + 1], dtype=np.int64))
+        buf = torch.from_numpy(np.asarray(tokens[w0 * T : (w0 + rows) * T + 1], dtype=np.int32))
         yield buf[:-1].view(rows, T), buf[1:].view(rows, T)

@@ -1,12 +1,22 @@
-"""Where and in what precision to compute: device choice and autocast."""
+"""Where and in what precision to compute: device choice, what "auto" settings become on each
+device type, autocast, backend switches, step timing and batches on their way to the device.
+
+The training loop stays free of device specifics: it asks this module for a resolved run
+(``resolve_for``), a timer that does not stall the GPU (``StepTimer``), and a feeder that moves
+batches to the device without host-side widening (``BatchFeeder``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from gptforge.config import ConfigError
+from gptforge.config import AUTO, ConfigError, RunConfig, grad_accum_steps
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,17 +59,79 @@ def cpu_has_native_bf16() -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _auto_dtype_name(device_type: str, present: bool) -> str:
+    """``auto``: bf16 where the hardware computes it natively. For a CUDA device that is not here
+    (planning a run elsewhere), bf16: every data-centre GPU since Ampere (A100, H100) has it."""
+    if device_type == "cuda":
+        return "bfloat16" if not present or torch.cuda.is_bf16_supported() else "float32"
+    if device_type == "cpu" and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
 def pick_autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. ``auto``: bf16 where the hardware has it."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return None
+        name = _auto_dtype_name(device.type, present=True)
     if name == "float16" and device.type == "cpu":
         raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
     return None if name == "float32" else DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# What "auto" becomes
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run's settings as they apply on one device type and number of processes."""
+
+    device: str  # device type: cuda, mps or cpu
+    dtype: str  # autocast precision, or float32 for none
+    compile: bool
+    padded_vocab_size: int  # 0: the vocabulary comes from the data, not known yet
+    grad_accum_steps: int
+    tokens_per_step: int
+    pad_vocab_multiple: int  # what model.pad_vocab_multiple becomes (the model's shape)
+
+    def table(self) -> dict[str, Any]:
+        """The [resolved] table of `gptforge config`, and the line train logs at start."""
+        d = asdict(self)
+        del d["pad_vocab_multiple"]  # shown through padded_vocab_size
+        return d
+
+
+def device_type_of(name: str) -> str:
+    """``cuda:1`` -> cuda; ``auto`` -> what this machine would pick."""
+    return pick_device("auto").type if name == AUTO else name.split(":")[0]
+
+
+def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: bool = True) -> Resolved:
+    """What ``cfg``'s auto settings become on ``device_type`` with ``world_size`` processes.
+
+    CUDA: compile on, the vocabulary padded to a multiple of 64 (50,257 -> 50,304 rows: the output
+    matmul's shape then suits the tensor cores), bf16 autocast. MPS: padded, eager. CPU: today's
+    measured defaults, eager and unpadded (neither pays here, BENCHMARKS.md). ``present=False``
+    resolves for a device this machine does not have, for planning a run elsewhere.
+    """
+    m, t = cfg.model, cfg.train
+    pad = m.pad_vocab_multiple
+    if pad == AUTO:
+        pad = 64 if device_type in ("cuda", "mps") else 1
+    compile_ = t.compile if t.compile != AUTO else device_type == "cuda"
+    dtype = t.dtype if t.dtype != AUTO else _auto_dtype_name(device_type, present)
+    padded = (m.vocab_size + pad - 1) // pad * pad
+    return Resolved(device=device_type, dtype=dtype, compile=bool(compile_), padded_vocab_size=padded,
+                    grad_accum_steps=grad_accum_steps(t, world_size),
+                    tokens_per_step=t.total_batch_tokens, pad_vocab_multiple=pad)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Process-wide switches for speed: on CUDA, TF32 tensor cores for the matmuls and
+    convolutions autocast leaves in fp32 (10-bit mantissa, fp32 range)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -94,3 +166,94 @@ def keep_freed_memory() -> bool:
     ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
     ok &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     return bool(ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing without stalling the GPU
+
+
+class StepTimer:
+    """Seconds per training step, read only when a step is logged.
+
+    On CUDA a pair of events brackets every step (recording them costs nothing); reading one waits
+    for that step's end event, which only the steps that log do. Elsewhere, the wall clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+        self._t0 = self._t1 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._end.record()
+        else:
+            self._t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        """The last step's duration (on CUDA, waits for that step to finish)."""
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1000.0
+        return self._t1 - self._t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches on their way to the device
+
+
+class BatchFeeder:
+    """Moves (x, y) batches of int32 token ids to ``device`` and widens them to int64 there.
+
+    The host never builds int64 copies (half the bytes over PCIe, and no host pass). On CUDA each
+    batch is copied into one of a few reused pinned buffers and sent asynchronously; before a
+    buffer is refilled, the host waits for the copy that last read from it, so the buffers are
+    never overwritten in flight (and the host runs at most ``slots`` batches ahead of the GPU).
+    """
+
+    def __init__(self, host_batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device, slots: int = 4, stage: bool | None = None):
+        self.host_batches = host_batches
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.stage = device.type != "cpu" if stage is None else stage  # the CPU needs no staging
+        self.slots = slots
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * slots
+        self._copied: list[Any] = [None] * slots  # CUDA event of the copy out of each buffer
+        self._next = 0
+
+    def _staging(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reusable host buffer pair shaped like (x, y), free to overwrite."""
+        i = self._next
+        self._next = (i + 1) % self.slots
+        buf = self._buffers[i]
+        if buf is None or buf[0].shape != x.shape:
+            buf = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned) for t in (x, y))
+            self._buffers[i] = buf
+        elif self._copied[i] is not None:
+            self._copied[i].synchronize()  # the copy that last read this buffer is done
+        self._slot = i
+        return buf
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.host_batches()
+        if not self.stage:
+            return x.to(self.device).long(), y.to(self.device).long()
+        hx, hy = self._staging(x, y)
+        hx.copy_(x)
+        hy.copy_(y)
+        dx = hx.to(self.device, non_blocking=self.pinned)
+        dy = hy.to(self.device, non_blocking=self.pinned)
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._slot] = event
+        return dx.long(), dy.long()

@@ -74,14 +74,14 @@ def evaluate(
     tail_start = windows * seq_len  # the remainder window predicts tokens[tail_start+1 : n]
     tail: list[tuple[torch.Tensor, torch.Tensor]] = []
     if tail_start < n - 1:
-        rest = torch.from_numpy(np.asarray(tokens[tail_start:n], dtype=np.int64))
+        rest = torch.from_numpy(np.asarray(tokens[tail_start:n], dtype=np.int32))
         tail.append((rest[:-1].view(1, -1), rest[1:].view(1, -1)))  # (1, n - 1 - tail_start)
     batches = itertools.chain(iter_eval_batches(tokens, batch_size, seq_len), tail)
     total_nats, count = 0.0, 0
     with progress_bar(total=n - 1, desc="eval", unit="tok", unit_scale=True,
                       disable=not progress, leave=False) as bar:
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device).long(), y.to(device).long()  # int32 ids, widened on the device
             logits, _ = model(x)  # (rows, T, V)
             # Summed in float64 on the host: the mean is over every token of the split.
             total_nats += F.cross_entropy(

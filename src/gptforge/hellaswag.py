@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from gptforge.data import NamedDataset, fetch_named_dataset
 from gptforge.errors import GptforgeError
 from gptforge.metrics import progress_bar

@@ -173,17 +173,23 @@ class Progress:
 
         return write
 
-    def update(self, loss: float, tok_per_s: float) -> None:
+    def update(self) -> None:
+        """One more step (the bar's rate and ETA come from its own clock: no device sync)."""
+        if self.bar is None:
+            return
+        try:
+            self.bar.update(1)
+        except OSError:
+            self.close()
+
+    def show(self, loss: float, tok_per_s: float) -> None:
+        """The latest logged loss and throughput, beside the bar."""
         if self.bar is None:
             return
         post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_per_s:,.0f}"}
         if self.target_loss:
             post["target"] = f"{self.target_loss:g}"
         self.bar.set_postfix(post, refresh=False)
-        try:
-            self.bar.update(1)
-        except OSError:
-            self.close()
 
     def close(self) -> None:
         bar, self.bar = self.bar, None

@@ -102,11 +102,15 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 momentum: float, ns_steps: int, fused: bool):
+                 momentum: float, ns_steps: int, fused: bool, shard: tuple[int, int] = (0, 1)):
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
                         weight_decay=0.0, algorithm="adamw", lr_scale=1.0)
         super().__init__(groups, defaults)
         self.fused = fused
+        self.rank, self.world_size = shard
+        # As torch's fused optimizers: a 0-d tensor, 1.0 to skip the step on the device (no host
+        # sync to decide it). Set by train_step for one step.
+        self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -130,37 +134,59 @@ class MuonAdamW(torch.optim.Optimizer):
             fused=self.fused or None, foreach=None if self.fused else True,
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            found_inf=self.found_inf,
         )
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        skip = None if self.found_inf is None else self.found_inf.bool()
         by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         for p in params:
             st = self.state[p]
             if not st:
                 st["momentum_buffer"] = torch.zeros_like(p)
             buf = st["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            by_shape[tuple(p.shape)].append((p, p.grad.add(buf, alpha=mu)))  # Nesterov
+            new = buf * mu + p.grad
+            buf.copy_(new if skip is None else torch.where(skip, buf, new))
+            by_shape[tuple(p.shape)].append((p, p.grad.add(new, alpha=mu)))  # Nesterov
         for (rows, cols), items in by_shape.items():
             ns_dtype = torch.bfloat16 if items[0][0].is_cuda else torch.float32
             stack = torch.stack([u for _, u in items]).to(ns_dtype)  # (n, rows, cols)
-            update = orthogonalize(stack, group["ns_steps"])
+            update = self._orthogonalize(stack, group["ns_steps"])
             scale = lr * max(1.0, rows / cols) ** 0.5
             for (p, _), u in zip(items, update):
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(u.to(p.dtype), alpha=-scale)
+                new = p * (1.0 - lr * wd) - scale * u.to(p.dtype)
+                p.copy_(new if skip is None else torch.where(skip, p, new))
+
+    def _orthogonalize(self, stack: torch.Tensor, steps: int) -> torch.Tensor:
+        """orthogonalize(stack), the work shared between ranks: under DDP every rank holds the
+        same all-reduced gradients, so each rank takes a contiguous share of the matrices and the
+        shares are gathered, which gives every rank the result of one process doing them all."""
+        if self.world_size == 1:
+            return orthogonalize(stack, steps)
+        import torch.distributed as dist
+
+        n, world = stack.size(0), self.world_size
+        per = -(-n // world)  # ceil
+        if per * world != n:  # pad with zero matrices (their result is zero) to equal shares
+            stack = torch.cat([stack, stack.new_zeros(per * world - n, *stack.shape[1:])])
+        mine = orthogonalize(stack[self.rank * per:(self.rank + 1) * per], steps).contiguous()
+        shares = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(shares, mine)
+        return torch.cat(shares)[:n]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str,
+                    shard: tuple[int, int] = (0, 1)) -> torch.optim.Optimizer:
     """``optim.name=adamw``: AdamW over every parameter. ``muon``: Muon for the blocks' matrices,
-    AdamW for the rest. AdamW is fused on CUDA and CPU (one kernel per group), multi-tensor elsewhere."""
+    AdamW for the rest. AdamW is fused on CUDA and CPU (one kernel per group), multi-tensor
+    elsewhere. ``shard=(rank, world)`` under DDP: Muon's ranks share the orthogonalization."""
     fused = device_type in ("cuda", "cpu")
     if cfg.name == "muon":
         optimizer = MuonAdamW(muon_param_groups(model, cfg), lr=cfg.lr,
                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                              momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, fused=fused)
+                              momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, fused=fused,
+                              shard=shard)
         set_lr(optimizer, lr_at(0, cfg))
         return optimizer
     return torch.optim.AdamW(
@@ -171,6 +197,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
         fused=fused,
         foreach=None if fused else True,
     )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer can skip a step on the device from a ``found_inf`` flag, so that no
+    host sync is needed to keep a non-finite step out of the weights: ours, and torch's fused
+    AdamW (the mechanism GradScaler uses)."""
+    return isinstance(optimizer, MuonAdamW) and optimizer.fused or bool(
+        isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"))
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import platform
 import random
@@ -48,6 +49,7 @@ from gptforge.checkpoint import (
     tensor_bytes,
 )
 from gptforge.config import (
+    AUTO,
     RESUMABLE_KEYS,
     ConfigError,
     RunConfig,
@@ -60,11 +62,18 @@ from gptforge.config import (
     validate_run,
 )
 from gptforge.data import TokenLoader, iter_eval_batches, load_meta, read_shard
-from gptforge.device import autocast, keep_freed_memory, pick_autocast_dtype
+from gptforge.device import (
+    BatchFeeder,
+    StepTimer,
+    autocast,
+    configure_backends,
+    keep_freed_memory,
+    pick_autocast_dtype,
+    resolve_for,
+)
 from gptforge.distributed import (
     DistEnv,
     any_rank,
-    as_scalar,
     barrier,
     full_model_state,
     full_optimizer_state,
@@ -73,7 +82,9 @@ from gptforge.distributed import (
     init_distributed,
     launch_rank,
     load_optimizer_state,
+    local_tensor,
     mean_over_ranks,
+    rank_seed,
     shutdown,
     sum_over_ranks,
     wrap_model,
@@ -95,8 +106,20 @@ from gptforge.metrics import (
     wanted_trackers,
 )
 from gptforge.model import GPT
-from gptforge.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr
-from gptforge.rundir import LOCK_FILE, disk_free, format_bytes, hold_run_lock
+from gptforge.optim import (
+    build_optimizer,
+    lr_at,
+    optimizer_state_bytes,
+    set_lr,
+    skips_on_device,
+)
+from gptforge.rundir import (
+    LOCK_FILE,
+    disk_free,
+    format_bytes,
+    guarded_write,
+    hold_run_lock,
+)
 
 
 class TrainingDiverged(GptforgeError):
@@ -109,8 +132,20 @@ class TrainingDiverged(GptforgeError):
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the micro-steps
-    norm: float  # global gradient norm before clipping
+    """One step's numbers as 0-d tensors on the device. Reading one waits for the step to finish,
+    so the loop reads them only on steps that need them (log, save, target loss)."""
+
+    loss: torch.Tensor  # mean over the micro-steps (and the ranks)
+    norm: torch.Tensor  # global gradient norm before clipping
+    bad: torch.Tensor  # the loss or the norm is not finite: the optimizer skipped the step
+
+
+def diverged(step: int, loss: float, norm: float) -> TrainingDiverged:
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+    return TrainingDiverged(
+        f"the {what} became {value} at step {step}: the run stopped and its last checkpoint is "
+        "intact; lower optim.lr or raise optim.warmup_steps, then resume"
+    )
 
 
 def train_step(
@@ -128,12 +163,15 @@ def train_step(
     """Forward and backward over ``accum_steps`` micro-batches, clip, and one optimizer step.
 
     Each micro-step's loss is divided by ``accum_steps`` so the summed gradient equals the
-    gradient of the mean loss over the whole batch. A non-finite loss or gradient norm stops
-    before the optimizer step, so the weights stay those of the last good step.
+    gradient of the mean loss over the whole batch. A step whose loss or gradient norm is not
+    finite never reaches the weights. Where the optimizer can skip a step on the device (fused
+    AdamW, our Muon: a ``found_inf`` flag, as GradScaler uses) that costs no host sync, and the
+    trainer learns of it from ``StepResult.bad`` when it next looks (DivergenceWatch); with any
+    other optimizer the flag is read here and TrainingDiverged raised at once.
 
     Under DDP/FSDP, ``grad_sync(False)`` skips the gradient all-reduce on all but the last
-    micro-step, and ``reduce_mean`` averages the logged loss over ranks so that every rank takes
-    the same decisions (stop at the target, stop on NaN).
+    micro-step, and ``reduce_mean`` averages the loss over ranks so that every rank takes the
+    same decisions (stop at the target, stop on NaN).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = None
@@ -148,23 +186,57 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)
     # max_norm=inf measures the norm without changing the gradients.
-    norm = torch.nn.utils.clip_grad_norm_(
+    norm = local_tensor(torch.nn.utils.clip_grad_norm_(
         model.parameters(), grad_clip if grad_clip > 0 else float("inf")
-    )
-    loss_value, norm_value = reduce_mean(loss_sum).item(), as_scalar(norm)
-    if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm_value)):
-        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-        raise TrainingDiverged(
-            f"the {what} became {loss_value if what == 'loss' else norm_value} at step {step}: "
-            "the run stopped and its last checkpoint is intact; lower optim.lr or raise "
-            "optim.warmup_steps, then resume"
-        )
-    if scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed
+    )).detach()
+    loss = reduce_mean(loss_sum)
+    if scaler is not None:
+        # fp16: overflowing gradients are routine, and the scaler skips those steps itself; only
+        # a non-finite loss is divergence. (The scaler reads its flag on the host anyway.)
+        bad = ~torch.isfinite(loss)
+        if bad:
+            raise diverged(step, float(loss), float(norm))
         scaler.step(optimizer)
         scaler.update()
+        return StepResult(loss, norm, bad)
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None
     else:
+        if bad:
+            raise diverged(step, float(loss), float(norm))
         optimizer.step()
-    return StepResult(loss_value, norm_value)
+    return StepResult(loss, norm, bad)
+
+
+class DivergenceWatch:
+    """The first step whose loss or gradient norm was not finite, remembered on the device.
+
+    ``record`` costs a few tiny kernels and no host sync; ``check`` reads the record (waiting for
+    the GPU), so the loop calls it only where it syncs anyway: on steps that log or save, and at
+    the end. Until then the skipped steps changed nothing, so the weights saved are never those of
+    a non-finite step, and the error names the step where it happened.
+    """
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.norm = torch.zeros((), dtype=torch.float32, device=device)
+
+    def record(self, step: int, result: StepResult) -> None:
+        first = result.bad & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, result.loss.float(), self.loss)
+        self.norm = torch.where(first, result.norm.float(), self.norm)
+
+    def check(self) -> None:
+        step = int(self.step)
+        if step >= 0:
+            raise diverged(step, float(self.loss), float(self.norm))
 
 
 @torch.no_grad()
@@ -193,7 +265,7 @@ def evaluate_loss(
             break
         if i % world != rank:
             continue
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device).long(), y.to(device).long()  # int32 ids, widened on the device
         with amp():
             _, loss = model(x, y)
         sums[0] += loss.double() * y.numel()
@@ -310,18 +382,6 @@ def _warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer: torch.optim.Opt
             f"({format_bytes(2 * size)}): a save may run out of space; free some, or choose an "
             "--out on a larger disk"
         )
-
-
-def _device_batches(loader: TokenLoader, device: torch.device) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    pin = device.type == "cuda"
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = loader.next_batch()
-        if pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
-
-    return next_batch
 
 
 # What a run writes at its top level. A directory holding nothing else but no complete checkpoint
@@ -452,6 +512,8 @@ def plan_run(
         wanted = from_command_line()
         if wanted.model.vocab_size == 0:
             resolve_model_vocab(wanted, load_meta(wanted.data.path or cfg.data.path))
+        if wanted.model.pad_vocab_multiple == AUTO:  # decided when the run started, on its device
+            wanted.model.pad_vocab_multiple = cfg.model.pad_vocab_multiple
         _check_same_run(ckpt, cfg, wanted, skip_model=init_from is not None)
         for key in RESUMABLE_KEYS:
             section, name = key.split(".")
@@ -564,10 +626,10 @@ def _train(
         tc.hellaswag_data or None, meta["tokenizer"], cfg.model.block_size,
         what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
     )[0] if tc.hellaswag_interval else []
+    resolved = resolve_for(cfg, device.type, env.world_size)
+    cfg.model.pad_vocab_multiple = resolved.pad_vocab_multiple  # the model's shape from now on
     amp_dtype = pick_autocast_dtype(device, tc.dtype)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for what autocast leaves in fp32
-        torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device)
 
     def amp() -> contextlib.AbstractContextManager:
         return autocast(device, amp_dtype)
@@ -585,11 +647,14 @@ def _train(
     elif init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
         assert missing == [TIED_KEY] and not unexpected, (missing, unexpected)  # shapes checked on load
-    wrapped = wrap_model(model, env, tc.parallel)
-    # Training steps run through the compiled module; evaluation, checkpoints and the optimizer
-    # use the uncompiled one, which shares its parameters (so no "_orig_mod." names are saved).
-    step_model = torch.compile(wrapped) if tc.compile else wrapped
-    optimizer = build_optimizer(model, oc, device.type)
+    # Training steps run through the wrapped (compiled, DDP/FSDP) module; evaluation, checkpoints
+    # and the optimizer use the bare one, which shares its parameters.
+    wrapped = wrap_model(model, env, tc.parallel, compile=resolved.compile, amp_dtype=amp_dtype,
+                         bucket_mb=tc.ddp_bucket_mb)
+    if env.distributed:  # same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(rank_seed(tc.seed, env.rank))
+    optimizer = build_optimizer(model, oc, device.type,
+                                shard=(env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1))
 
     step, tokens_seen, best_val = 0, 0, None
     if resume is not None:
@@ -624,7 +689,9 @@ def _train(
         saved = read_run_record(run_dir).get("trackers", {}) if resume is not None else {}
         if restart:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-        (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
+        with guarded_write("config", run_dir / "config.toml",
+                           f"free space on that disk, then start again: {' '.join(sys.argv)}"):
+            (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         info = {"command": ["gptforge", *sys.argv[1:]]}
         if preset is not None:
@@ -646,6 +713,7 @@ def _train(
     log(f"batch: {tc.batch_size} x {tc.seq_len} tokens x {accum} accumulation steps"
         f"{f' x {env.world_size} processes' if env.distributed else ''} = "
         f"{tc.total_batch_tokens:,} tokens per step")
+    log("resolved: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in resolved.table().items()))
     if resume is not None:
         log(f"resuming from {resume.path} at step {step}")
     if restart:
@@ -656,6 +724,7 @@ def _train(
         _warn_if_disk_is_short(run_dir, model, optimizer)
 
     def trainer_state(last_loss: float, stopped_by: str | None) -> dict[str, Any]:
+        """Where the run is; saving reads the device, so the divergence check comes first."""
         rngs = gather_objects(rng_state(device), env)
         return {
             "step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
@@ -664,9 +733,12 @@ def _train(
             "stopped_by": stopped_by,
         }
 
-    def save(last_loss: float, val_loss: float | None, stopped_by: str | None = None) -> Path:
-        """Collective: every rank gathers, rank 0 writes, all wait for it."""
+    def save(last_loss: torch.Tensor | float, val_loss: float | None, stopped_by: str | None = None) -> Path:
+        """Collective: every rank gathers, rank 0 writes, all wait for it. Never the weights of a
+        run that diverged: the watch is read first."""
         nonlocal best_val
+        watch.check()
+        last_loss = float(last_loss)
         is_best = val_loss is not None and (best_val is None or val_loss < best_val)
         if is_best:
             best_val = val_loss
@@ -713,13 +785,18 @@ def _train(
         if trackers is not None:
             trackers.log(**fields)
         if record is not None:
-            record.update(step=step, tokens=tokens_seen, last_loss=last_loss,
-                          best_val_loss=best_val, tok_per_s=fields.get("tok_per_s"))
+            latest = {k: fields[k] for k in ("tok_per_s",) if k in fields}
+            if "loss" in fields:
+                latest["last_loss"] = fields["loss"]
+            record.update(step=step, tokens=tokens_seen, best_val_loss=best_val, **latest)
 
-    # 4. the loop
-    next_batch = _device_batches(loader, device)
+    # 4. the loop. Nothing in it waits for the GPU except on steps that log, evaluate or save
+    #    (and every step when train.target_loss asks to compare each step's loss).
+    next_batch = BatchFeeder(loader.next_batch, device)
+    timer, watch = StepTimer(device), DivergenceWatch(device)
     wrapped.train()
-    last_loss, val_loss, ckpt_path = float("nan"), None, None
+    last_loss: torch.Tensor | float = float("nan")
+    val_loss, ckpt_path = None, None
     hs: HellaSwagResult | None = None
     stopped_by = "max_steps"
     saved_step = first_step = step  # a resumed run's starting point is already on disk
@@ -730,21 +807,20 @@ def _train(
             while step < tc.max_steps:
                 lr = lr_at(step, oc)
                 set_lr(optimizer, lr)
-                t0 = time.perf_counter()
+                timer.start()
                 result = train_step(
-                    step_model, optimizer, next_batch, accum, oc.grad_clip, amp, scaler, step,
+                    wrapped, optimizer, next_batch, accum, oc.grad_clip, amp, scaler, step,
                     grad_sync=lambda last: grad_sync(wrapped, env, tc.parallel, last),
                     reduce_mean=lambda t: mean_over_ranks(t, env))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
+                timer.stop()
+                watch.record(step, result)
                 last_loss = result.loss
                 done_step = step
                 step += 1
                 tokens_seen += tc.total_batch_tokens
-                progress.update(result.loss, tc.total_batch_tokens / dt)
-                if tc.compile and step == first_step + 1:
-                    log(f"torch.compile: the first step took {dt:.1f}s, compilation included")
+                progress.update()
+                if resolved.compile and done_step == first_step:
+                    log(f"torch.compile: the first step took {timer.seconds():.1f}s, compilation included")
 
                 val_loss = None
                 if tc.eval_interval and step % tc.eval_interval == 0:
@@ -752,18 +828,26 @@ def _train(
                 hs = None
                 if tc.hellaswag_interval and step % tc.hellaswag_interval == 0:
                     hs = hellaswag()
-                reached_target = tc.target_loss > 0 and result.loss < tc.target_loss
+                loss = None
+                if tc.target_loss > 0:  # the recipe's stop rule looks at every step's loss
+                    watch.check()
+                    loss = float(result.loss)
+                reached_target = loss is not None and loss < tc.target_loss
                 reached_val = (tc.target_val_loss > 0 and val_loss is not None
                                and val_loss < tc.target_val_loss)
                 stopping = any_rank(bool(stop), env)  # a signal may reach one rank first
                 last = step >= tc.max_steps or reached_target or reached_val or stopping
-                if done_step % tc.log_interval == 0 or last or val_loss is not None or hs is not None:
+                logged = done_step % tc.log_interval == 0 or last
+                if logged or val_loss is not None or hs is not None:
+                    watch.check()
+                    loss, norm, dt = float(result.loss), float(result.norm), timer.seconds()
                     tok_per_s = tc.total_batch_tokens / dt
-                    if done_step % tc.log_interval == 0 or last:
-                        log(format_step(done_step, result.loss, lr, result.norm, dt * 1000, tok_per_s))
+                    progress.show(loss, tok_per_s)
+                    if logged:
+                        log(format_step(done_step, loss, lr, norm, dt * 1000, tok_per_s))
                     if val_loss is not None:
                         log(f"step {done_step:5d} | val loss: {val_loss:.6f}")
-                    fields = dict(step=done_step, loss=result.loss, lr=lr, norm=result.norm,
+                    fields = dict(step=done_step, loss=loss, lr=lr, norm=norm,
                                   dt_ms=dt * 1000, tok_per_s=tok_per_s, tokens=tokens_seen)
                     if val_loss is not None:
                         fields["val_loss"] = val_loss
@@ -771,11 +855,11 @@ def _train(
                         fields.update(log_hellaswag(done_step, hs))
                     write_metrics(**fields)
                 if tc.save_interval and step % tc.save_interval == 0 and not last:
-                    ckpt_path = save(result.loss, val_loss)
+                    ckpt_path = save(last_loss, val_loss)
                     saved_step = step
                 if reached_target:
                     stopped_by = "target_loss"
-                    log(f"training loss {result.loss:.6f} is below train.target_loss="
+                    log(f"training loss {loss:.6f} is below train.target_loss="
                         f"{tc.target_loss} at step {done_step}: stopping")
                     break
                 if reached_val:
@@ -813,6 +897,7 @@ def _train(
         progress.close()
         if metrics is not None:
             metrics.close()
+    last_loss = float(last_loss)
     status = "finished" if stopped_by in ("max_steps", "target_loss", "target_val_loss") else "stopped"
     if trackers is not None:
         trackers.close(status)
