@@ -93,15 +93,28 @@ def assert_only_rank_0_wrote(log: Path) -> None:
     assert Path(f"{log}.1").exists() and Path(f"{log}.1").read_text() == ""
 
 
-def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tmp_path):
+def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tmp_path, monkeypatch):
     d = ["--data", str(char_data)]
     # reference: one process, 2 accumulation steps per optimizer step
     gptforge("--out", str(tmp_path / "one"), *d, *COMMON, "--set", "train.max_steps=8")
-    # DDP: 2 processes, 1 accumulation step each, the same global batch; only rank 0 writes
+    # DDP: 2 processes, 1 accumulation step each, the same global batch; only rank 0 writes, and
+    # only rank 0 logs to the trackers (W&B offline and MLflow write inside the audited RUN here)
     env, log = audited(tmp_path, tmp_path / "ddp")
-    gptforge("--out", str(tmp_path / "ddp"), *d, *COMMON, "--set", "train.max_steps=8", nproc=2, env=env)
+    mlruns = tmp_path / "ddp" / "mlruns"
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_TRACKING_URI=mlruns.as_uri())
+    gptforge("--out", str(tmp_path / "ddp"), *d, *COMMON, "--set", "train.max_steps=8",
+             *(f"--set=train.{t}=true" for t in ("tensorboard", "wandb", "mlflow")), nproc=2, env=env)
     assert_close_runs(tmp_path / "one", tmp_path / "ddp")
     assert_only_rank_0_wrote(log)
+    rank0 = Path(f"{log}.0").read_text()
+    assert all(str(tmp_path / "ddp" / name) in rank0 for name in ("tensorboard", "wandb", "mlruns"))
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only so
+    client = MlflowClient(tracking_uri=mlruns.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("gptforge").experiment_id])
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert history == [(s, x) for s, x, _ in losses(tmp_path / "ddp") if x is not None]
     ckpt = load_checkpoint(tmp_path / "ddp")
     assert ckpt.trainer["world_size"] == 2 and len(ckpt.trainer["rng_ranks"]) == 2
     # DDP stopped at 4 and resumed with 2 ranks is bit-identical to DDP straight through

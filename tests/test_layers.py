@@ -84,8 +84,8 @@ def test_model_imports_only_torch_and_its_config():
 def test_core_import_pulls_no_optional_extras():
     code = ("import sys, gptforge, gptforge.cli, gptforge.train, gptforge.generate, "
             "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint, gptforge.data; "
-            "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard', 'pyarrow', "
-            "'zstandard') if m in sys.modules]; "
+            "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard', 'wandb', 'mlflow', "
+            "'pyarrow', 'zstandard') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(SRC.parent), "PATH": ""})

@@ -32,7 +32,7 @@ from gptforge.data import (
     read_shard,
     write_shard,
 )
-from gptforge.data.shards import HEADER_BYTES, file_sha256, shard_count
+from gptforge.data.shards import file_sha256, shard_count
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import GPT2Tokenizer
 

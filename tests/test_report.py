@@ -1,6 +1,7 @@
-"""The experience of a run: progress bar, plots, run table, TensorBoard, help and errors."""
+"""The experience of a run: progress bar, plots, run table, help and errors (trackers: test_trackers.py)."""
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -15,9 +16,14 @@ from test_train import quiet, run_cli, tiny_cfg
 
 from gptforge.cli import build_parser, main
 from gptforge.config import SECTION_TYPES
-from gptforge.errors import GptforgeError
 from gptforge.metrics import RunRecord, read_run_record
-from gptforge.report import runs_table
+from gptforge.report import (
+    describe_run,
+    format_count,
+    plot_panels,
+    read_series,
+    runs_table,
+)
 from gptforge.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -52,6 +58,30 @@ def test_plot_renders_a_png_with_content(runs, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_counts_read_100k_1_2M_3_4B():
+    assert [format_count(n) for n in (0, 7, 950, 999.4, 999.6, 1_000, 1_200, 100_000, 1_234_567,
+                                      1.2e6, 3.4e9, 2.5e12)] == [
+        "0", "7", "950", "999", "1k", "1k", "1.2k", "100k", "1.23M", "1.2M", "3.4B", "2.5T"]
+
+
+def test_plot_shows_validation_and_hellaswag_panels_when_runs_have_them(runs, tmp_path):
+    learning, running = plot_panels(read_series([runs / "a", runs / "b"]))
+    assert [p.title for p in learning] == ["loss vs steps", "loss vs tokens", "validation loss"]
+    assert [p.ykey for p in running] == ["lr", "norm", "tok_per_s"]
+    assert [p.xkey for p in learning] == ["step", "tokens", "tokens"]
+    # a run with HellaSwag numbers (written by hand) adds their panel beside the losses
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    records = [dict(step=s, loss=3.0 - s / 100, tokens=(s + 1) * 524_288) for s in range(0, 100, 10)]
+    records[-1].update(val_loss=2.2, hellaswag_acc=0.27, hellaswag_acc_norm=0.29)
+    (hand / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    learning, _ = plot_panels(read_series([runs / "a", hand]))
+    assert learning[-1].title == "HellaSwag acc_norm" and learning[-1].xkey == "tokens"
+    pytest.importorskip("matplotlib")
+    assert run_cli("plot", str(runs / "a"), str(hand), "--out", str(tmp_path / "hs.png")) == 0
+    assert describe_run(hand, tmp_path, compact=True)["tokens"] == "47.7M"  # 91 x 524,288
+
+
 def test_runs_table_shows_each_run_and_its_status(runs, char_data, tmp_path, capsys):
     # a crashed run: its record says running, but its process is gone
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -61,7 +91,7 @@ def test_runs_table_shows_each_run_and_its_status(runs, char_data, tmp_path, cap
     RunRecord(crashed, preset="gpt2-mini")
     rec = read_run_record(crashed)
     rec["pid"] = dead.pid
-    (crashed / "run.json").write_text(__import__("json").dumps(rec))
+    (crashed / "run.json").write_text(json.dumps(rec))
     assert run_cli("runs", str(runs)) == 0
     table = capsys.readouterr().out.splitlines()
     header, rows = table[0], {line.split()[0]: line.split() for line in table[2:]}
@@ -129,21 +159,6 @@ def test_no_bar_when_output_is_not_a_terminal(char_data, tmp_path):
     assert out.returncode == 0
     assert "\r" not in out.stdout + out.stderr and "/20 [" not in out.stderr
     assert out.stdout.count("| loss:") == 3  # steps 0, 10 and the last
-
-
-def test_tensorboard_when_asked(char_data, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
-    train(tiny_cfg(char_data, "train.max_steps=10", "train.log_interval=2", "train.tensorboard=true"),
-          tmp_path / "run", log=quiet)
-    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 100
-
-
-def test_tensorboard_missing_is_one_clear_error(char_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(GptforgeError, match="needs the tensorboard package"):
-        train(tiny_cfg(char_data, "train.max_steps=2", "train.tensorboard=true"), tmp_path / "run", log=quiet)
-    assert not (tmp_path / "run").exists()
 
 
 def test_train_help_lists_every_config_key_with_default_and_meaning(capsys):

@@ -169,7 +169,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gptforge.metrics import plot_runs
+    from gptforge.report import plot_runs
 
     out = plot_runs(args.runs, args.out, log_loss=args.log_loss)
     print(f"wrote {out}")

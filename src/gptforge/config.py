@@ -190,6 +190,14 @@ class TrainConfig:
     "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
     "also write the logged numbers as TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)"
+    wandb: bool = False
+    "also log the numbers and the config to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)"
+    wandb_project: str = "gptforge"
+    "the W&B project that the run goes to"
+    mlflow: bool = False
+    "also log the numbers and the config to MLflow at MLFLOW_TRACKING_URI, else ./mlruns (needs the mlflow-skinny package)"
+    run_name: str = ""
+    "the run's name in W&B and MLflow (empty: the name of the --out directory)"
 
 
 @dataclass
@@ -519,6 +527,9 @@ def validate(obj: Any, section: str) -> None:
         chk("parallel", obj.parallel in PARALLEL, f"choose one of {', '.join(PARALLEL)}")
         chk("dist_timeout_s", obj.dist_timeout_s >= 1, "must be >= 1")
         chk("ddp_bucket_mb", obj.ddp_bucket_mb >= 1, "must be >= 1")
+        chk("wandb_project", 0 < len(obj.wandb_project) <= 128
+            and not any(c in obj.wandb_project for c in "/\\#?%:"),
+            "must be 1 to 128 characters, none of / \\ # ? % :")
     elif isinstance(obj, SampleConfig):
         chk("max_new_tokens", obj.max_new_tokens >= 1, "must be >= 1")
         chk("top_k", obj.top_k >= 0, "must be >= 0 (0: no top-k filtering)")
@@ -549,7 +560,8 @@ RESUMABLE_KEYS = frozenset({
     "train.log_interval", "train.eval_interval", "train.eval_max_batches", "train.save_interval",
     "train.hellaswag_interval", "train.hellaswag_data",
     "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
-    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.keep_freed_memory", "train.tensorboard",
+    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.keep_freed_memory",
+    "train.tensorboard", "train.wandb", "train.wandb_project", "train.mlflow", "train.run_name",
     *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),
 })
 

@@ -1,17 +1,24 @@
-"""What a run reports: the original notebook's log line and one JSON object per logged step."""
+"""What a run reports: the original notebook's log line, one JSON object per logged step
+(metrics.jsonl), run.json, the progress bar, and the experiment trackers (TensorBoard,
+W&B, MLflow) that get the same numbers."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
 import socket
 import sys
 import time
+import urllib.parse
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
+from gptforge.config import RunConfig, dotted_items
 from gptforge.errors import GptforgeError
 from gptforge.rundir import guarded_write
 
@@ -248,137 +255,252 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots
-
-
-def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -> Path:
-    """One PNG comparing runs: loss against steps and against tokens (train solid, val dashed),
-    learning rate, gradient norm and tokens/s against steps, and HellaSwag acc_norm (solid) and
-    acc (dotted) against steps where a run has them."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise GptforgeError(
-            "plotting needs matplotlib: pip install 'gptforge[plot]' (or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    series = []
-    for run in runs:
-        path = Path(run) / "metrics.jsonl"
-        if not path.is_file():
-            raise GptforgeError(f"{run} has no metrics.jsonl: pass run directories written by gptforge train")
-        try:
-            records = read_metrics(path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GptforgeError(f"{path} is not valid JSON lines ({e}): is it a gptforge run?") from None
-        if not records:
-            raise GptforgeError(f"{path} is empty: the run has not logged a step yet")
-        series.append((Path(run).name or str(run), records))
-
-    # A run that scored HellaSwag (train.hellaswag_interval) gets a third row: acc_norm and acc.
-    hellaswag = any(_is_num(r.get("hellaswag_acc_norm")) for _, records in series for r in records)
-    n_rows = 3 if hellaswag else 2
-    fig = plt.figure(figsize=(16, 4.5 * n_rows), constrained_layout=True)
-    grid = fig.add_gridspec(n_rows, 3)
-    axes = {(r, c): fig.add_subplot(grid[r, c]) for r in range(2) for c in range(3)}
-    panels = [
-        (axes[0, 0], "step", "loss", "loss", "loss vs steps"),
-        (axes[0, 1], "tokens", "loss", "loss", "loss vs tokens"),
-        (axes[1, 0], "step", "lr", "learning rate", "learning rate"),
-        (axes[1, 1], "step", "norm", "gradient norm (before clipping)", "gradient norm"),
-        (axes[1, 2], "step", "tok_per_s", "tokens / s", "throughput"),
-    ]
-    if hellaswag:
-        panels.append((fig.add_subplot(grid[2, :]), "step", "hellaswag_acc_norm", "accuracy",
-                       "HellaSwag: acc_norm (solid), acc (dotted)"))
-    # the series drawn second in a panel: key, line style, label
-    second = {"loss": ("val_loss", "--", "val"), "hellaswag_acc_norm": ("hellaswag_acc", ":", "acc")}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, records) in enumerate(series):
-        color = colors[i % len(colors)]
-        for ax, xkey, ykey, _, _ in panels:
-            pts = [(r[xkey], r[ykey]) for r in records if _is_num(r.get(xkey)) and _is_num(r.get(ykey))]
-            sparse = ykey.startswith("hellaswag")  # a point per evaluation, not per step
-            if pts:
-                ax.plot(*zip(*pts), color=color, label={"loss": f"{name} train"}.get(ykey, name),
-                        linewidth=1.2, marker="o" if sparse else None, markersize=3)
-            if ykey in second:
-                key, style, label = second[ykey]
-                more = [(r[xkey], r[key]) for r in records
-                        if _is_num(r.get(xkey)) and _is_num(r.get(key))]
-                if more:
-                    ax.plot(*zip(*more), color=color, linestyle=style, marker="o", markersize=3,
-                            label=f"{name} {label}")
-    for ax, xkey, _, ylabel, title in panels:
-        ax.set_title(title)
-        ax.set_xlabel("tokens" if xkey == "tokens" else "step")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-    for ax in (axes[0, 0], axes[0, 1]):
-        if log_loss:
-            ax.set_yscale("log")
-    # The last panel: a summary table of the runs.
-    axes[0, 2].axis("off")
-    rows = []
-    for name, records in series:
-        losses = [r["loss"] for r in records if _is_num(r.get("loss"))]
-        vals = [r["val_loss"] for r in records if _is_num(r.get("val_loss"))]
-        rows.append([name, str(max(r.get("step", 0) for r in records) + 1),
-                     f"{losses[-1]:.4f}" if losses else "-", f"{min(vals):.4f}" if vals else "-"])
-    table = axes[0, 2].table(cellText=rows, colLabels=["run", "steps", "last loss", "best val"],
-                             loc="center")
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    fig.suptitle("gptforge: " + ", ".join(name for name, _ in series), fontsize=13)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def _is_num(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ----------------------------------------------------------------------------------------------
-# TensorBoard, only when asked for
+# Experiment trackers (TensorBoard, Weights & Biases, MLflow), each only when asked for
 
 
-def require_tensorboard() -> type:
-    """torch's SummaryWriter, or one clear line when the tensorboard package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise GptforgeError(
-            "train.tensorboard=true needs the tensorboard package: pip install "
-            "'gptforge[tensorboard]' (or pip install tensorboard), or leave train.tensorboard off"
-        ) from None
-    return SummaryWriter
+def tracker_key(key: str) -> str:
+    """A metrics.jsonl key as every tracker names it, grouped into train/, val/ and hellaswag/
+    sections: ``loss`` -> ``train/loss``, ``val_loss`` -> ``val/loss``,
+    ``hellaswag_acc_norm`` -> ``hellaswag/acc_norm``."""
+    if key == "val_loss":
+        return "val/loss"
+    if key.startswith("hellaswag_"):
+        return "hellaswag/" + key.removeprefix("hellaswag_")
+    return "train/" + key
 
 
-class TensorBoardLog:
-    """The same numbers as metrics.jsonl, as TensorBoard scalars under ``RUN/tensorboard``."""
+@dataclass
+class TrackedRun:
+    """What a tracker is told about the run it follows."""
 
-    def __init__(self, run_dir: str | Path):
-        self.writer = require_tensorboard()(log_dir=str(Path(run_dir) / "tensorboard"))
+    run_dir: Path
+    config: RunConfig  # the resolved config, logged as the tracker run's parameters
+    name: str  # train.run_name, else the run directory's name
+    saved: dict[str, Any]  # this tracker's entry in run.json when the run continues; else empty
+    start_step: int  # the first step this session logs (a resumed run's checkpoint step)
 
-    def write(self, **fields: Any) -> None:
-        step = fields.get("step", 0)
-        for key, value in fields.items():
-            if key != "step" and _is_num(value):
-                self.writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+
+class Tracker:
+    """One experiment tracker. A new one is a subclass that sets the class attributes below and
+    implements ``__init__`` (start, or continue the run in ``run.saved``; log the config),
+    ``log`` and ``close``, plus a ``train.<name>`` switch in config.TrainConfig.
+
+    Trackers live on rank 0 only, and get the same records as metrics.jsonl (``log``: a step and
+    its numbers under ``tracker_key`` names). They may raise anything: ``Trackers`` turns a
+    failure into a warning and goes on without that tracker, so training never stops for one.
+    """
+
+    name: ClassVar[str]  # the config switch train.<name>, and the tracker's key in run.json
+    title: ClassVar[str]  # for messages
+    module: ClassVar[str]  # what is imported
+    pip: ClassVar[str]  # the PyPI package behind the gptforge[<name>] extra
+    run_files: ClassVar[tuple[str, ...]] = ()  # what it writes inside RUN
+
+    state: dict[str, Any]  # kept in run.json, so that a resumed run continues the same tracker run
+    where: str  # one line telling where to look at the run
+
+    @classmethod
+    def require(cls) -> Any:
+        """The tracker's package, or one line naming the extra to install."""
+        try:
+            return importlib.import_module(cls.module)
+        except ImportError:
+            raise GptforgeError(
+                f"train.{cls.name}=true needs the {cls.pip} package: pip install "
+                f"'gptforge[{cls.name}]' (or pip install {cls.pip}), or leave train.{cls.name} off"
+            ) from None
+
+    def __init__(self, run: TrackedRun) -> None:
+        raise NotImplementedError
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def close(self, status: str) -> None:
+        """``status`` is run.json's: finished, stopped or crashed."""
+        raise NotImplementedError
+
+
+class TensorBoardLog(Tracker):
+    """Scalars under ``RUN/tensorboard``, the config in the HPARAMS tab."""
+
+    name, title, pip = "tensorboard", "TensorBoard", "tensorboard"
+    module, run_files = "torch.utils.tensorboard", ("tensorboard",)
+
+    def __init__(self, run: TrackedRun) -> None:
+        tb = self.require()
+        from torch.utils.tensorboard.summary import hparams
+
+        log_dir = run.run_dir / "tensorboard"
+        # purge_step hides what a killed session logged after its last checkpoint: a resumed
+        # run logs those steps again
+        self.writer = tb.SummaryWriter(log_dir=str(log_dir), purge_step=run.start_step or None)
+        params = dotted_items(run.config)
+        metrics = {tracker_key(k): float("nan") for k in ("loss", "val_loss", "hellaswag_acc_norm")}
+        for summary in hparams(params, metrics):  # experiment, session start and end
+            self.writer.file_writer.add_summary(summary)
+        self.state, self.where = {}, f"tensorboard --logdir {log_dir}"
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()
+
+
+class WandbLog(Tracker):
+    """A Weights & Biases run in project ``train.wandb_project``; its local files under RUN/wandb.
+    ``WANDB_MODE=offline`` keeps everything local (``wandb sync`` uploads it later)."""
+
+    name, title, pip = "wandb", "W&B", "wandb"
+    module, run_files = "wandb", ("wandb",)
+
+    def __init__(self, run: TrackedRun) -> None:
+        wandb = self.require()
+        saved_id = run.saved.get("id")
+        self.run = wandb.init(project=run.config.train.wandb_project, name=run.name,
+                              id=saved_id, resume="allow" if saved_id else None,
+                              dir=str(run.run_dir), config=run.config.to_dict())
+        # A resumed online run knows the steps it has; W&B drops (and warns about) lower ones.
+        self.first_step = int(getattr(self.run, "starting_step", 0) or 0)
+        self.state = {"id": self.run.id, "project": run.config.train.wandb_project}
+        self.where = getattr(self.run, "url", None) or f"run {self.run.id} in {run.run_dir / 'wandb'}"
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step >= self.first_step:
+            self.run.log(values, step=step)
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=1 if status == "crashed" else 0)
+
+
+class MlflowLog(Tracker):
+    """An MLflow run at ``MLFLOW_TRACKING_URI``, else in ``./mlruns``, in the experiment
+    ``MLFLOW_EXPERIMENT_NAME`` (else gptforge); the config's keys are its parameters."""
+
+    name, title, pip = "mlflow", "MLflow", "mlflow-skinny"
+    module = "mlflow"  # its store is outside RUN
+    STATUS = {"finished": "FINISHED", "stopped": "KILLED", "crashed": "FAILED"}
+
+    def __init__(self, run: TrackedRun) -> None:
+        mlflow = self.require()
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+
+        # A continued run stays in the store it started in, unless the environment names another.
+        uri = (os.environ.get("MLFLOW_TRACKING_URI") or run.saved.get("tracking_uri")
+               or Path("mlruns").absolute().as_uri())
+        if urllib.parse.urlparse(uri).scheme in ("", "file"):
+            # MLflow 3 keeps its file store in maintenance and refuses it unless told otherwise;
+            # a local ./mlruns is what we were asked for.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.Metric = Metric
+        self.run_id, self.logged_through = run.saved.get("run_id"), -1
+        known: dict[str, str] = {}
+        if self.run_id:
+            try:
+                existing = self.client.get_run(self.run_id)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                warnings.warn(f"MLflow run {self.run_id} is not in {uri}: starting a new one")
+                self.run_id = None
+            else:
+                self.client.update_run(self.run_id, status="RUNNING")
+                known = existing.data.params
+                # what a killed session logged after the checkpoint: the same numbers again
+                history = self.client.get_metric_history(self.run_id, tracker_key("loss"))
+                self.logged_through = max((m.step for m in history), default=-1)
+        if not self.run_id:
+            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "gptforge"
+            found = self.client.get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.run_id = self.client.create_run(
+                exp_id, run_name=run.name, tags={"gptforge.run_dir": str(run.run_dir.absolute())}
+            ).info.run_id
+        # Parameters are write-once in MLflow: a resumed run adds keys it lacks and keeps the
+        # values it started with (RUN/config.toml has the current ones).
+        params = [Param(k, str(v)) for k, v in dotted_items(run.config).items() if k not in known]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 per call
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.state = {"run_id": self.run_id, "tracking_uri": uri}
+        self.where = f"run {self.run_id} at {uri}"
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step <= self.logged_through:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in values.items()])
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, self.STATUS.get(status, "FINISHED"))
+
+
+TRACKERS: tuple[type[Tracker], ...] = (TensorBoardLog, WandbLog, MlflowLog)
+
+
+def wanted_trackers(cfg: RunConfig) -> list[type[Tracker]]:
+    """The trackers the config switches on, each checked to be installed (one line if not)."""
+    wanted = [t for t in TRACKERS if getattr(cfg.train, t.name)]
+    for tracker in wanted:
+        tracker.require()
+    return wanted
+
+
+class Trackers:
+    """The trackers of a run, fed the records of metrics.jsonl. A tracker that fails (its server
+    is down, its disk is full, its login is missing) costs one warning, and the run goes on
+    without it: an experiment tracker must never stop a training run."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, saved: dict[str, Any], start_step: int,
+                 log: Callable[[str], None] = say):
+        self.saved = dict(saved)  # a tracker switched off now keeps its run for a later session
+        self.active: list[Tracker] = []
+        name = cfg.train.run_name or run_dir.absolute().name
+        for cls in wanted_trackers(cfg):
+            try:
+                tracker = cls(TrackedRun(run_dir, cfg, name, dict(self.saved.get(cls.name) or {}),
+                                         start_step))
+            except Exception as e:  # whatever the tracker's library raises
+                _tracker_failed(cls, "could not start", e)
+                continue
+            self.active.append(tracker)
+            log(f"{cls.title}: {tracker.where}")
+
+    def state(self) -> dict[str, Any]:
+        """run.json's ``trackers``: each tracker's run, so that a resumed run continues it."""
+        return {**self.saved, **{t.name: t.state for t in self.active}}
+
+    def log(self, **fields: Any) -> None:
+        step = fields.get("step", 0)
+        values = {tracker_key(k): float(v) for k, v in fields.items() if k != "step" and is_finite_number(v)}
+        for tracker in list(self.active):
+            try:
+                tracker.log(step, values)
+            except Exception as e:
+                self.active.remove(tracker)
+                _tracker_failed(tracker, f"failed at step {step}", e)
+
+    def close(self, status: str) -> None:
+        active, self.active = self.active, []
+        for tracker in active:
+            try:
+                tracker.close(status)
+            except Exception as e:
+                _tracker_failed(tracker, "could not close its run", e, going_on=False)
+
+
+def _tracker_failed(tracker: Tracker | type[Tracker], what: str, e: Exception,
+                    going_on: bool = True) -> None:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:300]
+    reason = reason or type(e).__name__
+    warnings.warn(f"{tracker.title} {what} ({reason})"
+                  + (f": training goes on without {tracker.title}" if going_on else ""))

@@ -94,14 +94,16 @@ from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
 from gptforge.metrics import (
     RUN_FILE,
+    TRACKERS,
     MetricsLog,
     Progress,
     RunRecord,
-    TensorBoardLog,
+    Trackers,
     format_step,
-    require_tensorboard,
+    read_run_record,
     say,
     truncate_metrics,
+    wanted_trackers,
 )
 from gptforge.model import GPT
 from gptforge.optim import (
@@ -384,7 +386,8 @@ def _warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer: torch.optim.Opt
 
 # What a run writes at its top level. A directory holding nothing else but no complete checkpoint
 # is a run that was stopped before its first save: --resume auto starts it again.
-RUN_FILES = {LOCK_FILE, RUN_FILE, "metrics.jsonl", "config.toml", CHECKPOINT_DIR, "tensorboard"}
+RUN_FILES = {LOCK_FILE, RUN_FILE, "metrics.jsonl", "config.toml", CHECKPOINT_DIR,
+             *(name for tracker in TRACKERS for name in tracker.run_files)}
 
 
 def _run_entries(run_dir: Path) -> list[str]:
@@ -462,7 +465,8 @@ def _check_same_run(ckpt: Checkpoint, started: RunConfig, wanted: RunConfig, ski
         raise ConfigError(
             f"this command does not describe the run it continues ({ckpt.path}): {listed}. "
             "Give the run's own settings (its config.toml); only train.max_steps, the targets, "
-            "the intervals, keep_last, the device, dtype, compile, parallel and sample keys may change"
+            "the intervals, keep_last, the device, dtype, compile, parallel, the trackers and "
+            "sample keys may change"
         )
 
 
@@ -585,8 +589,7 @@ def _start(
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
     check_run_dir(run_dir, resuming=resume is not None or restart)
-    if tc.tensorboard:
-        require_tensorboard()
+    wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
     train_tokens = load_split(cfg.data.path, "train")
     val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
 
@@ -676,12 +679,14 @@ def _train(
             )
 
     barrier(env)  # every rank has checked the run directory before rank 0 writes into it
-    metrics = record = tboard = None
+    metrics = record = trackers = None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None or restart:
             remove_incomplete(run_dir)
             truncate_metrics(run_dir / "metrics.jsonl", step)  # restart: step 0, all of it
+        # A resumed run continues its tracker runs; a restarted one starts new ones.
+        saved = read_run_record(run_dir).get("trackers", {}) if resume is not None else {}
         if restart:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         with guarded_write("config", run_dir / "config.toml",
@@ -694,8 +699,8 @@ def _train(
         if init_from is not None:
             info["init_from"] = str(init_from)
         record = RunRecord(run_dir, **info, max_steps=tc.max_steps, world_size=env.world_size)
-        if tc.tensorboard:
-            tboard = TensorBoardLog(run_dir)
+        trackers = Trackers(cfg, run_dir, saved, start_step=step, log=log)
+        record.update(trackers=trackers.state())
     tokenizer = meta["tokenizer"]
 
     log(format_config(cfg).rstrip())
@@ -777,8 +782,8 @@ def _train(
     def write_metrics(**fields: Any) -> None:
         if metrics is not None:
             metrics.write(**fields)
-        if tboard is not None:
-            tboard.write(**fields)
+        if trackers is not None:
+            trackers.log(**fields)
         if record is not None:
             latest = {k: fields[k] for k in ("tok_per_s",) if k in fields}
             if "loss" in fields:
@@ -880,6 +885,8 @@ def _train(
             if step != saved_step and step > 0:
                 ckpt_path = save(last_loss, val_loss, stopped_by)
     except BaseException as e:
+        if trackers is not None:
+            trackers.close("crashed")
         if record is not None:
             # Best effort: when the disk is full, run.json cannot say so either.
             with contextlib.suppress(GptforgeError, OSError):
@@ -888,13 +895,14 @@ def _train(
         raise
     finally:
         progress.close()
-        for sink in (metrics, tboard):
-            if sink is not None:
-                sink.close()
+        if metrics is not None:
+            metrics.close()
     last_loss = float(last_loss)
+    status = "finished" if stopped_by in ("max_steps", "target_loss", "target_val_loss") else "stopped"
+    if trackers is not None:
+        trackers.close(status)
     if record is not None:
-        record.update(status="finished" if stopped_by in ("max_steps", "target_loss", "target_val_loss")
-                      else "stopped",
+        record.update(status=status,
                       stopped_by=stopped_by, step=step, tokens=tokens_seen, last_loss=last_loss,
                       best_val_loss=best_val, val_loss=val_loss,
                       checkpoint=str(ckpt_path) if ckpt_path else None)

@@ -11,7 +11,12 @@ What the rest of gptforge uses is named here.
 """
 
 from gptforge.data.loader import TokenLoader, count_eval_windows, iter_eval_batches
-from gptforge.data.named import NAMED_DATASETS, NamedDataset, default_cache_dir, fetch_named_dataset
+from gptforge.data.named import (
+    NAMED_DATASETS,
+    NamedDataset,
+    default_cache_dir,
+    fetch_named_dataset,
+)
 from gptforge.data.prepare import DEFAULT_SHARD_TOKENS, prepare
 from gptforge.data.shards import (
     ShardWriter,

@@ -79,7 +79,13 @@ from gptforge.data.sources import (
 )
 from gptforge.errors import GptforgeError
 from gptforge.metrics import progress_bar
-from gptforge.tokenizer import TOKENIZERS, CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+from gptforge.tokenizer import (
+    TOKENIZERS,
+    CharTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    tokenizer_from_dict,
+)
 from gptforge.version import __version__
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per shard
