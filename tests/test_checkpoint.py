@@ -148,7 +148,9 @@ def test_sigterm_finishes_the_step_and_saves(char_data, tmp_path):
     assert (record["status"], record["stopped_by"]) == ("stopped", "SIGTERM")
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch, capsys):
+def poison_training_loss(monkeypatch, bad_call, poison) -> dict:
+    """From the training forward passes that ``bad_call(n)`` picks (n counts them from 1), the loss
+    goes through ``poison(loss)``. Returns the counter."""
     calls = {"n": 0}
     forward = GPT.forward
 
@@ -156,11 +158,20 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_pat
         logits, loss = forward(self, idx, targets)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] > 2 * 5:  # 2 micro-steps per step: steps 0-4 are fine
-                loss = loss * float("nan")
+            if bad_call(calls["n"]):
+                loss = poison(loss)
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
+    return calls
+
+
+def nan_loss(loss):
+    return loss * float("nan")
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch, capsys):
+    calls = poison_training_loss(monkeypatch, lambda n: n > 2 * 5, nan_loss)  # 2 micro-steps a step
     cfg = tiny_cfg(char_data, "train.max_steps=20", "train.save_interval=2", "train.total_batch_tokens=512")
     with pytest.raises(TrainingDiverged, match="loss became nan at step 5"):
         train(cfg, tmp_path / "run", log=quiet)
@@ -177,18 +188,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_pat
 
 def test_a_nan_gradient_norm_stops_the_run(char_data, tmp_path, monkeypatch):
     """The loss stays finite; only its gradient turns NaN (a bad backward, an overflow)."""
-    calls = {"n": 0}
-    forward = GPT.forward
+    def nan_gradient(loss):
+        loss.register_hook(lambda g: g * float("nan"))
+        return loss
 
-    def poisoned(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] > 2 * 5:  # 2 micro-steps per step: steps 0-4 are fine
-                loss.register_hook(lambda g: g * float("nan"))
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    poison_training_loss(monkeypatch, lambda n: n > 2 * 5, nan_gradient)  # steps 0-4 are fine
     cfg = tiny_cfg(char_data, "train.max_steps=20", "train.save_interval=2", "train.total_batch_tokens=512",
                    "train.log_interval=1")
     with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 5"):

@@ -389,18 +389,9 @@ def test_a_non_finite_step_is_skipped_on_the_device(optim):
 def test_divergence_on_a_step_that_does_not_log_is_reported_at_the_next_check(char_data, tmp_path, monkeypatch):
     """NaN at step 5 only (a transient spike): the step is skipped on the device, and the next
     step that syncs (the save at step 8) stops the run naming step 5; the checkpoint before it stands."""
-    calls = {"n": 0}
-    forward = GPT.forward
+    from test_checkpoint import nan_loss, poison_training_loss
 
-    def poisoned(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 6:  # step 5's only micro-step
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    calls = poison_training_loss(monkeypatch, lambda n: n == 6, nan_loss)  # step 5's only micro-step
     cfg = tiny_cfg(char_data, "train.max_steps=20", "train.save_interval=4", "train.log_interval=100")
     with pytest.raises(TrainingDiverged, match="loss became nan at step 5"):
         train(cfg, tmp_path / "run", log=quiet)

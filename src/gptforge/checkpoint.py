@@ -25,7 +25,6 @@ so sampling, evaluation and ``train --init-from`` take either kind of path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptforge.config import ConfigError, GPTConfig, RunConfig
+from gptforge.data import file_sha256
 from gptforge.errors import GptforgeError
 from gptforge.hf import HFFormatError, is_hf_dir
 from gptforge.hf import load_pretrained as load_hf_pretrained
@@ -162,14 +162,6 @@ def _write_json(path: Path, obj: Any) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:

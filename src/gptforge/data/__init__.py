@@ -21,6 +21,7 @@ from gptforge.data.prepare import DEFAULT_SHARD_TOKENS, prepare
 from gptforge.data.shards import (
     ShardWriter,
     TokenStream,
+    file_sha256,
     load_meta,
     load_split,
     read_shard,
@@ -39,6 +40,7 @@ __all__ = [
     "count_eval_windows",
     "default_cache_dir",
     "fetch_named_dataset",
+    "file_sha256",
     "iter_eval_batches",
     "load_meta",
     "load_split",
