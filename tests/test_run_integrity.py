@@ -125,7 +125,7 @@ def test_resume_auto_same_command_starts_continues_and_completes(char_data, tmp_
     wait_for(lambda: logged_steps(run) >= 4)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # stopped: a job loop goes round again
     stopped = load_checkpoint(run).step
     assert 4 <= stopped < 12
     # 2. the same command continues it, exactly as if it had never stopped
@@ -441,7 +441,7 @@ def test_sighup_saves_and_stops_like_sigterm(char_data, tmp_path):
     wait_for(lambda: logged_steps(run) >= 3)
     proc.send_signal(signal.SIGHUP)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGHUP, err
     assert "SIGHUP received" in out
     last = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r][-1]
     assert load_checkpoint(run).step == last["step"] + 1
@@ -493,3 +493,22 @@ def test_output_to_a_closed_pipe_does_not_stop_training(char_data, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert load_checkpoint(run).step == 30
+
+
+def test_a_first_save_that_fails_points_to_resume_auto(char_data, tmp_path, reference, monkeypatch, capsys):
+    """No checkpoint yet: --resume could not continue, so the message says how to start again."""
+    assert (checkpoint.CHECKPOINT_DIR, checkpoint.LATEST) == ("checkpoints", "latest")  # as rundir assumes
+    run = tmp_path / "run"
+    real_save = checkpoint.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    cmd = train_cmd(char_data, run, "--set", "train.max_steps=12", "--set", "train.save_interval=2")
+    assert run_cli(*cmd) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "then continue: the same command with --resume auto" in err, err
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    assert run_cli(*cmd, "--resume", "auto") == 0
+    assert losses(run) == losses(reference)

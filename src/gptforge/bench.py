@@ -191,10 +191,13 @@ def bench(
     is the whole job's; the others return None)."""
     env = init_distributed(device, 900)
     try:
-        return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
-                      peak_seconds, data, bucket_mb)
-    finally:
-        shutdown(env)
+        result = _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
+                        peak_seconds, data, bucket_mb)
+    except BaseException:
+        shutdown(env, clean=False)  # the other ranks may never meet this one: torchrun stops them
+        raise
+    shutdown(env)
+    return result
 
 
 def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
@@ -229,9 +232,11 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
                          batch_size, seq_len, rank=env.rank, world_size=env.world_size)
     next_batch = BatchFeeder(loader.next_batch, dev)
 
+    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+
     def one_step() -> None:
         train_step(wrapped, optimizer, next_batch, 1, optim.grad_clip,
-                   lambda: autocast(dev, amp_dtype),
+                   lambda: autocast(dev, amp_dtype), scaler,
                    grad_sync=lambda last: grad_sync(wrapped, env, "ddp", last),
                    reduce_mean=lambda t: mean_over_ranks(t, env))
 

@@ -49,6 +49,7 @@ from gptforge.rundir import (
     DiskWriteError,
     disk_free,
     format_bytes,
+    free_space_then_continue,
     guarded_write,
     write_failure,
 )
@@ -174,7 +175,7 @@ def space_needed(tensor_total: int) -> int:
 
 
 def _resume_hint(run_dir: Path) -> str:
-    return f"free space on that disk (or lower train.keep_last), then continue: gptforge train --out {run_dir} --resume"
+    return free_space_then_continue(run_dir, " (or lower train.keep_last)")
 
 
 def save_checkpoint(
@@ -233,7 +234,7 @@ def save_checkpoint(
         })
         _fsync_dir(tmp)
         if final.exists():  # e.g. a re-save of the same step after a resume
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _point_latest(root, name)
@@ -260,7 +261,7 @@ def _make_room(root: Path, need: int, keep_last: int, name: str, fix: str) -> No
     latest = _latest_name(root)
     for old in others[: max(0, len(others) + 1 - keep_last)]:
         if old.name != latest:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             free = disk_free(root)  # a directory hard-linked by best/ frees less than its size
             if free >= need:
                 return
@@ -271,7 +272,7 @@ def _make_room(root: Path, need: int, keep_last: int, name: str, fix: str) -> No
 
 
 def _point_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp = root / f".tmp-{LATEST}-{os.getpid()}"
     tmp.write_text(name + "\n", encoding="utf-8")
     os.replace(tmp, root / LATEST)
     _fsync_dir(root)
@@ -302,7 +303,18 @@ def _prune(root: Path, keep_last: int, protect: set[str]) -> None:
     dirs = _step_dirs(root)
     for old in dirs[: max(0, len(dirs) - keep_last)]:
         if old.name not in protect:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+
+def _remove(ckpt_dir: Path) -> None:
+    """Delete a checkpoint: first renamed out of ``step_*`` (a kill half-way through the delete
+    then leaves a ``.tmp-`` directory, which is never taken for a checkpoint and is cleaned up)."""
+    doomed = ckpt_dir.parent / f".tmp-del-{ckpt_dir.name}-{os.getpid()}"
+    try:
+        os.replace(ckpt_dir, doomed)
+    except OSError:
+        doomed = ckpt_dir
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -82,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptforge.distributed import launch_rank
     from gptforge.metrics import say
     from gptforge.rundir import check_not_locked, hold_run_lock
-    from gptforge.train import plan_run, train
+    from gptforge.train import FINISHED, plan_run, train
 
     if args.nproc is not None:
         check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
@@ -101,8 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(plan.cfg, args.out, resume=plan.resume, restart=plan.restart,
                        preset=None if plan.resume is not None else (args.preset or DEFAULT_PRESET),
                        init_from=args.init_from if plan.resume is None else None)
+    # Stopped by a signal (saved, resumable): 128 + its number, as a shell reports a process a
+    # signal stopped (130 for Ctrl-C, 143 for SIGTERM). 0 means the run reached its end, so a
+    # job script can loop until it gets 0.
+    code = 0 if result.stopped_by in FINISHED else 128 + getattr(signal, result.stopped_by, signal.SIGTERM)
     if not writer:
-        return 0  # rank 0 reports for the job
+        return code  # rank 0 reports for the job
     say()
     say(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
         f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
@@ -112,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(f"checkpoint: {result.checkpoint}")
     say(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
     say(f"sample:     gptforge sample --ckpt {args.out}")
-    return 0
+    return code
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -120,10 +120,20 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
         pad = 64 if device_type in ("cuda", "mps") else 1
     compile_ = t.compile if t.compile != AUTO else device_type == "cuda"
     dtype = t.dtype if t.dtype != AUTO else _auto_dtype_name(device_type, present)
+    if dtype == "float16" and device_type == "cpu":  # as pick_autocast_dtype refuses it
+        raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
     padded = (m.vocab_size + pad - 1) // pad * pad
     return Resolved(device=device_type, dtype=dtype, compile=bool(compile_), padded_vocab_size=padded,
                     grad_accum_steps=grad_accum_steps(t, world_size),
                     tokens_per_step=t.total_batch_tokens, pad_vocab_multiple=pad)
+
+
+def eager(compiled: bool = True) -> contextlib.AbstractContextManager:
+    """Inside, compiled modules run eagerly. Evaluation uses the bare module, but under FSDP that
+    module's blocks are compiled in place, and evaluation's own shapes (HellaSwag's vary by
+    batch) would recompile them. (torch.compiler.set_stance: torch >= 2.6.)"""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if compiled and set_stance else contextlib.nullcontext()
 
 
 def configure_backends(device: torch.device) -> None:
@@ -181,6 +191,7 @@ class StepTimer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
@@ -188,13 +199,13 @@ class StepTimer:
 
     def start(self) -> None:
         if self.cuda:
-            self._start.record()
+            self._start.record(torch.cuda.current_stream(self.device))
         else:
             self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         if self.cuda:
-            self._end.record()
+            self._end.record(torch.cuda.current_stream(self.device))
         else:
             self._t1 = time.perf_counter()
 
@@ -254,6 +265,6 @@ class BatchFeeder:
         dy = hy.to(self.device, non_blocking=self.pinned)
         if self.pinned:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the stream the copies are on
             self._copied[self._slot] = event
         return dx.long(), dy.long()

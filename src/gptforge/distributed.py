@@ -63,7 +63,12 @@ def init_distributed(device_name: str, timeout_s: int) -> DistEnv:
     error instead of leaving them waiting forever.
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistEnv(device=pick_device(device_name))
+        device = pick_device(device_name)
+        if device.type == "cuda":
+            # cuda:1 alone: make it the current device, so the streams events are recorded on,
+            # and kernels without an explicit device, are that GPU's
+            torch.cuda.set_device(device)
+        return DistEnv(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])
     device = pick_device(device_name)

@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar
 
 from gptforge.config import RunConfig, dotted_items
 from gptforge.errors import GptforgeError
-from gptforge.rundir import guarded_write
+from gptforge.rundir import free_space_then_continue, guarded_write
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -36,10 +36,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _resume_fix(run_dir: Path) -> str:
-    return f"free space on that disk, then continue: gptforge train --out {run_dir} --resume"
-
-
 class MetricsLog:
     """Appends one JSON object per line to ``RUN/metrics.jsonl``, flushed at once so that a
     crashed run still has every line it logged. A failed write (disk full) is one line."""
@@ -50,7 +46,7 @@ class MetricsLog:
             self._f = open(self.path, "a", encoding="utf-8")
 
     def _guard(self):  # noqa: ANN202
-        return guarded_write("metrics", self.path, _resume_fix(self.path.parent))
+        return guarded_write("metrics", self.path, free_space_then_continue(self.path.parent))
 
     def write(self, **fields: Any) -> None:
         with self._guard():
@@ -83,7 +79,7 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.strip() and _record_step(line) < step]
     tmp = p.with_name(p.name + ".tmp")
-    with guarded_write("metrics", p, _resume_fix(p.parent)):
+    with guarded_write("metrics", p, free_space_then_continue(p.parent)):
         try:
             tmp.write_text("".join(kept), encoding="utf-8")
             os.replace(tmp, p)
@@ -224,7 +220,8 @@ class RunRecord:
             "started": old.get("started", now),
             "sessions": old.get("sessions", 0) + 1,
             "wall_s_before": old.get("wall_s", 0.0),
-            **{k: v for k, v in old.items() if k in ("preset", "command")},
+            # the tracker run ids too: a kill while a tracker starts must not lose them
+            **{k: v for k, v in old.items() if k in ("preset", "command", "trackers")},
             **fields,
             "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "session_started": now, "updated": now,
@@ -239,7 +236,7 @@ class RunRecord:
 
     def _write(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with guarded_write("run record", self.path, _resume_fix(self.path.parent)):
+        with guarded_write("run record", self.path, free_space_then_continue(self.path.parent)):
             try:
                 tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
                                encoding="utf-8")

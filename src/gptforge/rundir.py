@@ -84,6 +84,18 @@ def guarded_write(what: str, where: str | Path, fix: str) -> Iterator[None]:
         raise DiskWriteError(write_failure(what, where, e, fix)) from None
 
 
+def free_space_then_continue(run_dir: str | Path, extra: str = "") -> str:
+    """The fix for a run stopped by a full disk: how to go on once there is room. A run with a
+    checkpoint continues with --resume; one without (its first save failed, or an earlier write)
+    starts again with the same command plus --resume auto, which takes over the run's own files."""
+    # checkpoint.CHECKPOINT_DIR / checkpoint.LATEST, written once a first checkpoint is complete
+    # (a lower layer cannot import them; tests/test_run_integrity.py checks they agree)
+    has_checkpoint = (Path(run_dir) / "checkpoints" / "latest").is_file()
+    how = (f"gptforge train --out {run_dir} --resume" if has_checkpoint else
+           "the same command with --resume auto (no checkpoint yet: the run starts again)")
+    return f"free space on that disk{extra}, then continue: {how}"
+
+
 def write_failure(what: str, where: str | Path, e: BaseException, fix: str) -> str:
     try:
         free = f"{format_bytes(disk_free(where))} free there"
@@ -230,7 +242,7 @@ def check_not_locked(run_dir: str | Path) -> None:
     if fcntl is None or not path.is_file():
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)  # NFS emulates flock with byte-range locks: needs write
     except OSError:
         return
     try:

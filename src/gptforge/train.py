@@ -67,6 +67,7 @@ from gptforge.device import (
     StepTimer,
     autocast,
     configure_backends,
+    eager,
     keep_freed_memory,
     pick_autocast_dtype,
     resolve_for,
@@ -117,9 +118,13 @@ from gptforge.rundir import (
     LOCK_FILE,
     disk_free,
     format_bytes,
+    free_space_then_continue,
     guarded_write,
     hold_run_lock,
 )
+
+# Why a run ends when it is complete; otherwise a signal stopped it (its name), to be resumed.
+FINISHED = ("max_steps", "target_loss", "target_val_loss")
 
 
 class TrainingDiverged(GptforgeError):
@@ -464,9 +469,9 @@ def _check_same_run(ckpt: Checkpoint, started: RunConfig, wanted: RunConfig, ski
         listed = "; ".join(f"{k} is {a!r} in the run, {b!r} in this command" for k, a, b in diffs)
         raise ConfigError(
             f"this command does not describe the run it continues ({ckpt.path}): {listed}. "
-            "Give the run's own settings (its config.toml); only train.max_steps, the targets, "
-            "the intervals, keep_last, the device, dtype, compile, parallel, the trackers and "
-            "sample keys may change"
+            "Give the run's own settings (its config.toml); only "
+            + ", ".join(sorted(k for k in RESUMABLE_KEYS if not k.startswith("sample.")))
+            + " and the sample keys may change"
         )
 
 
@@ -503,9 +508,6 @@ def plan_run(
             find_checkpoint(out)
         except CheckpointError:
             return RunPlan(from_command_line(), restart=_is_started_run(out))
-    elif init_from is not None:
-        raise GptforgeError("--init-from starts a new run and --resume continues one: use one of "
-                            "them (or --resume auto, which starts or continues as needed)")
     ckpt = load_checkpoint(out if resume in ("", "auto") else resume, verify=verify)
     cfg = ckpt.config
     if preset or config_file or auto:
@@ -672,6 +674,8 @@ def _train(
         # Each rank continues its own random stream when the world size is unchanged.
         per_rank = state.get("rng_ranks") or [state["rng"]]
         set_rng_state(per_rank[env.rank] if len(per_rank) == env.world_size else per_rank[0], device)
+        if len(per_rank) != env.world_size and env.distributed:  # new ranks: their own dropout
+            torch.manual_seed(rank_seed(tc.seed + step, env.rank))
         if step >= tc.max_steps:
             raise GptforgeError(
                 f"the run in {resume.path} is already at step {step} = train.max_steps: "
@@ -689,8 +693,7 @@ def _train(
         saved = read_run_record(run_dir).get("trackers", {}) if resume is not None else {}
         if restart:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-        with guarded_write("config", run_dir / "config.toml",
-                           f"free space on that disk, then start again: {' '.join(sys.argv)}"):
+        with guarded_write("config", run_dir / "config.toml", free_space_then_continue(run_dir)):
             (run_dir / "config.toml").write_text(format_config(cfg), encoding="utf-8")
         metrics = MetricsLog(run_dir / "metrics.jsonl")
         info = {"command": ["gptforge", *sys.argv[1:]]}
@@ -762,17 +765,19 @@ def _train(
     def validate() -> float | None:
         if val_tokens is None or len(val_tokens) < tc.seq_len + 1:
             return None
-        return evaluate_loss(eval_model, val_tokens, tc.batch_size, tc.seq_len, device, amp,
-                             tc.eval_max_batches, shard=eval_shard,
-                             reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
+        with eager(resolved.compile):
+            return evaluate_loss(eval_model, val_tokens, tc.batch_size, tc.seq_len, device, amp,
+                                 tc.eval_max_batches, shard=eval_shard,
+                                 reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
 
     def hellaswag() -> HellaSwagResult:
         """As validate(): the uncompiled module; under DDP each rank a share of the batches, which
         hold at most a training micro-batch's tokens."""
-        return score_hellaswag(eval_model, hellaswag_items, batch_size=len(hellaswag_items),
-                               max_tokens=tc.batch_size * tc.seq_len, device=device, amp=amp,
-                               shard=eval_shard,
-                               reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
+        with eager(resolved.compile):
+            return score_hellaswag(eval_model, hellaswag_items, batch_size=len(hellaswag_items),
+                                   max_tokens=tc.batch_size * tc.seq_len, device=device, amp=amp,
+                                   shard=eval_shard,
+                                   reduce_sum=lambda t: sum_over_ranks(t, env) if tc.parallel == "ddp" else t)
 
     def log_hellaswag(at_step: int, hs: HellaSwagResult) -> dict[str, float]:
         log(f"step {at_step:5d} | hellaswag acc: {hs.acc:.4f} | acc_norm: {hs.acc_norm:.4f} "
@@ -879,7 +884,7 @@ def _train(
                     log(f"step {step - 1:5d} | val loss: {val_loss:.6f}")
                     write_metrics(step=step - 1, val_loss=val_loss, tokens=tokens_seen)
             if (tc.hellaswag_interval and hs is None and step > 0
-                    and stopped_by in ("max_steps", "target_loss", "target_val_loss")):
+                    and stopped_by in FINISHED):
                 write_metrics(step=step - 1, tokens=tokens_seen,
                               **log_hellaswag(step - 1, hellaswag()))
             if step != saved_step and step > 0:
@@ -898,7 +903,7 @@ def _train(
         if metrics is not None:
             metrics.close()
     last_loss = float(last_loss)
-    status = "finished" if stopped_by in ("max_steps", "target_loss", "target_val_loss") else "stopped"
+    status = "finished" if stopped_by in FINISHED else "stopped"
     if trackers is not None:
         trackers.close(status)
     if record is not None:
