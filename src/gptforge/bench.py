@@ -213,7 +213,9 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
     amp_dtype = None if plain else pick_autocast_dtype(dev, dtype)
-    compile = False if plain else (dev.type == "cuda" if compile is None else compile)
+    if compile is None:  # train's own rule for train.compile=auto
+        compile = resolve_for(RunConfig(), dev.type).compile
+    compile = compile and not plain
     if not plain:
         keep_freed_memory()
         configure_backends(dev)

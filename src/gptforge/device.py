@@ -59,22 +59,23 @@ def cpu_has_native_bf16() -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _auto_dtype_name(device_type: str, present: bool) -> str:
-    """``auto``: bf16 where the hardware computes it natively. For a CUDA device that is not here
-    (planning a run elsewhere), bf16: every data-centre GPU since Ampere (A100, H100) has it."""
-    if device_type == "cuda":
-        return "bfloat16" if not present or torch.cuda.is_bf16_supported() else "float32"
-    if device_type == "cpu" and cpu_has_native_bf16():
-        return "bfloat16"
-    return "float32"
+def dtype_name(name: str, device_type: str, present: bool = True) -> str:
+    """train.dtype on ``device_type``. ``auto``: bf16 where the hardware computes it natively;
+    for a CUDA device that is not here (planning a run elsewhere), bf16: every data-centre GPU
+    since Ampere (A100, H100) has it."""
+    if name == AUTO:
+        if device_type == "cuda":
+            name = "bfloat16" if not present or torch.cuda.is_bf16_supported() else "float32"
+        else:
+            name = "bfloat16" if device_type == "cpu" and cpu_has_native_bf16() else "float32"
+    if name == "float16" and device_type == "cpu":
+        raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
+    return name
 
 
 def pick_autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. ``auto``: bf16 where the hardware has it."""
-    if name == "auto":
-        name = _auto_dtype_name(device.type, present=True)
-    if name == "float16" and device.type == "cpu":
-        raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
+    name = dtype_name(name, device.type)
     return None if name == "float32" else DTYPES[name]
 
 
@@ -119,9 +120,7 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
     if pad == AUTO:
         pad = 64 if device_type in ("cuda", "mps") else 1
     compile_ = t.compile if t.compile != AUTO else device_type == "cuda"
-    dtype = t.dtype if t.dtype != AUTO else _auto_dtype_name(device_type, present)
-    if dtype == "float16" and device_type == "cpu":  # as pick_autocast_dtype refuses it
-        raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
+    dtype = dtype_name(t.dtype, device_type, present)
     padded = (m.vocab_size + pad - 1) // pad * pad
     return Resolved(device=device_type, dtype=dtype, compile=bool(compile_), padded_vocab_size=padded,
                     grad_accum_steps=grad_accum_steps(t, world_size),
