@@ -45,6 +45,9 @@ def wait_for(pred, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+SAVING = ("--set", "train.max_steps=12", "--set", "train.save_interval=2")  # as the reference run
+
+
 def train_cmd(char_data: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(char_data), "--out", str(run), *TRAIN_ARGS, *extra]
 
@@ -55,6 +58,14 @@ def gptforge_proc(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=120)
 
 
+def fails_in_one_line(capsys, *args: str) -> str:
+    """Run the CLI, expecting the one-line error of exit code 2; returns that line."""
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 def losses(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["norm"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
@@ -63,8 +74,7 @@ def losses(run: Path) -> list[tuple]:
 def reference(char_data, tmp_path_factory) -> Path:
     """12 uninterrupted steps, a checkpoint every 2: what every interrupted run must reproduce."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=12",
-                              "--set", "train.save_interval=2")) == 0
+    assert run_cli(*train_cmd(char_data, run, *SAVING)) == 0
     return run
 
 
@@ -116,7 +126,7 @@ def test_a_failed_start_leaves_no_lock_and_no_directory(char_data, tmp_path, cap
 
 def test_resume_auto_same_command_starts_continues_and_completes(char_data, tmp_path, reference, capsys):
     run = tmp_path / "run"
-    auto = [*train_cmd(char_data, run, "--set", "train.max_steps=12", "--set", "train.save_interval=2"),
+    auto = [*train_cmd(char_data, run, *SAVING),
             "--resume", "auto"]
     # 1. absent RUN: a new run, preempted (SIGTERM: it saves) part-way
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", *auto], stdout=subprocess.PIPE,
@@ -150,7 +160,7 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(char_data
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").exists()
-    auto = [*train_cmd(char_data, run, "--set", "train.max_steps=12", "--set", "train.save_interval=2"),
+    auto = [*train_cmd(char_data, run, *SAVING),
             "--resume", "auto"]
     assert run_cli(*auto) == 0, capsys.readouterr().err
     assert losses(run) == losses(reference)  # the killed start's lines are gone
@@ -171,17 +181,14 @@ def test_resume_with_the_original_command_line(char_data, tmp_path, reference, c
     assert losses(run) == losses(reference)
     capsys.readouterr()
     # Any other difference: one line naming every differing key with both values.
-    assert run_cli(*original, "--set", "train.max_steps=14", "--set", "optim.lr=0.01",
-                   "--set", "model.n_embd=64", "--resume") == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
+    err = fails_in_one_line(capsys, *original, "--set", "train.max_steps=14", "--set", "optim.lr=0.01",
+                            "--set", "model.n_embd=64", "--resume")
     assert "model.n_embd is 32 in the run, 64 in this command" in err
     assert "optim.lr is 0.001 in the run, 0.01 in this command" in err
     assert "train.max_steps is" not in err
-    assert run_cli("train", "--out", str(run), "--preset", "gpt2-mini", "--resume",
-                   "--set", "train.max_steps=14") == 2
-    err = capsys.readouterr().err
-    assert "model.n_layer is 2 in the run, 4 in this command" in err and err.count("\n") == 1
+    err = fails_in_one_line(capsys, "train", "--out", str(run), "--preset", "gpt2-mini", "--resume",
+                            "--set", "train.max_steps=14")
+    assert "model.n_layer is 2 in the run, 4 in this command" in err
     assert load_checkpoint(run).step == 12  # nothing ran
 
 
@@ -230,9 +237,7 @@ def test_a_flipped_byte_is_caught_on_resume_and_export(reference, tmp_path, caps
     for args in (["train", "--out", str(run), "--resume", "--set", "train.max_steps=20"],
                  ["export", "--ckpt", str(run), "--out", str(tmp_path / "hf"), "--weights-only"]):
         before = tree_digest(run)
-        assert run_cli(*args) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1, err
+        err = fails_in_one_line(capsys, *args)
         assert f"checkpoint file {ckpt / name} is corrupt: its sha256 differs" in err
         assert "use an earlier checkpoint (" + str(run / "checkpoints" / "step_0000010") in err
         assert tree_digest(run) == before and not (tmp_path / "hf").exists()
@@ -283,10 +288,7 @@ def test_a_save_that_cannot_fit_stops_before_writing_and_resumes_after(
     need, used = ckpt_sizes(reference)
     filler = leave_free(small_disk, need + used // 2)  # room for one checkpoint, not two
     with pytest.warns(UserWarning, match="less than two checkpoints of this run"):  # at the start
-        assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=12",
-                                  "--set", "train.save_interval=2", "--set", "train.keep_last=2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
+        err = fails_in_one_line(capsys, *train_cmd(char_data, run, *SAVING, "--set", "train.keep_last=2"))
     assert f"not enough space for the checkpoint {run / 'checkpoints' / 'step_0000004'}" in err
     assert "free there; nothing was written: free space on that disk" in err
     assert f"gptforge train --out {run} --resume" in err
@@ -326,10 +328,7 @@ def test_disk_full_in_the_middle_of_a_save(char_data, small_disk, reference, mon
         return 10**12 if saves["n"] >= 2 else real(path)
 
     monkeypatch.setattr(checkpoint, "disk_free", lying_disk_free)
-    assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=12",
-                              "--set", "train.save_interval=2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
+    err = fails_in_one_line(capsys, *train_cmd(char_data, run, *SAVING))
     assert f"could not write the checkpoint {run / 'checkpoints' / 'step_0000004'}" in err
     assert "No space left on device" in err and "free there)" in err
     assert not list((run / "checkpoints").glob(".tmp-*"))
@@ -359,10 +358,7 @@ def test_disk_full_on_run_json(char_data, small_disk, reference, monkeypatch, ca
         return update(self, **fields)
 
     monkeypatch.setattr(metrics.RunRecord, "update", fill_then_update)
-    assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=12",
-                              "--set", "train.save_interval=2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
+    err = fails_in_one_line(capsys, *train_cmd(char_data, run, *SAVING))
     assert f"could not write the run record {run / 'run.json'} (No space left on device; " in err
     assert f"free space on that disk, then continue: gptforge train --out {run} --resume" in err
     monkeypatch.setattr(metrics.RunRecord, "update", update)
@@ -396,10 +392,7 @@ def test_disk_full_on_metrics(char_data, tmp_path, reference, monkeypatch, capsy
         self._f = FullDisk(self._f, ok=5)
 
     monkeypatch.setattr(metrics.MetricsLog, "__init__", failing_after_5)
-    assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=12",
-                              "--set", "train.save_interval=2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
+    err = fails_in_one_line(capsys, *train_cmd(char_data, run, *SAVING))
     assert f"could not write the metrics {run / 'metrics.jsonl'} (No space left on device; " in err
     monkeypatch.setattr(metrics.MetricsLog, "__init__", init)
     assert run_cli("train", "--out", str(run), "--resume") == 0
@@ -420,10 +413,8 @@ def test_enospc_from_the_writer_without_a_small_disk(char_data, tmp_path, refere
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(checkpoint, "save_file", failing_save)
-    assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=12",
-                              "--set", "train.save_interval=2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "No space left on device" in err and "step_0000004" in err
+    err = fails_in_one_line(capsys, *train_cmd(char_data, run, *SAVING))
+    assert "No space left on device" in err and "step_0000004" in err, err
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert load_checkpoint(run, verify="sha256").step == 2
     monkeypatch.setattr(checkpoint, "save_file", real_save)
@@ -505,10 +496,9 @@ def test_a_first_save_that_fails_points_to_resume_auto(char_data, tmp_path, refe
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    cmd = train_cmd(char_data, run, "--set", "train.max_steps=12", "--set", "train.save_interval=2")
-    assert run_cli(*cmd) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "then continue: the same command with --resume auto" in err, err
+    cmd = train_cmd(char_data, run, *SAVING)
+    err = fails_in_one_line(capsys, *cmd)
+    assert "then continue: the same command with --resume auto" in err, err
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     assert run_cli(*cmd, "--resume", "auto") == 0
     assert losses(run) == losses(reference)
