@@ -455,6 +455,16 @@ def run_complete(ckpt: Checkpoint, cfg: RunConfig) -> str | None:
     return None
 
 
+def refuse_complete(ckpt: Checkpoint, cfg: RunConfig) -> None:
+    """Continuing a complete run is a mistake (but for --resume auto, which reports it)."""
+    done = run_complete(ckpt, cfg)
+    if done:
+        raise GptforgeError(
+            f"{done}: to train further, raise the limit it reached (e.g. --set "
+            f"train.max_steps=N with N > {ckpt.step}), or start a new run"
+        )
+
+
 def _is_started_run(run_dir: Path) -> bool:
     """RUN holds only what a run writes, and no complete checkpoint: a start that never saved."""
     entries = _run_entries(run_dir)  # a kill mid-rewrite leaves run.json.tmp and the like
@@ -525,13 +535,9 @@ def plan_run(
         if data:
             cfg.data.path = data
     validate_run(cfg)
-    done = run_complete(ckpt, cfg)
-    if done and not auto:
-        raise GptforgeError(
-            f"{done}: to train further, raise the limit it reached (e.g. --set "
-            f"train.max_steps=N with N > {ckpt.step}), or start a new run"
-        )
-    return RunPlan(cfg, ckpt, complete=done)
+    if not auto:
+        refuse_complete(ckpt, cfg)
+    return RunPlan(cfg, ckpt, complete=run_complete(ckpt, cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,6 +596,8 @@ def _start(
         cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
     resolve_model_vocab(cfg, meta)
     validate_run(cfg)
+    if resume is not None:
+        refuse_complete(resume, cfg)
     check_run_dir(run_dir, resuming=resume is not None or restart)
     wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
     train_tokens = load_split(cfg.data.path, "train")
@@ -676,11 +684,6 @@ def _train(
         set_rng_state(per_rank[env.rank] if len(per_rank) == env.world_size else per_rank[0], device)
         if len(per_rank) != env.world_size and env.distributed:  # new ranks: their own dropout
             torch.manual_seed(rank_seed(tc.seed + step, env.rank))
-        if step >= tc.max_steps:
-            raise GptforgeError(
-                f"the run in {resume.path} is already at step {step} = train.max_steps: "
-                f"resume with --set train.max_steps=N for N > {step} to train further"
-            )
 
     barrier(env)  # every rank has checked the run directory before rank 0 writes into it
     metrics = record = trackers = None
