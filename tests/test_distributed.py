@@ -209,7 +209,7 @@ def _two_ddp_steps(env, out_dir: str) -> None:
 
     from gptforge import GPT, GPTConfig
     from gptforge.distributed import grad_sync, mean_over_ranks, wrap_model
-    from gptforge.train import train_step
+    from gptforge.step import train_step
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50))

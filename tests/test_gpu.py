@@ -18,7 +18,8 @@ from gptforge import GPT, GPTConfig
 from gptforge.config import OptimConfig
 from gptforge.metrics import read_metrics
 from gptforge.optim import build_optimizer
-from gptforge.train import train, train_step
+from gptforge.step import train_step
+from gptforge.train import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,16 +9,20 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 
 # Lower layers first. A module may import gptforge modules of strictly lower rank only.
 RANK = {
-    "version": 0, "errors": 0,
-    "config": 1, "rundir": 1,  # the run directory's lock, free space, guarded writes
+    "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
+    "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
     "tokenizer": 2, "metrics": 2,
     "data": 3, "model": 3, "device": 3,
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
-    "train": 6, "generate": 6, "report": 6, "evaluate": 6, "export": 6,
-    "bench": 7,
-    "cli": 8,
+    "step": 5,  # one optimizer step and what it runs on, for train and bench
+    "evaluate": 6,  # the held-out loss (train's validation too) and `gptforge eval`
+    "resume": 6,  # planning a run and resuming it
+    "generate": 6, "report": 6, "export": 6,
+    "train": 7,
+    "bench": 8,
+    "cli": 9,
 }
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {

@@ -25,7 +25,8 @@ from gptforge.cli import main
 from gptforge.config import resolve
 from gptforge.metrics import format_step, read_metrics, read_run_record
 from gptforge.optim import build_optimizer
-from gptforge.train import TrainingDiverged, train, train_step
+from gptforge.step import TrainingDiverged, train_step
+from gptforge.train import train
 
 SHAKESPEARE = Path(_SHAKESPEARE)
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare not found")
@@ -192,7 +193,13 @@ def test_cli_prepare_train_sample_end_to_end(tmp_path, capsys):
                    "--preset", "gpt2-tiny", "--set", "train.max_steps=30",
                    "--set", "train.device=cpu") == 0
     out = capsys.readouterr().out
-    assert "[model]" in out and "step    29 | loss:" in out and "gptforge sample --ckpt" in out
+    assert "step    29 | loss:" in out and "gptforge sample --ckpt" in out
+    # what differs from the preset, in one line, not the whole config (that is in RUN/config.toml)
+    assert "[model]" not in out
+    config = next(line for line in out.splitlines() if line.startswith("config: "))
+    assert config.startswith("config: preset gpt2-tiny with ") and "train.max_steps=30" in config
+    assert "train.device=\"cpu\"" in config and str(tmp_path / "run" / "config.toml") in config
+    assert "train.seed" not in config  # unchanged keys stay out
     assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "ROMEO:",
                    "--max-new-tokens", "40", "--num-samples", "2", "--seed", "3") == 0
     first = capsys.readouterr().out
@@ -331,7 +338,7 @@ SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu
 def test_no_host_sync_on_steps_that_do_not_log(char_data, tmp_path, monkeypatch, optim):
     """Reading a device value (item, float, bool, tolist, cpu, synchronize ...) makes the host
     wait for the GPU to drain. The loop may do it only on steps that log, evaluate or save."""
-    import gptforge.train as train_module
+    import gptforge.step as step_module
 
     reads: list[str] = []
 
@@ -345,13 +352,13 @@ def test_no_host_sync_on_steps_that_do_not_log(char_data, tmp_path, monkeypatch,
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch.cuda, "synchronize", counting("synchronize", torch.cuda.synchronize))
     at_step: dict[int, int] = {}  # reads so far when each step began
-    real_step = train_module.train_step
+    real_step = step_module.train_step
 
     def marked_step(*args, **kwargs):
         at_step[args[7]] = len(reads)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", marked_step)
+    monkeypatch.setattr(step_module, "train_step", marked_step)
     cfg = tiny_cfg(char_data, "train.max_steps=12", "train.log_interval=5", f"optim.name={optim}",
                    "train.total_batch_tokens=512")
     train(cfg, tmp_path / "run", log=quiet)

@@ -42,25 +42,12 @@ from gptforge.config import (
     run_preset,
 )
 from gptforge.data import TokenLoader, load_meta, load_split
-from gptforge.device import (
-    BatchFeeder,
-    autocast,
-    configure_backends,
-    keep_freed_memory,
-    pick_autocast_dtype,
-    resolve_for,
-)
-from gptforge.distributed import (
-    grad_sync,
-    init_distributed,
-    mean_over_ranks,
-    shutdown,
-    wrap_model,
-)
+from gptforge.device import BatchFeeder, Precision, configure_backends, keep_freed_memory, resolve_for
+from gptforge.distributed import DistEnv, session
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, param_groups
-from gptforge.train import train_step
+from gptforge.step import Stepper, build_trainable
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s): (a fragment of
 # torch.cuda.get_device_name(), the form factor, the peak), the first match wins. The same chip
@@ -189,15 +176,26 @@ def bench(
     """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape or
     ``compile`` means train's default on the device. Under torchrun, a DDP job (rank 0's result
     is the whole job's; the others return None)."""
-    env = init_distributed(device, 900)
-    try:
-        result = _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
-                        peak_seconds, data, bucket_mb)
-    except BaseException:
-        shutdown(env, clean=False)  # the other ranks may never meet this one: torchrun stops them
-        raise
-    shutdown(env)
-    return result
+    with session(device, 900) as env:
+        return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
+                      peak_seconds, data, bucket_mb)
+
+
+def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, compile: bool,
+             plain: bool, bucket_mb: int, batches: Any) -> tuple[Stepper, str]:
+    """train's own step on the preset's model, and its optimizer's name: a run preset's optimizer
+    (Muon for the speedrun), AdamW's defaults for a model preset, torch's default AdamW for the
+    plain baseline."""
+    optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
+    trainable = build_trainable(cfg, env, precision, seed=0, parallel="ddp", compile=compile,
+                                bucket_mb=bucket_mb)
+    if plain:
+        optimizer = torch.optim.AdamW(param_groups(trainable.model, optim.weight_decay), lr=optim.lr,
+                                      betas=(optim.beta1, optim.beta2))
+    else:
+        optimizer = build_optimizer(trainable.model, optim, env.device.type,
+                                    shard=(env.rank, env.world_size))
+    return Stepper(trainable, optimizer, batches, 1, optim.grad_clip), "adamw" if plain else optim.name
 
 
 def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
@@ -212,54 +210,45 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     cfg = model_for(preset, dev.type, plain)
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
-    amp_dtype = None if plain else pick_autocast_dtype(dev, dtype)
+    precision = Precision(dev, None) if plain else Precision.pick(dev, dtype)
     if compile is None:  # train's own rule for train.compile=auto
         compile = resolve_for(RunConfig(), dev.type).compile
     compile = compile and not plain
     if not plain:
         keep_freed_memory()
         configure_backends(dev)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(dev)
-    # A run preset's own optimizer (Muon for the speedrun), AdamW's defaults for a model preset.
-    optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
-    if plain:
-        optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                                      betas=(optim.beta1, optim.beta2))
-    else:
-        optimizer = build_optimizer(model, optim, dev.type, shard=(env.rank, env.world_size))
-    wrapped = wrap_model(model, env, "ddp", compile=compile, amp_dtype=amp_dtype, bucket_mb=bucket_mb)
     tokens_needed = (steps + max(1, warmup)) * batch_size * seq_len * env.world_size + 1
     loader = TokenLoader(_token_source(data, cfg.vocab_size, max(tokens_needed, 1 << 20)),
                          batch_size, seq_len, rank=env.rank, world_size=env.world_size)
-    next_batch = BatchFeeder(loader.next_batch, dev)
-
-    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-
-    def one_step() -> None:
-        train_step(wrapped, optimizer, next_batch, 1, optim.grad_clip,
-                   lambda: autocast(dev, amp_dtype), scaler,
-                   grad_sync=lambda last: grad_sync(wrapped, env, "ddp", last),
-                   reduce_mean=lambda t: mean_over_ranks(t, env))
+    step, optimizer = _stepper(env, preset, cfg, precision, compile, plain, bucket_mb,
+                               BatchFeeder(loader.next_batch, dev))
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
-        one_step()
+        step()
     _sync(dev)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        one_step()
+        step()
     _sync(dev)
     step_s = (time.perf_counter() - t0) / steps
     startup = max(0.0, first - max(1, warmup) * step_s)
     if not env.is_main:
         return None
+    return _result(env, preset, cfg, precision, compile, plain, batch_size, seq_len, step_s, startup,
+                   steps, optimizer, peak_seconds)
 
+
+def _result(env: Any, preset: str, cfg: GPTConfig, precision: Precision, compile: bool, plain: bool,
+            batch_size: int, seq_len: int, step_s: float, startup: float, steps: int,
+            optimizer: str, peak_seconds: float) -> BenchResult:
+    """The figures of a timed run: throughput, FLOP/s and MFU against the device's peak."""
+    dev, cuda = env.device, env.device.type == "cuda"
     tokens = batch_size * seq_len * env.world_size
     fpt = flops_per_token(cfg, seq_len)
     achieved = fpt * tokens / step_s
-    peak_dtype = amp_dtype or torch.float32
+    peak_dtype = precision.dtype or torch.float32
     measured_peak = env.world_size * measure_matmul_peak(
         dev, peak_dtype, n=8192 if cuda else 2048, seconds=peak_seconds)
     peak, source, card = measured_peak, f"measured {str(peak_dtype).replace('torch.', '')} matmul", ""
@@ -269,15 +258,13 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
             peak = table * env.world_size
             source = (f"data sheet x {env.world_size}, measured matmul "
                       f"{measured_peak / env.world_size / 1e12:.0f} TFLOP/s per GPU")
-    prec = "float32" if amp_dtype is None else str(amp_dtype).replace("torch.", "") + " autocast"
     return BenchResult(
-        preset=preset, device=str(dev), precision=prec + (" + compile" if compile else ""),
+        preset=preset, device=str(dev), precision=precision.label + (" + compile" if compile else ""),
         batch_size=batch_size, seq_len=seq_len, params=count_params(cfg),
         flops_per_token=fpt, step_ms=step_s * 1000, tokens_per_s=tokens / step_s,
         achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12, peak_source=source,
         mfu=achieved / peak, startup_s=startup, peak_memory_mb=_peak_memory_mb(dev),
-        steps=steps, plain=plain, optimizer="adamw" if plain else optim.name,
-        processes=env.world_size, card=card,
+        steps=steps, plain=plain, optimizer=optimizer, processes=env.world_size, card=card,
     )
 
 

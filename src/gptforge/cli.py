@@ -83,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptforge.distributed import launch_rank
     from gptforge.metrics import say
     from gptforge.rundir import check_not_locked, hold_run_lock
-    from gptforge.train import FINISHED, plan_run, train
+    from gptforge.resume import FINISHED, plan_run
+    from gptforge.train import train
 
     if args.nproc is not None:
         check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
@@ -126,7 +127,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from gptforge.config import format_config, resolve
     from gptforge.data import load_meta
     from gptforge.device import device_type_of, resolve_for
-    from gptforge.train import resolve_model_vocab
+    from gptforge.resume import resolve_model_vocab
 
     if args.nproc is not None and args.nproc < 1:
         raise GptforgeError(f"--nproc {args.nproc}: give the number of processes, 1 or more")

@@ -79,6 +79,31 @@ def pick_autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
     return None if name == "float32" else DTYPES[name]
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a training step computes: fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast dtype; None: plain fp32
+
+    @classmethod
+    def pick(cls, device: torch.device, name: str) -> "Precision":
+        """train.dtype (or bench's --dtype) on ``device``; see ``dtype_name``."""
+        return cls(device, pick_autocast_dtype(device, name))
+
+    @property
+    def label(self) -> str:
+        """``float32``, ``bfloat16 autocast`` or ``float16 autocast``, as the logs show it."""
+        return "float32" if self.dtype is None else str(self.dtype).replace("torch.", "") + " autocast"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's loss scaling (bf16 and fp32 have fp32's range and need none)."""
+        return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+
 # ----------------------------------------------------------------------------------------------
 # What "auto" becomes
 

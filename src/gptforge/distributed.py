@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -105,6 +106,20 @@ def shutdown(env: DistEnv, clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_name: str, timeout_s: int) -> Iterator[DistEnv]:
+    """The process group for the duration (see init_distributed), left cleanly at the end; after
+    an error without the final meeting (see shutdown), so a failing rank never waits for peers
+    that will not come."""
+    env = init_distributed(device_name, timeout_s)
+    try:
+        yield env
+    except BaseException:
+        shutdown(env, clean=False)
+        raise
+    shutdown(env)
 
 
 def _fsdp2():

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptforge.checkpoint import CHECKPOINT_DIR, find_checkpoint
+from gptforge.atomic import replacing
+from gptforge.checkpoint import find_checkpoint
 from gptforge.errors import GptforgeError
-from gptforge.metrics import RUN_FILE, is_finite_number, read_metrics, read_run_record
+from gptforge.metrics import is_finite_number, read_metrics, read_run_record
+from gptforge.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE
 
 COLUMNS = ("run", "preset", "status", "steps", "tokens", "best val", "last loss", "hellaswag",
            "wall", "tok/s", "latest checkpoint")
@@ -44,7 +46,7 @@ def find_runs(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise GptforgeError(f"{root} is not a directory: pass the directory that holds your runs")
     found = set()
-    for marker in (RUN_FILE, "metrics.jsonl"):
+    for marker in (RUN_FILE, METRICS_FILE):
         for path in root.rglob(marker):
             if CHECKPOINT_DIR not in path.parts[len(root.parts):]:
                 found.add(path.parent)
@@ -76,7 +78,7 @@ def describe_run(run: Path, root: Path, compact: bool = False) -> dict[str, str]
     """One row of the runs table; ``compact`` writes tokens and tok/s as 4.5M, 123k."""
     record = read_run_record(run)
     try:
-        metrics = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        metrics = read_metrics(run / METRICS_FILE) if (run / METRICS_FILE).is_file() else []
     except ValueError:  # a line cut short by a kill: the table still shows what it can
         metrics = []
     losses = [m for m in metrics if isinstance(m.get("loss"), (int, float))]
@@ -167,7 +169,7 @@ def read_series(runs: list[str | Path]) -> list[tuple[str, list[dict[str, Any]]]
     """(name, metrics.jsonl records) of each run, or one line saying what is wrong with it."""
     series = []
     for run in runs:
-        path = Path(run) / "metrics.jsonl"
+        path = Path(run) / METRICS_FILE
         if not path.is_file():
             raise GptforgeError(f"{run} has no metrics.jsonl: pass run directories written by gptforge train")
         try:
@@ -265,13 +267,11 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
     fig.suptitle("gptforge: " + (title if len(title) <= 100 else title[:97] + "..."), fontsize=14)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out)
+        with replacing(out, tmp=out.with_name(".tmp-" + out.name)) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from gptforge.data.shards import file_sha256, temp_path
+from gptforge.atomic import file_sha256, replacing
 from gptforge.errors import GptforgeError
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -63,9 +63,8 @@ def fetch_named_dataset(
             f"cannot create cache directory {os.path.dirname(path)} ({e.strerror}): "
             "set GPTFORGE_CACHE to a writable directory"
         ) from None
-    tmp = temp_path(path)
-    try:
-        h = hashlib.sha256()
+    h = hashlib.sha256()
+    with replacing(path) as tmp:  # the cache holds a verified copy or nothing
         with open(tmp, "xb") as f:
             try:
                 with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
@@ -88,8 +87,4 @@ def fetch_named_dataset(
                 f"the {ds.title} downloaded from {url} has sha256 {h.hexdigest()}, expected "
                 f"{ds.sha256}: the mirror serves other data; {hint}"
             )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

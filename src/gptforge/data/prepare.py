@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from gptforge.atomic import publish, write_text
 from gptforge.data.shards import (
     DATA_FORMAT,
     HEADER_BYTES,
@@ -215,13 +216,8 @@ def _tokenized(batches: Iterator[Batch], tok: Tokenizer, workers: int
 
 
 def _write_json(path: str, obj: Any, tmp: str) -> None:
-    """Write JSON atomically and durably: to ``tmp`` (same file system), synced, renamed."""
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically and durably, through ``tmp`` (same file system)."""
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n", durable=True, tmp=tmp)
 
 
 def _shard_name(split: str, index: int) -> str:
@@ -325,7 +321,7 @@ class _Run:
         for e in entries:
             p = self.path(e["file"])
             if not os.path.exists(p) and os.path.exists(p + ".partial"):
-                os.replace(p + ".partial", p)  # it was killed between the record and the rename
+                publish(p + ".partial", p, durable=True)  # killed between the record and the rename
             ok = os.path.exists(p) and shard_count(p) == e["tokens"] and file_sha256(p) == e["sha256"]
             if not ok:
                 raise GptforgeError(
@@ -445,7 +441,7 @@ class _Writer:
                 s.flush()  # what the checkpoint says they hold must be in the OS's hands first
         self.run.state["checkpoint"] = self._checkpoint()
         self.run.save()
-        os.replace(tmp, os.path.join(self.run.staging, entry["file"]))
+        publish(tmp, os.path.join(self.run.staging, entry["file"]), durable=True)
         split.start_next()
 
     def write(self, i: int, piece: Piece, tokens: np.ndarray) -> bool:
@@ -489,7 +485,7 @@ class _Writer:
             tmp, entry = done
             split.shards.append(entry)
             self.run.save()
-            os.replace(tmp, os.path.join(self.run.staging, entry["file"]))
+            publish(tmp, os.path.join(self.run.staging, entry["file"]), durable=True)
         self.run.state["end"] = {
             "docs": self.docs, "empty": self.empty,
             "splits": {n: {"tokens": s.tokens, "docs": s.docs} for n, s in self.splits.items()},
@@ -558,7 +554,7 @@ def _cut_tail(run: _Run, opt: Options) -> None:
                 w.write(tokens[i : min(i + COPY_TOKENS, b)])
             tmp = w.finish(sync=True)
             val.append({"file": os.path.basename(path), "tokens": b - a, "sha256": file_sha256(tmp)})
-            os.replace(tmp, path)
+            publish(tmp, path, durable=True)
         tail["val"] = val
         run.save()
     k, c = divmod(n_train, S)
@@ -568,7 +564,7 @@ def _cut_tail(run: _Run, opt: Options) -> None:
         if shard_count(path) != c:  # not cut yet (a killed run may have cut it already)
             w = ShardWriter(path, path + ".cut.partial")
             w.write(read_shard(path)[:c])
-            os.replace(w.finish(sync=True), path)
+            publish(w.finish(sync=True), path, durable=True)
         keep.append({"file": stream[k]["file"], "tokens": c, "sha256": file_sha256(path)})
     for e in stream[len(keep):]:
         if os.path.exists(run.path(e["file"])):
@@ -596,7 +592,7 @@ def _publish(run: _Run) -> None:
             os.remove(os.path.join(run.out, f))
     for f in sorted(new):
         if os.path.exists(run.path(f)):
-            os.replace(run.path(f), os.path.join(run.out, f))
+            publish(run.path(f), os.path.join(run.out, f), durable=True)
         elif not os.path.exists(os.path.join(run.out, f)):
             raise GptforgeError(f"shard {f} went missing while publishing: pass --force to redo")
     _write_json(meta_path, meta, run.path("meta.json.tmp"))  # a leftover goes with .prepare
