@@ -62,7 +62,7 @@ import json, sys, torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 torch.use_deterministic_algorithms(True)
 from gptforge.checkpoint import build_model, load_checkpoint
-from gptforge.config import resolve
+from gptforge.presets import resolve
 from gptforge.metrics import read_metrics
 from gptforge.train import train
 data, out = sys.argv[1], sys.argv[2]

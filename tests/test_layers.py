@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
-    "tokenizer": 2, "metrics": 2,
+    "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
     "data": 3, "model": 3, "device": 3,
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
@@ -26,7 +26,8 @@ RANK = {
 }
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {
-    "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "prepare": 3, "__init__": 4},
+    "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
+             "splits": 5, "prepare": 6, "__init__": 7},
 }
 
 

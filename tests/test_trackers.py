@@ -248,7 +248,7 @@ def test_a_failing_tracker_is_a_warning_and_training_goes_on(char_data, tmp_path
 
 
 def test_no_tracker_is_imported_unless_asked(char_data, tmp_path):
-    code = ("import sys; from gptforge.train import train; from gptforge.config import resolve; "
+    code = ("import sys; from gptforge.train import train; from gptforge.presets import resolve; "
             f"train(resolve('gpt2-tiny', None, ['data.path={char_data}', 'train.device=cpu', "
             "'train.max_steps=2']), sys.argv[1], log=lambda _: None); "
             "print([m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules])")

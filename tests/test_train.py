@@ -22,7 +22,7 @@ from gptforge.checkpoint import (
     save_checkpoint,
 )
 from gptforge.cli import main
-from gptforge.config import resolve
+from gptforge.presets import resolve
 from gptforge.metrics import format_step, read_metrics, read_run_record
 from gptforge.optim import build_optimizer
 from gptforge.step import TrainingDiverged, train_step

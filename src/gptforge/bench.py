@@ -33,14 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptforge.config import (
-    AUTO,
-    MODEL_PRESETS,
-    GPTConfig,
-    OptimConfig,
-    RunConfig,
-    run_preset,
-)
+from gptforge.config import AUTO, MODEL_PRESETS, GPTConfig, OptimConfig, RunConfig
+from gptforge.presets import run_preset
 from gptforge.data import TokenLoader, load_meta, load_split
 from gptforge.device import BatchFeeder, Precision, configure_backends, keep_freed_memory, resolve_for
 from gptforge.distributed import DistEnv, session

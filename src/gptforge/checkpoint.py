@@ -301,6 +301,19 @@ def save_best(run_dir: str | Path, step_dir: Path) -> Path:
     return best
 
 
+def warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer_bytes: int) -> None:
+    """A save needs room for a whole new checkpoint while the last one is still there."""
+    size = space_needed(tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
+                        + optimizer_bytes)
+    free = disk_free(run_dir)
+    if free < 2 * size:
+        warnings.warn(
+            f"{run_dir} has {format_bytes(free)} free, less than two checkpoints of this run "
+            f"({format_bytes(2 * size)}): a save may run out of space; free some, or choose an "
+            "--out on a larger disk"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding and loading
 

@@ -152,6 +152,20 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
                     tokens_per_step=t.total_batch_tokens, pad_vocab_multiple=pad)
 
 
+def resolve_here_or_not(cfg: RunConfig, world_size: int) -> tuple[Resolved, str]:
+    """``resolve_for`` on the device type ``train.device`` names (auto: this machine's), whether or
+    not this machine has one, and a note saying which it is (`gptforge config`'s [resolved])."""
+    device = device_type_of(cfg.train.device)
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(
+        device, lambda: True)()
+    resolved = resolve_for(cfg, device, world_size, present=present)
+    note = (f"what the sections give on {device}{'' if present else ' (not on this machine)'}"
+            f" with {world_size} process{'es' if world_size > 1 else ''}; derived, ignored when read back")
+    if cfg.model.vocab_size == 0:
+        note += "; padded_vocab_size 0: the vocabulary comes from the data (set data.path)"
+    return resolved, note
+
+
 def eager(compiled: bool = True) -> contextlib.AbstractContextManager:
     """Inside, compiled modules run eagerly. Evaluation uses the bare module, but under FSDP that
     module's blocks are compiled in place, and evaluation's own shapes (HellaSwag's vary by

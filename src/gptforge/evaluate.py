@@ -47,6 +47,13 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def line(self, what: str) -> str:
+        """``gptforge eval``'s result line for ``what`` was scored."""
+        tail = f" + 1 of {self.tail}" if self.tail else ""
+        return (f"{what}: loss {self.loss:.4f} | perplexity {self.perplexity:.2f} | "
+                f"{self.tokens:,} tokens in {self.windows:,} windows of {self.seq_len}{tail} | "
+                f"{self.wall_s:.1f}s")
+
 
 @torch.no_grad()
 def heldout_loss(

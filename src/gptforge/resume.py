@@ -13,6 +13,7 @@ Python's, NumPy's, torch's and CUDA's, per rank.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptforge.checkpoint import Checkpoint, CheckpointError, find_checkpoint, load_checkpoint
+from gptforge.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+)
 from gptforge.config import (
     AUTO,
     RESUMABLE_KEYS,
@@ -29,15 +36,21 @@ from gptforge.config import (
     RunConfig,
     apply_overrides,
     config_differences,
-    resolve,
     set_value,
     validate_run,
 )
-from gptforge.data import load_meta
+from gptforge.data import load_meta, load_split
 from gptforge.distributed import DistEnv, rank_seed
 from gptforge.errors import GptforgeError
-from gptforge.metrics import TRACKERS
-from gptforge.rundir import CHECKPOINT_DIR, LOCK_FILE, METRICS_FILE, RUN_CONFIG_FILE, RUN_FILE
+from gptforge.metrics import TRACKERS, wanted_trackers
+from gptforge.presets import resolve
+from gptforge.rundir import (
+    CHECKPOINT_DIR,
+    LOCK_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    RUN_FILE,
+)
 
 # Why a run ends when it is complete; otherwise a signal stopped it (its name), to be resumed.
 FINISHED = ("max_steps", "target_loss", "target_val_loss")
@@ -241,3 +254,67 @@ def plan_run(
     if not auto:
         refuse_complete(ckpt, cfg)
     return RunPlan(cfg, ckpt, complete=run_complete(ckpt, cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting a run
+
+
+@dataclass
+class Start:
+    """What ``train`` checked before any process group exists (so every rank stops on the same
+    mistake before any collective): the data, and how the run begins."""
+
+    meta: dict[str, Any]
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray | None
+    resume: Checkpoint | None = None
+    init_from: str | Path | None = None
+    init_weights: dict[str, torch.Tensor] | None = None
+    restart: bool = False
+    preset: str | None = None
+
+
+def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
+                init_from: str | Path | None, restart: bool, preset: str | None) -> Start:
+    """The data, and the model's vocabulary from it; the starting weights; the run directory."""
+    meta = load_meta(cfg.data.path)
+    if resume is not None and meta["tokenizer"] != resume.tokenizer:
+        raise CheckpointError(
+            f"checkpoint {resume.path} was trained with a different tokenizer than the data in "
+            f"{cfg.data.path}: resume with the data the run was started with"
+        )
+    init_weights = None
+    if init_from is not None:
+        if resume is not None:
+            raise GptforgeError("--init-from starts a new run and --resume continues one: use one of them")
+        source_cfg, init_weights, source_tokenizer = load_pretrained(init_from)
+        if source_tokenizer != meta["tokenizer"]:
+            raise CheckpointError(
+                f"{init_from} was trained with the {source_tokenizer.get('name')} tokenizer, other "
+                f"than the data's ({meta['tokenizer']['name']}): prepare the data with the "
+                "tokenizer of the model you start from"
+            )
+        cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
+    resolve_model_vocab(cfg, meta)
+    validate_run(cfg)
+    if resume is not None:
+        refuse_complete(resume, cfg)
+    check_run_dir(run_dir, resuming=resume is not None or restart)
+    wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
+    train_tokens = load_split(cfg.data.path, "train")
+    val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
+    return Start(meta, train_tokens, val_tokens, resume, init_from, init_weights, restart, preset)
+
+
+def continue_hint(run_dir: str, argv: list[str]) -> str:
+    """Where a stopped run stands and the command that continues it."""
+    import shlex
+
+    again = ["gptforge", *argv] + ([] if any(a.startswith("--resume") for a in argv) else ["--resume", "auto"])
+    command = " ".join(shlex.quote(a) for a in again)
+    try:
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError:
+        return f"it had saved no checkpoint yet; start it again with: {command}"
+    return f"its last checkpoint is {ckpt.path} (step {ckpt.step}); continue with: {command}"

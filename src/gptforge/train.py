@@ -22,19 +22,16 @@ not a closure that reaches into a 300-line function's locals.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import platform
 import shutil
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from gptforge.atomic import write_text
@@ -42,25 +39,19 @@ from gptforge.checkpoint import (
     TIED_KEY,
     Checkpoint,
     CheckpointError,
-    load_pretrained,
     load_weights,
     read_optimizer_state,
     remove_incomplete,
     save_best,
     save_checkpoint,
-    space_needed,
-    tensor_bytes,
+    warn_if_disk_is_short,
 )
 from gptforge.config import (
-    RUN_PRESETS,
     RunConfig,
-    config_differences,
     format_config,
     grad_accum_steps,
-    run_preset,
-    validate_run,
 )
-from gptforge.data import TokenLoader, iter_eval_batches, load_meta, load_split
+from gptforge.data import TokenLoader, iter_eval_batches
 from gptforge.device import (
     BatchFeeder,
     Precision,
@@ -79,21 +70,27 @@ from gptforge.distributed import (
     gather_objects,
     launch_rank,
     load_optimizer_state,
+    peer_lost,
     session,
     sum_over_ranks,
 )
-from gptforge.errors import GptforgeError
 from gptforge.evaluate import heldout_loss
 from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
-from gptforge.metrics import RunReport, format_step, read_run_record, say, truncate_metrics, wanted_trackers
+from gptforge.metrics import (
+    RunReport,
+    format_step,
+    read_run_record,
+    say,
+    truncate_metrics,
+)
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, optimizer_state_bytes
+from gptforge.presets import config_line
 from gptforge.resume import (
     FINISHED,
-    check_run_dir,
-    refuse_complete,
-    resolve_model_vocab,
+    Start,
+    check_start,
     restore_rng,
     rng_state,
 )
@@ -101,13 +98,18 @@ from gptforge.rundir import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     RUN_CONFIG_FILE,
-    disk_free,
-    format_bytes,
     free_space_then_continue,
     guarded_write,
     hold_run_lock,
 )
-from gptforge.step import DivergenceWatch, StepResult, Stepper, Trainable, TrainingDiverged, build_trainable
+from gptforge.step import (
+    DivergenceWatch,
+    Stepper,
+    StepResult,
+    Trainable,
+    TrainingDiverged,
+    build_trainable,
+)
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
 
@@ -162,20 +164,15 @@ class TrainResult:
     stopped_by: str  # "max_steps", "target_loss", "target_val_loss" or a signal name
     wall_s: float
 
-
-@dataclass
-class Start:
-    """What ``train`` checked before any process group exists (so every rank stops on the same
-    mistake before any collective): the data, and how the run begins."""
-
-    meta: dict[str, Any]
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray | None
-    resume: Checkpoint | None = None
-    init_from: str | Path | None = None
-    init_weights: dict[str, torch.Tensor] | None = None
-    restart: bool = False
-    preset: str | None = None
+    def summary(self, run: str) -> list[str]:
+        """What ``gptforge train`` says at the end: the totals, and where to look next."""
+        lines = [f"done ({self.stopped_by}): {self.step:,} steps, {self.tokens:,} tokens in "
+                 f"{self.wall_s:.1f}s; last train loss {self.last_loss:.4f}"
+                 + (f", val loss {self.val_loss:.4f}" if self.val_loss is not None else "")
+                 + (f", best val loss {self.best_val_loss:.4f}" if self.best_val_loss is not None else "")]
+        if self.checkpoint is not None:
+            lines.append(f"checkpoint: {self.checkpoint}")
+        return lines + [f"metrics:    {Path(run) / METRICS_FILE}", f"sample:     gptforge sample --ckpt {run}"]
 
 
 @dataclass
@@ -224,39 +221,13 @@ def train(
         if cfg.train.keep_freed_memory:
             keep_freed_memory()
         with session(cfg.train.device, cfg.train.dist_timeout_s) as env:
-            return Trainer(cfg, run_dir, env, start, log, t_start).run()
-
-
-def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
-                init_from: str | Path | None, restart: bool, preset: str | None) -> Start:
-    """The data, and the model's vocabulary from it; the starting weights; the run directory."""
-    meta = load_meta(cfg.data.path)
-    if resume is not None and meta["tokenizer"] != resume.tokenizer:
-        raise CheckpointError(
-            f"checkpoint {resume.path} was trained with a different tokenizer than the data in "
-            f"{cfg.data.path}: resume with the data the run was started with"
-        )
-    init_weights = None
-    if init_from is not None:
-        if resume is not None:
-            raise GptforgeError("--init-from starts a new run and --resume continues one: use one of them")
-        source_cfg, init_weights, source_tokenizer = load_pretrained(init_from)
-        if source_tokenizer != meta["tokenizer"]:
-            raise CheckpointError(
-                f"{init_from} was trained with the {source_tokenizer.get('name')} tokenizer, other "
-                f"than the data's ({meta['tokenizer']['name']}): prepare the data with the "
-                "tokenizer of the model you start from"
-            )
-        cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
-    resolve_model_vocab(cfg, meta)
-    validate_run(cfg)
-    if resume is not None:
-        refuse_complete(resume, cfg)
-    check_run_dir(run_dir, resuming=resume is not None or restart)
-    wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
-    train_tokens = load_split(cfg.data.path, "train")
-    val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
-    return Start(meta, train_tokens, val_tokens, resume, init_from, init_weights, restart, preset)
+            try:
+                return Trainer(cfg, run_dir, env, start, log, t_start).run()
+            except RuntimeError as e:
+                lost = peer_lost(e, env)
+                if lost is None:
+                    raise
+                raise lost from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,27 +538,4 @@ class Trainer:
             log(f"{self.run_dir} holds a run that stopped before its first checkpoint: starting it again")
         if start.init_from is not None:
             log(f"starting from the weights of {start.init_from}")
-        _warn_if_disk_is_short(self.run_dir, self.t.model, self.optimizer)
-
-
-def config_line(cfg: RunConfig, preset: str | None, path: Path) -> str:
-    """What the run's config changes from its preset's, in one line (the whole of it is in
-    RUN/config.toml)."""
-    base = run_preset(preset) if preset in RUN_PRESETS else RunConfig()
-    changes = [f"{k}={json.dumps(b)}" for k, a, b in config_differences(base, cfg)]
-    what = f"preset {preset}" if preset in RUN_PRESETS else "the defaults"
-    return (f"config: {what}" + (f" with {', '.join(changes)}" if changes else "")
-            + f" (all of it: {path})")
-
-
-def _warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer) -> None:
-    """A save needs room for a whole new checkpoint while the last one is still there."""
-    size = space_needed(tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
-                        + optimizer_state_bytes(optimizer))
-    free = disk_free(run_dir)
-    if free < 2 * size:
-        warnings.warn(
-            f"{run_dir} has {format_bytes(free)} free, less than two checkpoints of this run "
-            f"({format_bytes(2 * size)}): a save may run out of space; free some, or choose an "
-            "--out on a larger disk"
-        )
+        warn_if_disk_is_short(self.run_dir, self.t.model, optimizer_state_bytes(self.optimizer))
