@@ -182,6 +182,12 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
     assert proc.returncode != 0
     assert time.time() - started < 60  # taken down, not hanging until a timeout
     assert "Signals.SIGKILL" in err or "SIGKILL" in err or "exitcode" in err, err[-2000:]
+    # The end is one line, not torchrun's ChildFailedError traceback: which rank, how, the last
+    # checkpoint and the command that continues; the exit code a shell gives a SIGKILLed process.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gptforge train: error: rank 1 was killed by SIGKILL"), err[-2000:]
+    assert "its last checkpoint is " in last and last.endswith("--nproc 2 --resume auto")
+    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in err and "ChildFailedError" not in err
     for w in workers:
         assert not Path(f"/proc/{w}").exists() or "Z" in Path(f"/proc/{w}/stat").read_text().split()[2]
     step = load_checkpoint(run).step

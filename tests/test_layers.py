@@ -95,3 +95,22 @@ def test_core_import_pulls_no_optional_extras():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_loading_a_checkpoint_imports_no_data_pipeline():
+    """checkpoint.py needs sha256 (atomic.py), not prepare, the sources or the downloader."""
+    code = ("import sys, gptforge.checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('gptforge.data')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_run_directory_names_live_in_rundir_only():
+    """The names inside a run directory are constants in rundir.py; other modules use those."""
+    for path in SRC.rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        text = path.read_text()
+        for literal in ('"run.json"', '"metrics.jsonl"', '"config.toml"', '"checkpoints"', '"latest"'):
+            assert f"= {literal}" not in text, f"{path.name} defines {literal} again"

@@ -392,11 +392,7 @@ class MlflowLog(Tracker):
         # A continued run stays in the store it started in, unless the environment names another.
         uri = (os.environ.get("MLFLOW_TRACKING_URI") or run.saved.get("tracking_uri")
                or Path("mlruns").absolute().as_uri())
-        if urllib.parse.urlparse(uri).scheme in ("", "file"):
-            # MLflow 3 keeps its file store in maintenance and refuses it unless told otherwise;
-            # a local ./mlruns is what we were asked for.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.client = self._client(mlflow, uri)
         self.Metric = Metric
         self.run_id, self.logged_through = run.saved.get("run_id"), -1
         known: dict[str, str] = {}
@@ -440,10 +436,17 @@ class MlflowLog(Tracker):
 
     @classmethod
     def abandon(cls, saved: dict[str, Any]) -> None:
-        mlflow = cls.require()
         if saved.get("run_id") and saved.get("tracking_uri"):
-            mlflow.MlflowClient(tracking_uri=saved["tracking_uri"]).set_terminated(
-                saved["run_id"], cls.STATUS["stopped"])
+            client = cls._client(cls.require(), saved["tracking_uri"])
+            client.set_terminated(saved["run_id"], cls.STATUS["stopped"])
+
+    @staticmethod
+    def _client(mlflow: Any, uri: str) -> Any:
+        if urllib.parse.urlparse(uri).scheme in ("", "file"):
+            # MLflow 3 keeps its file store in maintenance and refuses it unless told otherwise;
+            # a local ./mlruns is what we were asked for.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        return mlflow.MlflowClient(tracking_uri=uri)
 
 
 TRACKERS: tuple[type[Tracker], ...] = (TensorBoardLog, WandbLog, MlflowLog)
