@@ -1,6 +1,7 @@
 """The trainer: accumulation, determinism, logging, stopping, checkpoints, the CLI end to end."""
 
 import contextlib
+import warnings
 import json
 import math
 import os
@@ -404,3 +405,34 @@ def test_divergence_on_a_step_that_does_not_log_is_reported_at_the_next_check(ch
         train(cfg, tmp_path / "run", log=quiet)
     assert calls["n"] == 8  # it ran on to step 7, the last step before the save at step 8
     assert load_checkpoint(tmp_path / "run").step == 4
+
+
+def test_an_early_estimate_of_the_wall_time_and_a_warning_before_memorizing(tmp_path, monkeypatch):
+    """After its first few steps the run says how long it will take, once; a run that will read
+    its data more than ~20 times without a target loss to stop it is warned at the start."""
+    from gptforge import metrics
+    from gptforge.data import prepare
+
+    (tmp_path / "small.txt").write_text(shakespeare_head(2_200), encoding="utf-8")
+    data = tmp_path / "small"
+    prepare([str(tmp_path / "small.txt")], str(data), tokenizer="char", progress=False)  # 1,980 train tokens
+    monkeypatch.setattr(metrics.Eta, "MIN_SECONDS", 0.0)
+    lines: list[str] = []
+    with pytest.warns(UserWarning, match=r"train.max_steps=200 x 256 tokens per step reads the "
+                                         r"1,980 training tokens 26 times: the model will learn"):
+        train(tiny_cfg(data, "train.max_steps=200", "train.log_interval=1000"), tmp_path / "a",
+              log=lines.append)
+    estimates = [line for line in lines if line.startswith("estimate: ")]
+    assert len(estimates) == 1
+    assert "the 194 steps left to train.max_steps=200 take about " in estimates[0]  # after 1 + 5 steps
+    # fewer passes, or a target to stop the run: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(tiny_cfg(data, "train.max_steps=150"), tmp_path / "b", log=quiet)
+        train(tiny_cfg(data, "train.max_steps=200", "train.target_loss=4.5"), tmp_path / "c", log=quiet)
+
+
+def test_format_duration():
+    from gptforge.metrics import format_duration
+
+    assert [format_duration(s) for s in (7.54, 95, 3725, 90000)] == ["7.5s", "1m35s", "1h02m", "25h00m"]

@@ -293,7 +293,8 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                    help="files, directories (read recursively, hidden files skipped) or glob "
                         "patterns; .txt/.md (one document per file), .jsonl/.json (one per line), "
                         ".parquet (one per row), text and JSON lines optionally .gz/.zst/.xz/.bz2; "
-                        "or 'shakespeare' to download Tiny Shakespeare")
+                        "or 'shakespeare' for Tiny Shakespeare (ships with gptforge: nothing is "
+                        "downloaded)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
                    help="gpt2: GPT-2 BPE (50,257 tokens); char: one token per character (default: gpt2)")
@@ -317,7 +318,9 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                    help="invalid UTF-8: strict stops with the file and byte offset; replace substitutes U+FFFD (default: strict)")
     p.add_argument("--force", action="store_true",
                    help="replace data (finished or not) that other arguments made in DIR")
-    p.add_argument("--url", default=None, help="download address for a named dataset (default: its canonical one)")
+    p.add_argument("--url", default=None,
+                   help="download a named dataset from this address (a mirror) instead of using the "
+                        "copy that ships with gptforge or its canonical address")
 
 
 def train_io_options(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ W&B, MLflow) that get the same numbers."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import json
 import math
@@ -527,6 +528,50 @@ def _silent(_: str) -> None:
     pass
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 95 -> '1m35s', 7.5 -> '7.5s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Eta:
+    """The run's expected wall time, said once, early: after MIN_STEPS steps and MIN_SECONDS
+    counted from the end of the session's first step (which pays start-up and compilation).
+    Host clock only: no wait for the GPU (the host runs a few steps ahead at most)."""
+
+    MIN_STEPS, MIN_SECONDS = 5, 3.0
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.start: tuple[int, float] | None = None
+        self.said = False
+
+    def line(self, steps_done: int) -> str | None:
+        now = time.perf_counter()
+        if self.said:
+            return None
+        if self.start is None:
+            self.start = (steps_done, now)
+            return None
+        n, elapsed = steps_done - self.start[0], now - self.start[1]
+        if n < self.MIN_STEPS or elapsed < self.MIN_SECONDS:
+            return None
+        self.said = True
+        left = self.max_steps - steps_done
+        if left <= 0:
+            return None
+        per_step = elapsed / n
+        until = datetime.datetime.now() + datetime.timedelta(seconds=per_step * left)
+        when = until.strftime("%H:%M" if per_step * left < 20 * 3600 else "%Y-%m-%d %H:%M")
+        return (f"estimate: {per_step:.3g} s per step, so the {left:,} steps left to "
+                f"train.max_steps={self.max_steps:,} take about {format_duration(per_step * left)} "
+                f"(until about {when})")
+
+
 class RunReport:
     """Everything a run reports, on the rank that writes the run: log lines (through the progress
     bar once it is drawn), metrics.jsonl, run.json and the trackers, which all get the same
@@ -551,13 +596,18 @@ class RunReport:
         self.enabled = enabled
 
     def start_progress(self, total: int, initial: int, target_loss: float) -> None:
-        """The bar (on a terminal), from here on redrawn around every log line."""
+        """The bar (on a terminal), from here on redrawn around every log line; and the estimate
+        of the run's wall time, logged once after its first few steps."""
         self.progress = Progress(total, initial, enabled=self.enabled, target_loss=target_loss)
         self.log = self.progress.wrap(self.log)
+        self.eta = Eta(total)
 
-    def step_done(self) -> None:
+    def step_done(self, steps_done: int) -> None:
         if self.progress is not None:
             self.progress.update()
+        line = self.eta.line(steps_done) if self.enabled else None
+        if line:
+            self.log(line)
 
     def write(self, fields: dict[str, Any], steps_done: int, best_val_loss: float | None) -> None:
         """One record (``fields``, keyed as metrics.jsonl, with the ``tokens`` seen) to every

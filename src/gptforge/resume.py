@@ -126,6 +126,23 @@ def check_run_dir(run_dir: Path, resuming: bool) -> None:
         )
 
 
+MANY_EPOCHS = 20  # more passes over the training tokens than this, with nothing to stop earlier: warn
+
+
+def epochs_warning(cfg: RunConfig, train_tokens: int) -> str | None:
+    """A run that will read its training data many times over learns it by heart (its
+    validation loss rises while the training loss falls): say so before it starts, unless a
+    target loss will stop it."""
+    tc = cfg.train
+    epochs = tc.max_steps * tc.total_batch_tokens / max(train_tokens, 1)
+    if epochs <= MANY_EPOCHS or tc.target_loss > 0 or tc.target_val_loss > 0:
+        return None
+    return (f"train.max_steps={tc.max_steps:,} x {tc.total_batch_tokens:,} tokens per step reads the "
+            f"{train_tokens:,} training tokens {epochs:,.0f} times: the model will learn them by heart "
+            "(validation loss rising while training loss falls); train fewer steps, give it more "
+            "text, or stop on train.target_val_loss (with train.eval_interval)")
+
+
 def resolve_model_vocab(cfg: RunConfig, meta: dict[str, Any]) -> None:
     """Take the model's vocabulary from the data where the config leaves it at 0; else check."""
     data_vocab = int(meta["vocab_size"])

@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -88,6 +89,7 @@ from gptforge.model import GPT
 from gptforge.optim import build_optimizer, optimizer_state_bytes
 from gptforge.presets import config_line
 from gptforge.resume import (
+    epochs_warning,
     FINISHED,
     Start,
     check_start,
@@ -320,7 +322,7 @@ class Trainer:
         self.last_loss = result.loss
         self.step += 1
         self.tokens += self.cfg.train.total_batch_tokens
-        self.report.step_done()
+        self.report.step_done(self.step)
         if self.resolved.compile and self.step - 1 == first_step:
             self.report.log(f"torch.compile: the first step took {self.timer.seconds():.1f}s, "
                             "compilation included")
@@ -538,4 +540,7 @@ class Trainer:
             log(f"{self.run_dir} holds a run that stopped before its first checkpoint: starting it again")
         if start.init_from is not None:
             log(f"starting from the weights of {start.init_from}")
+        overfit = epochs_warning(cfg, len(start.train_tokens))
+        if overfit:
+            warnings.warn(overfit)
         warn_if_disk_is_short(self.run_dir, self.t.model, optimizer_state_bytes(self.optimizer))
