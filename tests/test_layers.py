@@ -10,6 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 # Lower layers first. A module may import gptforge modules of strictly lower rank only.
 RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
+    "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
     "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
     "data": 3, "model": 3, "device": 3,
@@ -114,3 +115,17 @@ def test_run_directory_names_live_in_rundir_only():
         text = path.read_text()
         for literal in ('"run.json"', '"metrics.jsonl"', '"config.toml"', '"checkpoints"', '"latest"'):
             assert f"= {literal}" not in text, f"{path.name} defines {literal} again"
+
+
+def test_commands_that_need_no_torch_do_not_import_it():
+    """`import gptforge`, the CLI's parser and the --nproc launcher stay light (torch alone takes
+    seconds to import): the model loads on first use."""
+    code = ("import sys, gptforge, gptforge.cli, gptforge.launch, gptforge.rundir; "
+            "gptforge.cli.build_parser(); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+    code = "import gptforge; print(gptforge.GPT.__name__, gptforge.GPT.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.stdout.split() == ["GPT", "gptforge.model"], result.stderr

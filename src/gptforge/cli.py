@@ -53,15 +53,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gptforge.rundir import check_not_locked, hold_run_lock
+
+    if args.nproc is not None:  # this process only launches and waits: it needs no torch
+        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
+        return launch(args.nproc, args.argv, run_dir=args.out)
     from gptforge.distributed import launch_rank
     from gptforge.metrics import say
     from gptforge.resume import FINISHED, plan_run
-    from gptforge.rundir import check_not_locked, hold_run_lock
     from gptforge.train import train
-
-    if args.nproc is not None:
-        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
-        return launch(args.nproc, args.argv, run_dir=args.out)
     writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
     # The lock first: a live run is reported before anything of it is read or written.
     with hold_run_lock(args.out, enabled=writer, create=args.resume != ""):
@@ -91,7 +91,7 @@ def launch(nproc: int, argv: list[str], run_dir: str | None = None) -> int:
     """``gptforge COMMAND --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge
     COMMAND ...``. A process of the job that dies ends the command with one line: which rank,
     how, and (for a training run) its last checkpoint and the command that continues it."""
-    from gptforge.distributed import torchrun
+    from gptforge.launch import torchrun
 
     code, failure = torchrun(nproc, argv)
     if failure is None or failure.exitcode == 2:  # 2: the process said what was wrong, in one line
