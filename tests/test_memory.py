@@ -259,7 +259,7 @@ def test_out_of_memory_mid_run_is_one_line_and_the_last_checkpoint_loads(char_da
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("gptforge train: error: out of memory on cpu after 7 steps with a micro-batch of "
                           "8 x 32 tokens (peak ")
-    assert "tried to allocate 2.50 gib" in err
+    assert "; tried to allocate 2.50 GiB):" in err
     assert ("set a smaller train.batch_size (e.g. 4: 4 accumulation steps keep the step at 512 tokens) "
             "or train.activation_checkpointing=true") in err
     assert (f"its last checkpoint, {run / 'checkpoints' / 'step_0000005'} (step 5), is intact; continue it with "

@@ -164,8 +164,9 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
     elif device_type == "cuda":
         sizes = micro_batch_candidates(t, world_size)
         accum = f"total_batch_tokens / (batch_size x seq_len x processes): {sizes[-1]} .. 1"
+        with_ac = " (with activation checkpointing)" if t.activation_checkpointing else ""
         batch = (f"auto: searched at start-up, the largest of {_listed(sizes)} whose trial forward "
-                 f"and backward fits in {HEADROOM:.0%} of the GPU's memory with the optimizer's "
+                 f"and backward{with_ac} fits in {HEADROOM:.0%} of the GPU's memory with the optimizer's "
                  "state, on every process (the smallest over processes wins); logged, and kept in "
                  "the run's config")
     else:
@@ -318,7 +319,7 @@ def out_of_memory(e: BaseException, device: torch.device, t: TrainConfig, world_
     import re
 
     asked = re.search(r"[Tt]ried to allocate [0-9.]+ [KMGT]?i?B", str(e))
-    tried = f"; {asked.group(0).lower()}" if asked else ""
+    tried = f"; t{asked.group(0)[1:]}" if asked else ""
     b = t.batch_size
     fixes = []
     smaller = [s for s in micro_batch_candidates(t, world_size) if s < b] if isinstance(b, int) else []
