@@ -17,6 +17,7 @@ its own, with nothing of a run around it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from gptforge.device import (
     micro_batch_candidates,
     preset_micro_batch,
     release_memory,
+    resolve_for,
 )
 from gptforge.distributed import (
     DistEnv,
@@ -248,7 +250,8 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
     run's activation checkpointing, built for the search and dropped after it, with the
     optimizer's state held aside; the smallest result over the ranks wins. The trials run eagerly
     and unsharded: compiled steps and FSDP's shards need no more memory than that, so what fits
-    there fits in the run. The random generators are restored afterwards, so the run that follows
+    there fits in the run (and a model that fits only when FSDP shards it needs a batch size
+    given by hand). The random generators are restored afterwards, so the run that follows
     is the one a numeric batch size of the same value gives. Elsewhere: the preset's micro-batch.
     """
     t = cfg.train
@@ -258,9 +261,10 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
         return size, (f"{size}, preset {preset or DEFAULT_PRESET}'s micro-batch (the search for the "
                       f"largest that fits runs on CUDA only)")
     devices = [env.device] if env.device.type == "cuda" else []
+    shape = dataclasses.replace(cfg.model, pad_vocab_multiple=resolve_for(cfg, env.device.type).pad_vocab_multiple)
     with torch.random.fork_rng(devices=devices):
         with torch.device(env.device):
-            model = GPT(cfg.model)
+            model = GPT(shape)
         if t.activation_checkpointing:
             checkpoint_blocks(model)
         optimizer = build_optimizer(model, cfg.optim, env.device.type, shard=(env.rank, env.world_size))
@@ -275,7 +279,9 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
             f"train.batch_size=auto: not even a micro-batch of {sizes[0]} x {t.seq_len} tokens fits "
             f"on {env.device} ({memory_line(env.device)}): set "
             + ("" if t.activation_checkpointing else "train.activation_checkpointing=true, ")
-            + "a shorter train.seq_len or a smaller model")
+            + "a shorter train.seq_len or a smaller model"
+            + ("; the trials run unsharded, so with train.parallel=fsdp a model that fits only "
+               "sharded needs train.batch_size set by hand" if env.distributed and t.parallel == "fsdp" else ""))
     trials = ", ".join(f"{b} {'fits' if ok else 'does not'}" for b, ok in tried)
     ranks = f"; the smallest over {env.world_size} processes" if env.distributed else ""
     return chosen, f"{chosen}, the largest that fits (trials: {trials}{ranks})"

@@ -244,6 +244,8 @@ def train(
 class Trainer:
     """One run on one rank: ``Trainer(...)`` sets it up, ``run()`` trains it to its end."""
 
+    batch_note: str | None = None  # how train.batch_size=auto chose, where it did
+
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, start: Start,
                  log: Callable[[str], None], t_start: float):
         tc, device = cfg.train, env.device
@@ -254,14 +256,12 @@ class Trainer:
             tc.hellaswag_data or None, start.meta["tokenizer"], cfg.model.block_size,
             what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
         )[0] if tc.hellaswag_interval else []
-        self.resolved = resolve_for(cfg, device.type, env.world_size, preset=start.preset)
-        cfg.model.pad_vocab_multiple = self.resolved.pad_vocab_multiple  # the model's shape from now on
         precision = Precision.pick(device, tc.dtype)
         configure_backends(device)
-        self.batch_note = None  # how batch_size=auto chose; the run's config keeps the number
-        if tc.batch_size == AUTO:
+        if tc.batch_size == AUTO:  # a number from here on, kept in the run's config
             tc.batch_size, self.batch_note = fit_micro_batch(cfg, env, precision, start.preset)
-            self.resolved = resolve_for(cfg, device.type, env.world_size)
+        self.resolved = resolve_for(cfg, device.type, env.world_size)
+        cfg.model.pad_vocab_multiple = self.resolved.pad_vocab_multiple  # the model's shape from now on
         self.accum = grad_accum_steps(tc, env.world_size)
         self.loader = TokenLoader(start.train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
                                   seed=tc.seed, rank=env.rank, world_size=env.world_size)
