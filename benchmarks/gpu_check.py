@@ -226,17 +226,25 @@ def shakespeare(opts: Options) -> dict[str, Any]:
     t0 = time.perf_counter()
     code, out = gptforge("train", "--data", str(data), "--out", str(run), "--preset", "gpt2-shakespeare", *limits)
     wall = time.perf_counter() - t0
-    if code:
+    if not (run / "metrics.jsonl").is_file():
         raise StepFailed(f"gptforge train: exit code {code}", {"wall_s": round(wall, 1)})
+    figures = shakespeare_figures(run, out, wall)
+    if code:  # stopped (at the step's time limit: SIGTERM) or failed: what it reached so far
+        raise StepFailed(f"gptforge train: exit code {code}", figures)
+    return figures
+
+
+def shakespeare_figures(run: Path, out: str, wall: float) -> dict[str, Any]:
     record = json.loads((run / "run.json").read_text())
     logged = [json.loads(ln).get("tok_per_s") for ln in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r for r in logged if r][1:] or [r for r in logged if r]  # the first logged step compiles
     first = next((float(ln.split("took ")[1].split("s")[0]) for ln in out.splitlines()
                   if ln.startswith("torch.compile: the first step took")), None)
-    return {"reached": record["stopped_by"] == "target_loss", "stopped_by": record["stopped_by"],
-            "steps": record["step"], "original_steps": ORIGINAL_STEPS,
-            "steps_vs_original": round(record["step"] / ORIGINAL_STEPS, 3), "last_loss": round(record["last_loss"], 4),
-            "wall_s": round(wall, 1), "train_wall_s": round(record["wall_s"], 1), "first_step_s": first,
+    steps, last = record.get("step") or 0, record.get("last_loss")
+    return {"reached": record.get("stopped_by") == "target_loss", "stopped_by": record.get("stopped_by"),
+            "steps": steps, "original_steps": ORIGINAL_STEPS, "steps_vs_original": round(steps / ORIGINAL_STEPS, 3),
+            "last_loss": round(last, 4) if isinstance(last, (int, float)) else None, "wall_s": round(wall, 1),
+            "train_wall_s": round(record.get("wall_s") or 0, 1), "first_step_s": first,
             "tok_per_s_median": round(statistics.median(rates)) if rates else None}
 
 
@@ -361,8 +369,6 @@ def child(step: Step, opts: Options, log_fd: int, figures_path: Path) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # its own process group: a timeout stops whatever it started too
-        sys.stdout.flush()
-        sys.stderr.flush()
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", closefd=False)
@@ -392,7 +398,8 @@ def wait(pid: int, limit: float) -> int | None:
         if done:
             return os.waitstatus_to_exitcode(status)
         time.sleep(0.05)
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 30.0)):
+    # SIGTERM first: a training run then finishes its step and saves (train's StopFlag)
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 30.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
         end = time.monotonic() + grace
@@ -410,9 +417,13 @@ def run_step(step: Step, opts: Options, limit: float, log_path: Path) -> Result:
         start = log.tell()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     t0 = time.monotonic()
+    sys.stdout.flush()  # nothing of ours left in a buffer that the child would write out again
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         child(step, opts, log_fd, figures_path)
+    with contextlib.suppress(OSError):  # as the child does: whichever runs first
+        os.setpgid(pid, pid)
     os.close(log_fd)
     code = wait(pid, limit)
     seconds = time.monotonic() - t0
