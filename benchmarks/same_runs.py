@@ -7,7 +7,8 @@ on the CPU in fp32 with a fixed seed, and then the two runs' outputs are compare
 
 - metrics.jsonl, record by record, every field but the timings (dt_ms, tok_per_s);
 - every checkpoint: model.safetensors and optimizer.safetensors byte for byte; config.json and
-  trainer_state.json as JSON, but for what cannot match (git_commit, wall_s); the manifest's
+  trainer_state.json as JSON, but for what cannot match (git_commit, wall_s) and config keys that
+  only one tree has (a key the change adds; listed in a note, with its value); the manifest's
   sha256 of the safetensors files;
 - the log lines (stdout and stderr), with timings masked;
 - for prepare: meta.json but for its creation time, and every shard byte for byte.
@@ -90,6 +91,22 @@ def json_without(path: Path, drop: set[str]) -> object:
     return strip(obj)
 
 
+NOTES: list[str] = []
+
+
+def keys_of_one_side(a: dict, b: dict) -> list[str]:
+    """Config keys that only one tree has (a key added or removed by the change), as
+    ``section.key=value (new|base only)``; they are taken out of both dicts, so that the keys both
+    trees know are compared. A run is the same run when every key they share is equal."""
+    apart = []
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for key in sorted(set(sa) ^ set(sb)):
+            side, value = ("base only", sa.pop(key)) if key in sa else ("new only", sb.pop(key))
+            apart.append(f"{section}.{key}={json.dumps(value)} ({side})")
+    return apart
+
+
 def compare_runs(a: Path, b: Path) -> list[str]:
     problems = []
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
@@ -113,9 +130,14 @@ def compare_runs(a: Path, b: Path) -> list[str]:
         for f in ("model.safetensors", "optimizer.safetensors"):
             if (da / f).read_bytes() != (db / f).read_bytes():
                 problems.append(f"{name}/{f} differs")
-        for f, drop in (("config.json", {"git_commit"}), ("trainer_state.json", {"wall_s"})):
-            if json_without(da / f, drop) != json_without(db / f, drop):
-                problems.append(f"{name}/{f} differs")
+        config_a, config_b = json_without(da / "config.json", {"git_commit"}), json_without(db / "config.json", {"git_commit"})
+        added = keys_of_one_side(config_a["config"], config_b["config"])
+        if config_a != config_b:
+            problems.append(f"{name}/config.json differs")
+        if json_without(da / "trainer_state.json", {"wall_s"}) != json_without(db / "trainer_state.json", {"wall_s"}):
+            problems.append(f"{name}/trainer_state.json differs")
+        if added:
+            NOTES.append(f"config keys of one tree only (not compared): {', '.join(added)}")
         man_a, man_b = json_without(da / "manifest.json", set()), json_without(db / "manifest.json", set())
         for f in ("model.safetensors", "optimizer.safetensors"):
             if man_a["files"][f] != man_b["files"][f]:
@@ -187,6 +209,8 @@ def main() -> int:
         for p in problems:
             print(f"  {p}")
         failed += bool(problems)
+    for note in dict.fromkeys(NOTES):
+        print(f"note: {note}")
     return failed
 
 

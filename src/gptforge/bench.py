@@ -36,7 +36,15 @@ import torch
 from gptforge.config import AUTO, MODEL_PRESETS, GPTConfig, OptimConfig, RunConfig
 from gptforge.presets import run_preset
 from gptforge.data import TokenLoader, load_meta, load_split
-from gptforge.device import BatchFeeder, Precision, configure_backends, keep_freed_memory, resolve_for
+from gptforge.device import (
+    BatchFeeder,
+    Precision,
+    configure_backends,
+    is_out_of_memory,
+    keep_freed_memory,
+    memory_line,
+    resolve_for,
+)
 from gptforge.distributed import DistEnv, session
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
@@ -86,6 +94,8 @@ class BenchResult:
     optimizer: str = "adamw"
     processes: int = 1
     card: str = ""  # the CUDA card, with its form factor
+    activation_checkpointing: bool = False
+    measured_peak_tflops: float = 0.0  # the matmul measured here (== peak_tflops but on CUDA)
 
 
 def model_for(preset: str, device_type: str = "cpu", plain: bool = False) -> GPTConfig:
@@ -166,23 +176,34 @@ def bench(
     peak_seconds: float = 2.0,
     data: str | None = None,
     bucket_mb: int = 25,
+    activation_checkpointing: bool = False,
 ) -> BenchResult:
     """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape or
     ``compile`` means train's default on the device. Under torchrun, a DDP job (rank 0's result
-    is the whole job's; the others return None)."""
+    is the whole job's; the others return None). Running out of memory is one line."""
     with session(device, 900) as env:
-        return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
-                      peak_seconds, data, bucket_mb)
+        try:
+            return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
+                          peak_seconds, data, bucket_mb, activation_checkpointing and not plain)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            cuda = env.device.type == "cuda"
+            shape = f"{batch_size or (64 if cuda else 16)} x {seq_len or (1024 if cuda else 64)}"
+            raise GptforgeError(
+                f"out of memory on {env.device} with a micro-batch of {shape} tokens "
+                f"({memory_line(env.device)}): try a smaller --batch-size"
+                + ("" if activation_checkpointing else " or --activation-checkpointing")) from None
 
 
 def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, compile: bool,
-             plain: bool, bucket_mb: int, batches: Any) -> tuple[Stepper, str]:
+             plain: bool, bucket_mb: int, batches: Any, checkpointing: bool) -> tuple[Stepper, str]:
     """train's own step on the preset's model, and its optimizer's name: a run preset's optimizer
     (Muon for the speedrun), AdamW's defaults for a model preset, torch's default AdamW for the
     plain baseline."""
     optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
     trainable = build_trainable(cfg, env, precision, seed=0, parallel="ddp", compile=compile,
-                                bucket_mb=bucket_mb)
+                                bucket_mb=bucket_mb, activation_checkpointing=checkpointing)
     if plain:
         optimizer = torch.optim.AdamW(param_groups(trainable.model, optim.weight_decay), lr=optim.lr,
                                       betas=(optim.beta1, optim.beta2))
@@ -194,7 +215,7 @@ def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, co
 
 def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
            warmup: int, dtype: str, compile: bool | None, plain: bool, peak_seconds: float,
-           data: str | None, bucket_mb: int) -> BenchResult | None:
+           data: str | None, bucket_mb: int, checkpointing: bool) -> BenchResult | None:
     dev = env.device
     cuda = dev.type == "cuda"
     batch_size = batch_size or (64 if cuda else 16)
@@ -215,7 +236,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     loader = TokenLoader(_token_source(data, cfg.vocab_size, max(tokens_needed, 1 << 20)),
                          batch_size, seq_len, rank=env.rank, world_size=env.world_size)
     step, optimizer = _stepper(env, preset, cfg, precision, compile, plain, bucket_mb,
-                               BatchFeeder(loader.next_batch, dev))
+                               BatchFeeder(loader.next_batch, dev), checkpointing)
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
@@ -230,8 +251,10 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     startup = max(0.0, first - max(1, warmup) * step_s)
     if not env.is_main:
         return None
-    return _result(env, preset, cfg, precision, compile, plain, batch_size, seq_len, step_s, startup,
-                   steps, optimizer, peak_seconds)
+    result = _result(env, preset, cfg, precision, compile, plain, batch_size, seq_len, step_s,
+                     startup, steps, optimizer, peak_seconds)
+    result.activation_checkpointing = checkpointing
+    return result
 
 
 def _result(env: Any, preset: str, cfg: GPTConfig, precision: Precision, compile: bool, plain: bool,
@@ -259,6 +282,7 @@ def _result(env: Any, preset: str, cfg: GPTConfig, precision: Precision, compile
         achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12, peak_source=source,
         mfu=achieved / peak, startup_s=startup, peak_memory_mb=_peak_memory_mb(dev),
         steps=steps, plain=plain, optimizer=optimizer, processes=env.world_size, card=card,
+        measured_peak_tflops=measured_peak / 1e12,
     )
 
 
@@ -280,6 +304,7 @@ def format_results(results: list[BenchResult]) -> str:
     base = next((r for r in results if r.plain), None)
     for r in results:
         name = "plain fp32 eager" if r.plain else f"gptforge {r.precision}, {r.optimizer}"
+        name += ", activation checkpointing" if r.activation_checkpointing else ""
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-"
         rows.append((name, f"{r.tokens_per_s:,.1f}", f"{r.step_ms:,.1f}", f"{r.achieved_tflops:.3f}",
                      f"{r.mfu:.1%}", f"{r.peak_tflops:.3f} ({r.peak_source})",

@@ -118,7 +118,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = resolve(args.preset, args.config, overrides)
     if cfg.model.vocab_size == 0 and cfg.data.path:
         resolve_model_vocab(cfg, load_meta(cfg.data.path))
-    resolved, note = resolve_here_or_not(cfg, args.nproc or 1)
+    resolved, note = resolve_here_or_not(cfg, args.nproc or 1, args.preset)
     print(format_config(cfg, resolved.table(), note).rstrip())
     return 0
 
@@ -149,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return launch(args.nproc, args.argv)
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
                    args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
-                   args.ddp_bucket_mb)
+                   args.ddp_bucket_mb, args.activation_checkpointing)
     if result is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports for the job
     results = [result]
@@ -423,6 +423,8 @@ def bench_run_options(p: argparse.ArgumentParser) -> None:
                    help="benchmark DDP with N processes on this machine (launches torchrun)")
     p.add_argument("--ddp-bucket-mb", type=int, default=25, metavar="MB",
                    help="DDP gradient bucket size, as train.ddp_bucket_mb")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass, as train.activation_checkpointing")
     p.add_argument("--plain", action="store_true",
                    help="the baseline: fp32, eager, default allocator, default AdamW")
     p.add_argument("--compare", action="store_true",

@@ -146,8 +146,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16
-    "sequences per micro-step per process"
+    batch_size: int | str = 16
+    "sequences per micro-step per process; auto: on CUDA the largest that fits, found by trial steps at start-up and kept in the run's config (it must divide total_batch_tokens / (seq_len x processes)), elsewhere the preset's"
     seq_len: int = 64
     "tokens per sequence (at most model.block_size)"
     total_batch_tokens: int = 4096
@@ -186,6 +186,8 @@ class TrainConfig:
     "seconds a collective may wait before the job fails (a dead rank then stops the others)"
     ddp_bucket_mb: int = 25
     "DDP gradient bucket size in MB: each bucket's all-reduce starts as soon as its gradients are ready, overlapping the backward pass"
+    activation_checkpointing: bool = False
+    "keep only each block's input for the backward pass and recompute the rest there: far less activation memory for about a third more compute; the same losses and gradients"
     keep_freed_memory: bool = True
     "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
@@ -424,7 +426,8 @@ def validate(obj: Any, section: str) -> None:
         chk("muon_momentum", 0.0 <= obj.muon_momentum < 1.0, "must be in [0, 1)")
         chk("ns_steps", 1 <= obj.ns_steps <= 20, "must be between 1 and 20")
     elif isinstance(obj, TrainConfig):
-        for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_interval"):
+        chk("batch_size", obj.batch_size == AUTO or obj.batch_size >= 1, "must be >= 1 or auto")
+        for key in ("seq_len", "total_batch_tokens", "max_steps", "log_interval"):
             chk(key, getattr(obj, key) >= 1, "must be >= 1")
         for key in ("eval_interval", "eval_max_batches", "save_interval", "hellaswag_interval"):
             chk(key, getattr(obj, key) >= 0, "must be >= 0 (0 disables)")
@@ -474,7 +477,8 @@ RESUMABLE_KEYS = frozenset({
     "train.log_interval", "train.eval_interval", "train.eval_max_batches", "train.save_interval",
     "train.hellaswag_interval", "train.hellaswag_data",
     "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
-    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.keep_freed_memory",
+    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.activation_checkpointing",
+    "train.keep_freed_memory",
     "train.tensorboard", "train.wandb", "train.wandb_project", "train.mlflow", "train.run_name",
     *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),
 })
@@ -494,6 +498,8 @@ def config_differences(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]
 
 def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:
     """Micro-steps per optimizer step, derived from the batch keys; errors when they do not divide."""
+    if train.batch_size == AUTO:
+        raise ValueError("train.batch_size is 'auto': resolve it first (step.fit_micro_batch)")
     per_micro = train.batch_size * train.seq_len * world_size
     if train.total_batch_tokens % per_micro != 0:
         procs = f" x {world_size} processes" if world_size > 1 else ""

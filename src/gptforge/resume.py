@@ -40,6 +40,7 @@ from gptforge.config import (
     validate_run,
 )
 from gptforge.data import load_meta, load_split
+from gptforge.device import out_of_memory
 from gptforge.distributed import DistEnv, rank_seed
 from gptforge.errors import GptforgeError
 from gptforge.metrics import TRACKERS, wanted_trackers
@@ -253,12 +254,15 @@ def plan_run(
                            restart=_is_started_run(out))
     ckpt = load_checkpoint(out if resume in ("", "auto") else resume, verify=verify)
     cfg = ckpt.config
+    started_batch = cfg.train.batch_size
     if preset or config_file or auto:
         wanted = _command_line_config(preset, config_file, overrides, data)
         if wanted.model.vocab_size == 0:
             resolve_model_vocab(wanted, load_meta(wanted.data.path or cfg.data.path))
         if wanted.model.pad_vocab_multiple == AUTO:  # decided when the run started, on its device
             wanted.model.pad_vocab_multiple = cfg.model.pad_vocab_multiple
+        if wanted.train.batch_size == AUTO:  # likewise: the run's config holds what it chose
+            wanted.train.batch_size = started_batch
         _check_same_run(ckpt, cfg, wanted, skip_model=init_from is not None)
         for key in RESUMABLE_KEYS:
             section, name = key.split(".")
@@ -267,6 +271,8 @@ def plan_run(
         apply_overrides(cfg, overrides)
         if data:
             cfg.data.path = data
+        if cfg.train.batch_size == AUTO:
+            cfg.train.batch_size = started_batch
     validate_run(cfg)
     if not auto:
         refuse_complete(ckpt, cfg)
@@ -335,3 +341,20 @@ def continue_hint(run_dir: str, argv: list[str]) -> str:
     except CheckpointError:
         return f"it had saved no checkpoint yet; start it again with: {command}"
     return f"its last checkpoint is {ckpt.path} (step {ckpt.step}); continue with: {command}"
+
+
+def out_of_memory_stop(e: BaseException, cfg: RunConfig, env: DistEnv, run_dir: Path,
+                       steps: int | None) -> GptforgeError:
+    """Running out of memory as one line (device.out_of_memory) with where the run stands after
+    ``steps`` steps (None: it stopped setting up): its last checkpoint, which the failed step
+    never touched, and the command that continues it."""
+    when = f"after {steps:,} steps" if steps is not None else "while setting up the run"
+    try:
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError:
+        return out_of_memory(e, env.device, cfg.train, env.world_size, when, "no checkpoint was saved")
+    then = f"its last checkpoint, {ckpt.path} (step {ckpt.step}), is intact"
+    if not cfg.train.activation_checkpointing:
+        then += (f"; continue it with gptforge train --out {run_dir} --resume "
+                 "--set train.activation_checkpointing=true")
+    return out_of_memory(e, env.device, cfg.train, env.world_size, when, then)

@@ -7,6 +7,7 @@
 - ``Stepper``: ``train_step`` bound to a Trainable and its optimizer, with the learning rate of
   each step set from the schedule.
 - ``DivergenceWatch``: a non-finite loss or norm, noticed without waiting for the GPU.
+- ``fit_micro_batch``: what ``train.batch_size=auto`` becomes, by trial steps on CUDA.
 
 Why a step is its own module: the loop in train.py only says *when* to step; *what* a step does
 (the arithmetic the seed's recipe fixes: accumulation, clipping at 1.0, AdamW) is tested here on
@@ -16,6 +17,7 @@ its own, with nothing of a run around it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -25,12 +27,31 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gptforge.config import GPTConfig, OptimConfig
-from gptforge.device import Precision
-from gptforge.distributed import DistEnv, grad_sync, local_tensor, mean_over_ranks, rank_seed, wrap_model
+from gptforge.config import GPTConfig, OptimConfig, RunConfig
+from gptforge.device import (
+    MemoryTrial,
+    Precision,
+    largest_that_fits,
+    memory_line,
+    micro_batch_candidates,
+    preset_micro_batch,
+    release_memory,
+    resolve_for,
+)
+from gptforge.distributed import (
+    DistEnv,
+    checkpoint_blocks,
+    grad_sync,
+    local_tensor,
+    mean_over_ranks,
+    min_over_ranks,
+    rank_seed,
+    wrap_model,
+)
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
-from gptforge.optim import lr_at, set_lr, skips_on_device
+from gptforge.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr, skips_on_device
+from gptforge.presets import DEFAULT_PRESET
 
 Batches = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -177,11 +198,12 @@ def build_trainable(
     compile: bool = False,
     bucket_mb: int = 25,
     load: Callable[[GPT], None] | None = None,
+    activation_checkpointing: bool = False,
 ) -> Trainable:
     """The model, seeded (the same seed gives the same initial weights on every rank), ``load``
     applied to the bare module (a checkpoint's weights go in before wrapping, so FSDP shards the
-    loaded values), then compiled/wrapped. Afterwards each rank gets its own seed, for its own
-    dropout masks."""
+    loaded values), then checkpointed per block if asked, compiled/wrapped. Afterwards each rank
+    gets its own seed, for its own dropout masks."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -189,7 +211,7 @@ def build_trainable(
     if load is not None:
         load(model)
     wrapped = wrap_model(model, env, parallel, compile=compile, amp_dtype=precision.dtype,
-                         bucket_mb=bucket_mb)
+                         bucket_mb=bucket_mb, activation_checkpointing=activation_checkpointing)
     if env.distributed:
         torch.manual_seed(rank_seed(seed, env.rank))
     return Trainable(model, wrapped, env, parallel, precision, precision.grad_scaler())
@@ -213,3 +235,53 @@ class Stepper:
         return train_step(t.wrapped, self.optimizer, self.batches, self.accum_steps, self.grad_clip,
                           t.precision.autocast, t.scaler, step, grad_sync=t.grad_sync,
                           reduce_mean=t.reduce_mean)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.batch_size=auto
+
+
+def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: str | None = None,
+                    search: bool | None = None) -> tuple[int, str]:
+    """What ``train.batch_size=auto`` becomes for this run, and a line saying how it was chosen.
+
+    On CUDA (or wherever ``search`` says), every rank tries micro-batches that keep
+    ``train.total_batch_tokens`` (device.largest_that_fits) on a model of the run's shape with the
+    run's activation checkpointing, built for the search and dropped after it, with the
+    optimizer's state held aside; the smallest result over the ranks wins. The trials run eagerly
+    and unsharded: compiled steps and FSDP's shards need no more memory than that, so what fits
+    there fits in the run (and a model that fits only when FSDP shards it needs a batch size
+    given by hand). The random generators are restored afterwards, so the run that follows
+    is the one a numeric batch size of the same value gives. Elsewhere: the preset's micro-batch.
+    """
+    t = cfg.train
+    sizes = micro_batch_candidates(t, env.world_size)
+    if not (env.device.type == "cuda" if search is None else search):
+        size = preset_micro_batch(t, env.world_size, preset)
+        return size, (f"{size}, preset {preset or DEFAULT_PRESET}'s micro-batch (the search for the "
+                      f"largest that fits runs on CUDA only)")
+    devices = [env.device] if env.device.type == "cuda" else []
+    shape = dataclasses.replace(cfg.model, pad_vocab_multiple=resolve_for(cfg, env.device.type).pad_vocab_multiple)
+    with torch.random.fork_rng(devices=devices):
+        with torch.device(env.device):
+            model = GPT(shape)
+        if t.activation_checkpointing:
+            checkpoint_blocks(model)
+        optimizer = build_optimizer(model, cfg.optim, env.device.type, shard=(env.rank, env.world_size))
+        reserve = optimizer_state_bytes(optimizer) // (env.world_size if t.parallel == "fsdp" else 1)
+        best, tried = largest_that_fits(sizes, MemoryTrial(model, precision, t.seq_len,
+                                                           cfg.model.vocab_size, reserve))
+        del model, optimizer
+    release_memory(env.device)
+    chosen = min_over_ranks(best or 0, env)
+    if chosen == 0:
+        raise GptforgeError(
+            f"train.batch_size=auto: not even a micro-batch of {sizes[0]} x {t.seq_len} tokens fits "
+            f"on {env.device} ({memory_line(env.device)}): set "
+            + ("" if t.activation_checkpointing else "train.activation_checkpointing=true, ")
+            + "a shorter train.seq_len or a smaller model"
+            + ("; the trials run unsharded, so with train.parallel=fsdp a model that fits only "
+               "sharded needs train.batch_size set by hand" if env.distributed and t.parallel == "fsdp" else ""))
+    trials = ", ".join(f"{b} {'fits' if ok else 'does not'}" for b, ok in tried)
+    ranks = f"; the smallest over {env.world_size} processes" if env.distributed else ""
+    return chosen, f"{chosen}, the largest that fits (trials: {trials}{ranks})"

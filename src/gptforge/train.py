@@ -48,6 +48,7 @@ from gptforge.checkpoint import (
     warn_if_disk_is_short,
 )
 from gptforge.config import (
+    AUTO,
     RunConfig,
     format_config,
     grad_accum_steps,
@@ -59,6 +60,7 @@ from gptforge.device import (
     StepTimer,
     configure_backends,
     eager,
+    is_out_of_memory,
     keep_freed_memory,
     resolve_for,
 )
@@ -93,6 +95,7 @@ from gptforge.resume import (
     FINISHED,
     Start,
     check_start,
+    out_of_memory_stop,
     restore_rng,
     rng_state,
 )
@@ -111,6 +114,7 @@ from gptforge.step import (
     Trainable,
     TrainingDiverged,
     build_trainable,
+    fit_micro_batch,
 )
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
@@ -223,13 +227,16 @@ def train(
         if cfg.train.keep_freed_memory:
             keep_freed_memory()
         with session(cfg.train.device, cfg.train.dist_timeout_s) as env:
+            trainer = None
             try:
-                return Trainer(cfg, run_dir, env, start, log, t_start).run()
-            except RuntimeError as e:
-                lost = peer_lost(e, env)
-                if lost is None:
+                trainer = Trainer(cfg, run_dir, env, start, log, t_start)
+                return trainer.run()
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+                problem = (out_of_memory_stop(e, cfg, env, run_dir, trainer and trainer.step)
+                           if is_out_of_memory(e) else peer_lost(e, env))
+                if problem is None:
                     raise
-                raise lost from None
+                raise problem from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,25 +246,30 @@ def train(
 class Trainer:
     """One run on one rank: ``Trainer(...)`` sets it up, ``run()`` trains it to its end."""
 
+    batch_note: str | None = None  # how train.batch_size=auto chose, where it did
+
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, start: Start,
                  log: Callable[[str], None], t_start: float):
         tc, device = cfg.train, env.device
         self.cfg, self.run_dir, self.env, self.start, self.t_start = cfg, run_dir, env, start, t_start
-        self.accum = grad_accum_steps(tc, env.world_size)
-        self.loader = TokenLoader(start.train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
-                                  seed=tc.seed, rank=env.rank, world_size=env.world_size)
         # HellaSwag's examples, read and tokenized once; a bad file stops every rank here, before
         # any collective and before the run directory is written
         self.hellaswag_items = load_rendered(
             tc.hellaswag_data or None, start.meta["tokenizer"], cfg.model.block_size,
             what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
         )[0] if tc.hellaswag_interval else []
-        self.resolved = resolve_for(cfg, device.type, env.world_size)
-        cfg.model.pad_vocab_multiple = self.resolved.pad_vocab_multiple  # the model's shape from now on
         precision = Precision.pick(device, tc.dtype)
         configure_backends(device)
+        if tc.batch_size == AUTO:  # a number from here on, kept in the run's config
+            tc.batch_size, self.batch_note = fit_micro_batch(cfg, env, precision, start.preset)
+        self.resolved = resolve_for(cfg, device.type, env.world_size)
+        cfg.model.pad_vocab_multiple = self.resolved.pad_vocab_multiple  # the model's shape from now on
+        self.accum = grad_accum_steps(tc, env.world_size)
+        self.loader = TokenLoader(start.train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
+                                  seed=tc.seed, rank=env.rank, world_size=env.world_size)
         self.t: Trainable = build_trainable(cfg.model, env, precision, tc.seed, tc.parallel,
-                                            self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights)
+                                            self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights,
+                                            activation_checkpointing=tc.activation_checkpointing)
         self.optimizer = build_optimizer(self.t.model, cfg.optim, device.type,
                                          shard=(env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1))
         # where the run stands; state_dict() saves it, load_state_dict() restores it
@@ -533,6 +545,8 @@ class Trainer:
         log(f"batch: {tc.batch_size} x {tc.seq_len} tokens x {self.accum} accumulation steps"
             f"{f' x {env.world_size} processes' if env.distributed else ''} = "
             f"{tc.total_batch_tokens:,} tokens per step")
+        if self.batch_note:
+            log(f"train.batch_size=auto: {self.batch_note}")
         log("resolved: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.resolved.table().items()))
         if start.resume is not None:
             log(f"resuming from {start.resume.path} at step {self.step}")
