@@ -243,6 +243,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptforge.serve import ServeOptions, serve
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)}
+    return serve(ServeOptions(**{k: v for k, v in given.items() if v is not None}))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from gptforge.export import export_hf
 
@@ -429,6 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
                           "cache (slower; same tokens)")
     smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     smp.set_defaults(func=cmd_sample)
+
+    from gptforge.serve.options import SERVE_METAVARS, ServeOptions  # no web stack: help only
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web page",
+                        description="Serve a run, checkpoint or Hugging Face GPT-2 directory: POST "
+                                    "/v1/completions (OpenAI's protocol, streaming or not; requests "
+                                    "share forward passes), GET /v1/models, GET /health, and a page "
+                                    "to try it at /. Needs pip install 'gptforge[serve]'.")
+    serve_help = field_help(ServeOptions)
+    for f in dataclasses.fields(ServeOptions):  # one option per field, its docstring as help
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            sv.add_argument(flag, action="store_true", help=serve_help.get(f.name, ""))
+        else:  # an empty default is left unset, so that --help shows none
+            sv.add_argument(flag, type=type(default), default=default or None,
+                            required=f.name == "ckpt", metavar=SERVE_METAVARS.get(f.name),
+                            help=serve_help.get(f.name, ""))
+    sv.set_defaults(func=cmd_serve)
 
     ep = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory",
                         description="Write a checkpoint as a directory that transformers loads "
