@@ -69,7 +69,10 @@ class _Bridge:
 
     async def watch(self, receive: Receive) -> None:
         """Wait for the client to go away; then say so in the queue."""
-        while (await receive())["type"] != "http.disconnect":
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a connection that fails to read has gone too
             pass
         self.queue.put_nowait(DISCONNECTED)
 

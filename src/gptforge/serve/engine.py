@@ -153,7 +153,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        """Rows generating now (a copy of the list: the engine's thread changes it)."""
+        return sum(not row.done for row in list(self.rows))
 
     @property
     def draining(self) -> bool:
@@ -293,7 +294,11 @@ class Engine:
         """One token per row from logits (B, V), each row with its own settings and generator.
 
         Rows that share settings are filtered together (each row's filtering is its own), and
-        each draws from its own generator, as ``generate`` draws for a single row.
+        each draws from its own generator, as ``generate`` draws for a single row. Greedy rows
+        take the argmax, which is what ``multinomial`` returns for the top-1 filter's one-hot
+        distribution (save for exactly tied logits, where it picks the lowest id), without its
+        cost: on the CPU it draws one exponential variate per vocabulary entry (~4 ms a row for
+        GPT-2's 50,257 on a 2-core EPYC), more than a small model's forward pass.
         """
         groups: dict[tuple[float, int, float], list[int]] = {}
         for i, row in enumerate(rows):
@@ -301,7 +306,12 @@ class Engine:
         out = [0] * len(rows)
         for (temperature, top_k, top_p), idxs in groups.items():
             part = logits if len(idxs) == len(rows) else logits[idxs]  # (b, V)
-            probs = torch.softmax(filter_logits(part / temperature, top_k, top_p), dim=-1)
+            part = part / temperature
+            if top_k == 1:  # greedy: multinomial over the top-1 filter's one-hot is its argmax
+                for i, tok in zip(idxs, part.argmax(dim=-1).tolist()):
+                    out[i] = tok
+                continue
+            probs = torch.softmax(filter_logits(part, top_k, top_p), dim=-1)
             for j, i in enumerate(idxs):
                 out[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=rows[i].gen))
         return out
@@ -318,12 +328,12 @@ class Engine:
             else:
                 continue
             row.stream.finish()  # sends what was held back as a possible stop string's start
-            row.done = True
+            row.done = True  # before End goes out, so that /health never counts it after
             job = row.job
             job.open -= 1
-            job.emit(End(row.choice, reason, row.tokens))
             if job.open == 0:
                 self.stats.served += 1
+            job.emit(End(row.choice, reason, row.tokens))
 
     def _compact(self) -> None:
         """Remove finished rows, moving the last rows into their places."""

@@ -7,6 +7,7 @@ Importing this module costs nothing (no torch, no web stack): the CLI imports it
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from gptforge.errors import GptforgeError
@@ -49,9 +50,9 @@ SERVE_METAVARS = {"ckpt": "PATH", "host": "HOST", "port": "PORT", "device": "DEV
 
 def validate_options(opts: ServeOptions) -> None:
     """Range checks; raises GptforgeError naming the option and what is allowed."""
-    def check(ok: bool, flag: str, value: object, allowed: str) -> None:
+    def check(ok: bool, flag: str, value: object, allowed: str, what: str = "out of range") -> None:
         if not ok:
-            raise GptforgeError(f"--{flag} {value} is out of range: {allowed}")
+            raise GptforgeError(f"--{flag} {value} is {what}: {allowed}")
 
     if not opts.ckpt:
         raise GptforgeError("--ckpt is required: give a run, checkpoint or Hugging Face GPT-2 directory")
@@ -62,4 +63,7 @@ def validate_options(opts: ServeOptions) -> None:
           opts.max_body_bytes, f"give 1024..{MAX_BODY_BYTES_LIMIT}")
     check(math.isfinite(opts.grace_s) and opts.grace_s >= 0, "grace-s", opts.grace_s,
           "give a number of seconds >= 0")
-    check(bool(opts.host.strip()), "host", repr(opts.host), "give an address such as 127.0.0.1")
+    check(bool(opts.host.strip()), "host", repr(opts.host), "give an address such as 127.0.0.1",
+          what="empty")
+    check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", opts.device) is not None, "device",
+          opts.device, "give auto, cpu, cuda, cuda:N or mps", what="not a device")

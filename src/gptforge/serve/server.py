@@ -85,7 +85,9 @@ def load(opts: ServeOptions):  # noqa: ANN201 - (Engine, ModelInfo, Tokenizer)
     from gptforge.tokenizer import tokenizer_from_dict
 
     try:
-        model, tok_dict = load_model(opts.ckpt)
+        # Every checksum, not only sizes (sample's default): a server runs for long, and a
+        # flipped bit in the weights would serve wrong text without a word.
+        model, tok_dict = load_model(opts.ckpt, verify="sha256")
     except OSError as e:  # unreadable (permissions, I/O error) rather than damaged
         raise GptforgeError(f"cannot read {opts.ckpt}: {e.strerror or e}: check the path and "
                             "its permissions") from None
@@ -104,14 +106,11 @@ def run(opts: ServeOptions) -> int:
     validate_options(opts)
     uvicorn = _web_stack()
     from gptforge.serve.app import build_app
-    from gptforge.tokenizer import GPT2Tokenizer
 
     sock = bind(opts.host, opts.port)
     try:
         engine, info, tok = load(opts)
         engine.warm_up()
-        if isinstance(tok, GPT2Tokenizer):
-            tok.encode("warm")  # builds GPT-2's BPE tables now rather than in the first request
     except BaseException:
         sock.close()
         raise
