@@ -48,7 +48,7 @@ class KVCache:
         if past + T > self.max_len:
             raise ValueError(f"sequence of length {past + T} exceeds block_size {self.max_len}")
         # Causal when filling an empty cache; a single new query sees every cached key, so it
-        # needs no mask; otherwise new query i sits at position past + i and sees keys 0 .. past + i.
+        # needs no mask; otherwise new query i sits at position past + i, seeing keys 0..past + i.
         self.is_causal = past == 0
         self.mask = None
         if past and T > 1:
@@ -105,7 +105,9 @@ class RaggedKVCache:
                              f"got ({B}, {T})")
         lengths = self.lengths[:B]
         if max(lengths) + 1 > self.max_len:
-            raise ValueError(f"sequence of length {max(lengths) + 1} exceeds block_size {self.max_len}")
+            raise ValueError(
+                f"sequence of length {max(lengths) + 1} exceeds block_size {self.max_len}"
+            )
         self._pos = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,)
         self.mask = None  # rows of one length see every key: no mask, as KVCache
         if min(lengths) != max(lengths):

@@ -1,9 +1,10 @@
 """The HTTP side: FastAPI routes, server-sent events, the body limit, and one error shape.
 
 Every error, the framework's own 404 and 405 included, is an OpenAI-style JSON body
-(``{"error": {"message", "type", "param", "code"}}``); a body over the limit is 413. The body is parsed here rather than by
-FastAPI so that a client that forgets ``Content-Type: application/json`` (curl -d does) is still
-understood, and so that each mistake gets a message naming the field (protocol.py).
+(``{"error": {"message", "type", "param", "code"}}``); a body over the limit is 413. The body
+is parsed here rather than by FastAPI so that a client that forgets ``Content-Type:
+application/json`` (curl -d does) is still understood, and so that each mistake gets a message
+naming the field (protocol.py).
 
 A request becomes an engine ``Job`` whose events cross from the engine's thread into this event
 loop through ``call_soon_threadsafe``. While a request runs, a watcher reads the connection: a

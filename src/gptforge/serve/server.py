@@ -150,9 +150,10 @@ def _server_class(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported lazily
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             i, e = self.info, self.engine
+            mib = e.cache_bytes() / 2**20
             print(f"gptforge serve: {i.name} ({i.parameters:,} parameters, context "
                   f"{i.context_length}, {i.tokenizer} tokenizer) on {i.device}; up to "
-                  f"{e.max_batch} rows at once (KV cache {e.cache_bytes() / 2**20:,.0f} MiB), "
+                  f"{e.max_batch} rows at once (KV cache {mib:,.{0 if mib >= 10 else 1}f} MiB), "
                   f"{e.max_queue} waiting", flush=True)
             print(f"gptforge serve: listening on http://{shown}:{port} (page: /, API: "
                   f"/v1/completions); Ctrl-C stops", flush=True)
