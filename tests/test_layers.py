@@ -23,12 +23,14 @@ RANK = {
     "generate": 6, "report": 6, "export": 6,
     "train": 7,
     "bench": 8,
+    "serve": 8,  # the HTTP server over generate's KV cache and sampling
     "cli": 9,
 }
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {
     "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
              "splits": 5, "prepare": 6, "__init__": 7},
+    "serve": {"options": 0, "engine": 0, "protocol": 1, "app": 2, "server": 3, "__init__": 4},
 }
 
 
@@ -89,9 +91,11 @@ def test_model_imports_only_torch_and_its_config():
 
 def test_core_import_pulls_no_optional_extras():
     code = ("import sys, gptforge, gptforge.cli, gptforge.train, gptforge.generate, "
-            "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint, gptforge.data; "
+            "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint, gptforge.data, "
+            "gptforge.serve; gptforge.cli.build_parser(); "
             "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard', 'wandb', 'mlflow', "
-            "'pyarrow', 'zstandard') if m in sys.modules]; "
+            "'pyarrow', 'zstandard', 'fastapi', 'starlette', 'uvicorn', 'pydantic', 'openai', "
+            "'selenium') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(SRC.parent), "PATH": ""})

@@ -199,6 +199,13 @@ class SampleEcho:
         sys.stdout.flush()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptforge.serve import ServeOptions, serve
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)}
+    return serve(ServeOptions(**{k: v for k, v in given.items() if v is not None}))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from gptforge.export import export_hf
 
@@ -364,6 +371,20 @@ def sample_options(p: argparse.ArgumentParser) -> None:
                         "cache (slower; same tokens)")
 
 
+def serve_options(p: argparse.ArgumentParser) -> None:
+    from gptforge.serve.options import SERVE_METAVARS, ServeOptions  # no web stack: help only
+
+    helps = field_help(ServeOptions)
+    for f in dataclasses.fields(ServeOptions):  # one option per field, its docstring as help
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
+        else:  # an empty default is left unset, so that --help shows none
+            p.add_argument(flag, type=type(default), default=default or None,
+                           required=f.name == "ckpt", metavar=SERVE_METAVARS.get(f.name),
+                           help=helps.get(f.name, ""))
+
+
 def export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -472,6 +493,11 @@ COMMANDS: tuple[Command, ...] = (
             "Generate text from a run's latest checkpoint, a checkpoint directory or a Hugging "
             "Face GPT-2 directory.",
             (sample_options, device_option)),
+    Command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API, with a web page",
+            "Serve a run, checkpoint or Hugging Face GPT-2 directory: POST /v1/completions "
+            "(OpenAI's protocol, streaming or not; requests share forward passes), GET /v1/models, "
+            "GET /health, and a page to try it at /. Needs pip install 'gptforge[serve]'.",
+            (serve_options,)),
     Command("export", cmd_export, "write a checkpoint as a Hugging Face GPT-2 directory",
             "Write a checkpoint as a directory that transformers loads offline: "
             "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",

@@ -6,8 +6,11 @@ four Conv1D weights. The module is pure: no I/O, no printing, no optimizer, no p
 
 Shapes: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size, V vocabulary.
 
-For generation, ``forward`` takes an optional ``KVCache``: the keys and values of the positions
-already seen, so that each new token costs one position instead of the whole context.
+For generation, ``forward`` takes an optional cache of the keys and values of the positions
+already seen, so that each new token costs one position instead of the whole context. The cache
+decides where new tokens sit and what they may attend to: ``KVCache`` holds rows of one shared
+length (the samples of one prompt); ``RaggedKVCache`` holds rows each at its own length (unrelated
+requests decoded together by the server), one new token per row per call.
 """
 
 from __future__ import annotations
@@ -32,10 +35,25 @@ class KVCache:
         self.length = 0
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.mask: torch.Tensor | None = None  # of the call in progress, see prepare
+        self.is_causal = True
 
     def reset(self) -> None:
         """Forget every position (the buffers are kept and overwritten)."""
         self.length = 0
+
+    def prepare(self, B: int, T: int, device: torch.device) -> torch.Tensor:
+        """Positions (T,) of T new tokens per row; sets the attention mask of this call."""
+        past = self.length
+        if past + T > self.max_len:
+            raise ValueError(f"sequence of length {past + T} exceeds block_size {self.max_len}")
+        # Causal when filling an empty cache; a single new query sees every cached key, so it
+        # needs no mask; otherwise new query i sits at position past + i, seeing keys 0..past + i.
+        self.is_causal = past == 0
+        self.mask = None
+        if past and T > 1:
+            self.mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+        return torch.arange(past, past + T, dtype=torch.long, device=device)
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -43,7 +61,7 @@ class KVCache:
         """Store k, v (B, nh, T, hs) at positions [length, length + T) of ``layer``.
 
         Returns the keys and values of all positions so far, (B, nh, length + T, hs) each.
-        ``length`` itself advances in ``GPT.forward``, once every layer has appended.
+        ``length`` itself advances in ``advance``, once every layer has appended.
         """
         B, nh, T, hs = k.shape
         buf_k, buf_v = self.k[layer], self.v[layer]
@@ -54,6 +72,97 @@ class KVCache:
         buf_k[:, :, self.length : end] = k
         buf_v[:, :, self.length : end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class RaggedKVCache:
+    """Keys and values of up to ``rows`` unrelated sequences, each at its own length.
+
+    Row b holds positions [0, lengths[b]). A forward call feeds one new token to each of the
+    first B rows (B is its batch size), at position lengths[b] of that row, and that query sees
+    keys 0 .. lengths[b] of its own row only: the mask hides the rest of the (B, nh, L, hs) slice,
+    L being the longest row. Masked keys get exactly zero weight, so a row's result does not
+    depend on the rows beside it. Rows are filled from a prompt's ``KVCache`` with ``load``; the
+    buffers are zeroed once so that masked slots never hold NaN (0 * NaN would leak through).
+    """
+
+    def __init__(self, n_layer: int, rows: int, max_len: int):
+        self.rows = rows
+        self.max_len = max_len
+        self.lengths = [0] * rows
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.mask: torch.Tensor | None = None
+        self.is_causal = False
+        self._pos: torch.Tensor | None = None  # (B,) positions of the call in progress
+
+    def prepare(self, B: int, T: int, device: torch.device) -> torch.Tensor:
+        """Positions (B, 1) of each row's new token; sets the attention mask of this call."""
+        if T != 1 or not 1 <= B <= self.rows:
+            raise ValueError(f"a ragged cache takes one token for each of 1..{self.rows} rows, "
+                             f"got ({B}, {T})")
+        lengths = self.lengths[:B]
+        if max(lengths) + 1 > self.max_len:
+            raise ValueError(
+                f"sequence of length {max(lengths) + 1} exceeds block_size {self.max_len}"
+            )
+        self._pos = torch.tensor(lengths, dtype=torch.long, device=device)  # (B,)
+        self.mask = None  # rows of one length see every key: no mask, as KVCache
+        if min(lengths) != max(lengths):
+            keys = torch.arange(max(lengths) + 1, device=device)  # (L,)
+            self.mask = (keys[None, :] <= self._pos[:, None]).view(B, 1, 1, -1)  # (B, 1, 1, L)
+        return self._pos[:, None]
+
+    def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s (rows, nh, max_len, hs) buffers; ``like`` is (B, nh, T, hs)."""
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        if buf_k is None or buf_v is None:
+            shape = (self.rows, like.size(1), self.max_len, like.size(3))
+            buf_k = self.k[layer] = like.new_zeros(shape)
+            buf_v = self.v[layer] = like.new_zeros(shape)
+        return buf_k, buf_v
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store row b's k, v (B, nh, 1, hs) at its position; keys and values (B, nh, L, hs)."""
+        assert self._pos is not None, "prepare() first"
+        B = k.size(0)
+        buf_k, buf_v = self._buffers(layer, k)
+        rows = torch.arange(B, device=k.device)
+        buf_k[rows, :, self._pos] = k[:, :, 0]  # (B, nh, hs) into row b, position pos[b]
+        buf_v[rows, :, self._pos] = v[:, :, 0]
+        end = max(self.lengths[:B]) + 1
+        return buf_k[:B, :, :end], buf_v[:B, :, :end]
+
+    def advance(self, T: int) -> None:
+        assert self._pos is not None
+        for b in range(self._pos.numel()):
+            self.lengths[b] += T
+        self._pos = None
+
+    def load(self, row: int, cache: KVCache, src: int = 0) -> None:
+        """Make ``row`` a copy of row ``src`` of a filled ``cache`` (a prompt run on its own)."""
+        n = cache.length
+        if n > self.max_len:
+            raise ValueError(f"sequence of length {n} exceeds block_size {self.max_len}")
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            assert k is not None and v is not None, "load a cache that has been filled"
+            buf_k, buf_v = self._buffers(layer, k)
+            buf_k[row, :, :n] = k[src, :, :n]
+            buf_v[row, :, :n] = v[src, :, :n]
+        self.lengths[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` into row ``dst`` (to keep the rows in use at the front)."""
+        n = self.lengths[src]
+        for buf_k, buf_v in zip(self.k, self.v):
+            if buf_k is not None and buf_v is not None:
+                buf_k[dst, :, :n] = buf_k[src, :, :n]
+                buf_v[dst, :, :n] = buf_v[src, :, :n]
+        self.lengths[dst] = n
 
 
 class CausalSelfAttention(nn.Module):
@@ -69,26 +178,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | RaggedKVCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.length
+        mask, is_causal = None, True
+        if kv_cache is not None:  # the cache knows which of its keys each new query may see
+            mask, is_causal = kv_cache.mask, kv_cache.is_causal
             k, v = kv_cache.append(self.layer, k, v)  # (B, nh, past + T, hs)
-        mask = None
-        if past and T > 1:
-            # New query i sits at position past + i and may see keys 0 .. past + i.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        # Causal without a cache (or when filling an empty one); a single new query sees every
-        # cached key, so it needs no mask. Dispatches to flash / memory-efficient kernels where
-        # the device has them.
+        # Dispatches to flash / memory-efficient kernels where the device has them.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=past == 0,
+            is_causal=is_causal,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -118,7 +223,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | RaggedKVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -174,7 +281,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | RaggedKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T), the mean loss.
 
@@ -182,21 +289,24 @@ class GPT(nn.Module):
         matmul speed and can never be predicted. Targets equal to -1 are ignored in the loss.
 
         With ``kv_cache``, ``idx`` continues the cached positions: its tokens sit at positions
-        cache.length .. cache.length + T - 1, attend to every cached key, and are appended to the
-        cache. Cached and uncached calls give the same logits (up to float rounding).
+        cache.length .. cache.length + T - 1 (a ragged cache: each row at its own length), attend
+        to every cached key of their row, and are appended to the cache. Cached and uncached
+        calls give the same logits (up to float rounding).
         """
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {start + T} exceeds block_size {self.config.block_size}"
-            )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(
+                    f"sequence of length {T} exceeds block_size {self.config.block_size}"
+                )
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = kv_cache.prepare(B, T, idx.device)  # (T,) or, ragged, (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            kv_cache.advance(T)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded V)
         if self.config.padded_vocab_size != self.config.vocab_size:

@@ -1,0 +1,233 @@
+"""The HTTP side: FastAPI routes, server-sent events, the body limit, and one error shape.
+
+Every error, the framework's own 404 and 405 included, is an OpenAI-style JSON body
+(``{"error": {"message", "type", "param", "code"}}``); a body over the limit is 413. The body
+is parsed here rather than by FastAPI so that a client that forgets ``Content-Type:
+application/json`` (curl -d does) is still understood, and so that each mistake gets a message
+naming the field (protocol.py).
+
+A request becomes an engine ``Job`` whose events cross from the engine's thread into this event
+loop through ``call_soon_threadsafe``. While a request runs, a watcher reads the connection: a
+client that goes away (closed tab, Ctrl-C, timeout) cancels its job, which frees its rows at the
+engine's next step, whether it was streaming or waiting for a whole answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+import gptforge.serve.protocol as protocol
+from gptforge.serve.engine import Abort, End, Engine, Event, Job, Overloaded, Text
+from gptforge.serve.protocol import ApiError, ModelInfo, Plan
+from gptforge.tokenizer import Tokenizer
+
+DISCONNECTED = object()  # put in a job's queue when its client goes away
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 when it is over ``limit`` bytes. An over-long body is still read (and
+    dropped) up to 16 times the limit, so that a client busy sending it gets the 413 rather than a
+    reset connection; beyond that, or when its declared length is beyond that, the answer is at
+    once."""
+    too_large = ApiError(413, f"the request body is larger than this server's limit of "
+                              f"{limit:,} bytes (--max-body-bytes)", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > 16 * limit:
+        raise too_large
+    body, size = bytearray(), 0
+    async for part in request.stream():
+        size += len(part)
+        if size <= limit:
+            body += part
+        elif size > 16 * limit:
+            break
+    if size > limit:
+        raise too_large
+    return bytes(body)
+
+
+class _Bridge:
+    """One job's events, carried from the engine's thread into this event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def emit(self, event: Event) -> None:  # engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server has gone
+            pass
+
+    async def watch(self, receive: Receive) -> None:
+        """Wait for the client to go away; then say so in the queue."""
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a connection that fails to read has gone too
+            pass
+        self.queue.put_nowait(DISCONNECTED)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events, with a hook run however the stream ends (done, error, client gone)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away mid-send
+            pass
+        finally:
+            self.on_close()
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: int) -> FastAPI:
+    app = FastAPI(title="gptforge serve", version="1", docs_url=None, redoc_url=None)
+    page = resources.files("gptforge.serve").joinpath("static/index.html").read_text("utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}: the API has POST "
+                        "/v1/completions, GET /v1/models and GET /health",
+                   405: f"{request.url.path} does not take {request.method}"}.get(e.status_code,
+                                                                              str(e.detail))
+        return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code,
+                            headers=e.headers)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        s = engine.stats
+        return {"status": "stopping" if engine.draining else "ok", "model": info.name,
+                "running": engine.running, "waiting": engine.waiting, "served": s.served,
+                "cancelled": s.cancelled, "rejected": s.rejected, "aborted": s.aborted}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [protocol.model_card(info)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != info.name:
+            raise ApiError(404, f"the model {model_id!r} does not exist here: this server serves "
+                                f"{info.name!r}", param="model", code="model_not_found")
+        return protocol.model_card(info)
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> None:
+        raise ApiError(400, f"{info.name} is a base model, not a chat model: it continues text. "
+                            "Use POST /v1/completions with a prompt", code="unsupported_endpoint")
+
+    @app.post("/v1/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": protocol.CompletionRequest.model_json_schema()}}}})
+    async def completions(request: Request) -> Any:
+        req = protocol.parse_request(protocol.parse_json(await read_body(request, max_body_bytes)))
+        plan = protocol.check_request(req, info, tok, engine.max_batch)
+        bridge = _Bridge()
+        job = Job(plan.ids, plan.n, plan.params, bridge.emit)
+        try:
+            engine.submit(job)
+        except Overloaded as e:
+            raise ApiError(503, str(e), code="overloaded", headers={"retry-after": "1"}) from None
+        watcher = asyncio.create_task(bridge.watch(request.receive))
+
+        def close() -> None:
+            watcher.cancel()
+            engine.cancel(job)  # nothing to do when the job is complete
+
+        if plan.stream:
+            return EventStream(_stream(bridge, plan, info.name), close)
+        try:
+            return await _whole(bridge, plan, info.name)
+        finally:
+            close()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, e: Exception) -> JSONResponse:
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(err.body(), status_code=500)
+
+    return app
+
+
+async def _whole(bridge: _Bridge, plan: Plan, model: str) -> Any:
+    """Collect every choice's text; the answer, an error, or nothing if the client left."""
+    rows = len(plan.ids) * plan.n
+    texts = [plan.prompts[i // plan.n] if plan.echo else "" for i in range(rows)]
+    reasons: list[str | None] = [None] * rows
+    tokens = 0
+    while any(r is None for r in reasons):
+        event = await bridge.queue.get()
+        if event is DISCONNECTED:
+            return Response(status_code=499)  # nobody reads it; uvicorn logs it as such
+        if isinstance(event, Abort):
+            raise ApiError(event.status, event.message)
+        if isinstance(event, Text):
+            texts[event.choice] += event.text
+        elif isinstance(event, End):
+            reasons[event.choice] = event.reason
+            tokens += event.tokens
+    choices = [protocol.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+    return protocol.completion(protocol.new_id(), protocol.now(), model, choices,
+                               protocol.usage(plan.prompt_tokens, tokens))
+
+
+async def _stream(bridge: _Bridge, plan: Plan, model: str) -> AsyncIterator[bytes]:
+    """The events of a job as server-sent events, ending in ``data: [DONE]``."""
+    cid, created = protocol.new_id(), protocol.now()
+    rows = len(plan.ids) * plan.n
+
+    def chunk(index: int, text: str, reason: str | None) -> bytes:
+        return sse(protocol.completion(cid, created, model, [protocol.choice(index, text, reason)],
+                                       None))
+
+    if plan.echo:
+        for i in range(rows):
+            yield chunk(i, plan.prompts[i // plan.n], None)
+    open_rows, tokens = rows, 0
+    while open_rows:
+        event = await bridge.queue.get()
+        if event is DISCONNECTED:
+            return
+        if isinstance(event, Abort):  # the openai client raises APIError on an "error" event
+            yield sse(ApiError(event.status, event.message).body())
+            return
+        if isinstance(event, Text):
+            yield chunk(event.choice, event.text, None)
+        elif isinstance(event, End):
+            yield chunk(event.choice, "", event.reason)
+            open_rows -= 1
+            tokens += event.tokens
+    if plan.include_usage:
+        yield sse(protocol.completion(cid, created, model, [],
+                                      protocol.usage(plan.prompt_tokens, tokens)))
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,183 @@
+"""Start-up and shutdown of ``gptforge serve``: uvicorn on a socket bound before the model loads.
+
+Order at start-up: check the options, bind the port (a port in use fails here, in one line,
+before anything is loaded), load the checkpoint (a missing or damaged one fails here, before
+the port listens), warm the engine up, then listen. The socket is bound by us rather than by
+uvicorn so that both failures are one line and exit code 2 instead of a logged traceback.
+
+SIGTERM and Ctrl-C: uvicorn stops accepting connections and waits for open ones; the engine
+takes no new jobs and gives those in flight ``--grace-s`` seconds to finish, then cancels the
+rest (a stream ends with an error event, a waiting client gets 503). The process then exits 0.
+uvicorn's own signal handling would re-raise the signal after shutting down (so the process
+would end as killed by it); ``_Server`` keeps the handling and drops the re-raise. A second
+Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from gptforge.errors import GptforgeError
+from gptforge.serve.options import ServeOptions, validate_options
+
+
+def _web_stack():  # noqa: ANN202 - the uvicorn module, imported only here
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise GptforgeError(f"gptforge serve needs FastAPI and uvicorn ({e.name} is missing): "
+                            "pip install 'gptforge[serve]'") from None
+    return uvicorn
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not yet listening; one line when that is impossible."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise GptforgeError(f"--host {host!r} is not an address to listen on ({e}): give e.g. "
+                            "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    sock = socket.socket(family, kind, proto)
+    # A restart right after a stop should not wait for the old connections' TIME_WAIT; this
+    # does not allow two servers on one port on Linux or macOS.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise GptforgeError(f"port {port} on {host} is already in use: stop what is "
+                                "listening there or choose another --port") from None
+        if e.errno == errno.EACCES:
+            raise GptforgeError(f"no permission to listen on port {port}: ports below 1024 "
+                                "need root; choose a --port above 1023") from None
+        raise GptforgeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def default_name(ckpt: str) -> str:
+    """The model id: the run's directory name, with the checkpoint's when one was named."""
+    p = Path(ckpt).resolve()
+    if p.parent.name == "checkpoints" and re.fullmatch(r"step_\d+|latest|best", p.name):
+        return f"{p.parent.parent.name}-{p.name}"
+    return p.name or "gptforge"
+
+
+def load(opts: ServeOptions):  # noqa: ANN201 - (Engine, ModelInfo, Tokenizer)
+    """The engine, the model's description and its tokenizer; GptforgeError when unusable."""
+    from gptforge.checkpoint import load_model
+    from gptforge.device import pick_device
+    from gptforge.serve.engine import Engine
+    from gptforge.serve.protocol import ModelInfo
+    from gptforge.tokenizer import tokenizer_from_dict
+
+    try:
+        # Every checksum, not only sizes (sample's default): a server runs for long, and a
+        # flipped bit in the weights would serve wrong text without a word.
+        model, tok_dict = load_model(opts.ckpt, verify="sha256")
+    except OSError as e:  # unreadable (permissions, I/O error) rather than damaged
+        raise GptforgeError(f"cannot read {opts.ckpt}: {e.strerror or e}: check the path and "
+                            "its permissions") from None
+    tok = tokenizer_from_dict(tok_dict)
+    device = pick_device(opts.device)
+    engine = Engine(model.to(device), tok, device, opts.max_batch, opts.max_queue)
+    info = ModelInfo(name=opts.model_name or default_name(opts.ckpt),
+                     parameters=model.num_params(), context_length=model.config.block_size,
+                     tokenizer=tok.name, vocab_size=tok.vocab_size, device=str(device),
+                     created=int(time.time()))
+    return engine, info, tok
+
+
+def run(opts: ServeOptions) -> int:
+    """Serve until SIGTERM or Ctrl-C; 0 after a clean stop."""
+    validate_options(opts)
+    uvicorn = _web_stack()
+    from gptforge.serve.app import build_app
+
+    sock = bind(opts.host, opts.port)
+    try:
+        engine, info, tok = load(opts)
+        engine.warm_up()
+    except BaseException:
+        sock.close()
+        raise
+    app = build_app(engine, info, tok, opts.max_body_bytes)
+    config = uvicorn.Config(app, log_level="info" if opts.access_log else "warning",
+                            access_log=opts.access_log, lifespan="off",
+                            timeout_graceful_shutdown=opts.grace_s + 5)
+    server = _server_class(uvicorn)(config, engine, opts, info)
+    engine.start()
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        engine.stop()
+        sock.close()
+    print("gptforge serve: stopped", flush=True)
+    return 130 if server.force_exit else 0
+
+
+def _server_class(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported lazily
+    class _Server(uvicorn.Server):
+        """uvicorn's server with gptforge's start-up line and a clean exit on a signal."""
+
+        def __init__(self, config, engine, opts: ServeOptions, info) -> None:  # noqa: ANN001
+            super().__init__(config)
+            self.engine = engine
+            self.opts = opts
+            self.info = info
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+            if self.started and sockets:
+                self._announce(sockets[0])
+
+        def _announce(self, sock: socket.socket) -> None:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            i, e = self.info, self.engine
+            mib = e.cache_bytes() / 2**20
+            print(f"gptforge serve: {i.name} ({i.parameters:,} parameters, context "
+                  f"{i.context_length}, {i.tokenizer} tokenizer) on {i.device}; up to "
+                  f"{e.max_batch} rows at once (KV cache {mib:,.{0 if mib >= 10 else 1}f} MiB), "
+                  f"{e.max_queue} waiting", flush=True)
+            print(f"gptforge serve: listening on http://{shown}:{port} (page: /, API: "
+                  f"/v1/completions); Ctrl-C stops", flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first and self.loop is not None:
+                print(f"gptforge serve: {signal.Signals(sig).name}: stopping; requests in flight "
+                      f"get {self.opts.grace_s:g} s to finish", file=sys.stderr, flush=True)
+                # Not from the signal handler itself: the engine's lock may be held right here.
+                self.loop.call_soon_threadsafe(self.engine.drain, self.opts.grace_s)
+
+    return _Server
