@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 
 from gptforge.errors import GptforgeError
+from gptforge.rundir import CHECKPOINT_DIR, LATEST
 from gptforge.serve.options import ServeOptions, validate_options
 
 
@@ -71,7 +72,7 @@ def bind(host: str, port: int) -> socket.socket:
 def default_name(ckpt: str) -> str:
     """The model id: the run's directory name, with the checkpoint's when one was named."""
     p = Path(ckpt).resolve()
-    if p.parent.name == "checkpoints" and re.fullmatch(r"step_\d+|latest|best", p.name):
+    if p.parent.name == CHECKPOINT_DIR and re.fullmatch(rf"step_\d+|{LATEST}|best", p.name):
         return f"{p.parent.parent.name}-{p.name}"
     return p.name or "gptforge"
 
