@@ -165,7 +165,7 @@ def pytest_gpu(opts: Options) -> dict[str, Any]:
     # all skips on the CPU; on the GPU machine, every test marked gpu.
     where = ["tests/test_gpu.py"] if opts.smoke else []
     outcomes = Outcomes()
-    code = pytest.main(["-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+    code = pytest.main(["-o", "addopts=", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                         *where], plugins=[outcomes])
     figures = {**outcomes.counts, "exit_code": int(code), "failures": outcomes.failed[:10]}
     if code not in (0,) or outcomes.counts.get("failed") or outcomes.counts.get("error"):

@@ -58,12 +58,22 @@ def test_the_speedrun_is_the_same_task_with_its_own_recipe():
     assert run.train.eval_interval == 0  # one evaluation, at the end
 
 
+
+def test_the_main_job_preset_is_the_speedrun_recipe_on_a_bigger_model():
+    quick, run = run_preset("shakespeare-char-quick"), run_preset("shakespeare-char-speedrun")
+    assert quick.data == run.data and quick.train.seq_len == run.train.seq_len  # same task
+    assert (quick.optim.name, quick.optim.schedule) == ("muon", "wsd")
+    assert quick.optim.decay_steps == quick.train.max_steps  # the cooldown ends at the last step
+    assert quick.model.n_layer * quick.model.n_embd > run.model.n_layer * run.model.n_embd
+    assert quick.train.eval_interval == 0  # one evaluation, at the end
+
 # What each preset is: (n_layer, n_head, n_embd, block_size), tokens per optimizer step, and
 # accumulation steps on one process. A new preset says here what it is.
 PRESET_FACTS = {
     "gpt2-shakespeare": ((12, 12, 768, 1024), 4096, 4),
     "shakespeare-char": ((4, 4, 128, 64), 768, 1),
     "shakespeare-char-speedrun": ((2, 4, 64, 64), 2048, 1),
+    "shakespeare-char-quick": ((3, 4, 96, 64), 2048, 1),
     "gpt2-tiny": ((2, 2, 32, 64), 256, 1),
     "gpt2-mini": ((4, 4, 128, 256), 2048, 1),
     "gpt2-fineweb": ((12, 12, 768, 1024), 524_288, 8),

@@ -248,7 +248,10 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(char_data, tmp_path):
         [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out",
          str(tmp_path / "run"), "--preset", "gpt2-tiny", "--set", "train.max_steps=100000",
          "--set", "train.log_interval=1", "--set", "train.device=cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # as from a terminal, whatever started pytest (a background job or a test worker may
+        # have SIGINT ignored, and a child inherits that)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     metrics = tmp_path / "run" / "metrics.jsonl"
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
