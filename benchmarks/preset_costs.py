@@ -7,8 +7,9 @@ tokenizer it is meant for, through the real ``gptforge train`` command, for ``--
 with nothing else to do (no evaluation, no checkpoint but the last). The time per step is the
 median ``dt_ms`` of metrics.jsonl, the first step left out (it pays start-up); x 100 gives the
 time per 100 steps. ``gpt2-fineweb`` (524,288 tokens per step) would take many minutes a step on a
-CPU and its 64 x 1024 micro-batch does not fit in 24 GB, so it is timed on 8 x 1024 micro-batches
-with the same tokens per step (64 accumulation steps), 2 steps.
+CPU and its 64 x 1024 micro-batch does not fit in 24 GB, so a step of 2 micro-batches of 8 x 1024
+is timed and multiplied by 32, the number of such micro-batches in its 524,288 tokens (a step's
+time is its micro-batches' times: accumulation adds nothing but the optimizer step, once).
 
 Prints a Markdown table and writes it, with the raw figures, to OUT/preset_costs.json. The
 figures go into presets.PRESET_COSTS (``train --help``) and the README, with this machine named.
@@ -30,10 +31,12 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The data each preset is meant for: the tokenizer prepare uses for it.
 TOKENIZER = {"gpt2-shakespeare": "gpt2", "shakespeare-char": "char",
-             "shakespeare-char-speedrun": "char", "gpt2-fineweb": "gpt2", "gpt2-tiny": "char",
+             "shakespeare-char-speedrun": "char", "shakespeare-char-quick": "char",
+             "gpt2-fineweb": "gpt2", "gpt2-tiny": "char",
              "gpt2-mini": "gpt2"}
-EXTRA = {"gpt2-fineweb": ["--set", "train.batch_size=8"]}
-STEPS = {"gpt2-fineweb": 2}
+EXTRA = {"gpt2-fineweb": ["--set", "train.batch_size=8", "--set", "train.total_batch_tokens=16384"]}
+SCALE = {"gpt2-fineweb": 32}  # micro-batches of 8 x 1024 in the preset's step / in the timed one
+STEPS = {"gpt2-fineweb": 3, "gpt2-shakespeare": 4}
 
 
 def gptforge(*args: str, env: dict | None = None) -> str:
@@ -67,11 +70,12 @@ def measure(preset: str, data: Path, out: Path, steps: int) -> dict:
     tokens = int(re.search(r"= ([\d,]+) tokens per step", log).group(1).replace(",", ""))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     dts = [r["dt_ms"] for r in records if "dt_ms" in r][1:]
-    per_step = statistics.median(dts) / 1000
+    scale = SCALE.get(preset, 1)
+    per_step, tokens = statistics.median(dts) / 1000 * scale, tokens * scale
     return {"preset": preset, "tokenizer": TOKENIZER[preset], "params": params,
             "tokens_per_step": tokens, "steps_timed": len(dts), "s_per_step": per_step,
             "s_per_100_steps": per_step * 100, "tok_per_s": tokens / per_step,
-            "options": EXTRA.get(preset, [])}
+            "options": EXTRA.get(preset, []), "scaled_by": scale}
 
 
 def main() -> None:
@@ -97,7 +101,8 @@ def main() -> None:
     table = ["| preset | data | parameters | tokens per step | s per 100 steps | tok/s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        note = f" ({' '.join(r['options'])})" if r["options"] else ""
+        note = (f" (timed as {r['tokens_per_step'] // r['scaled_by']:,} tokens per step, x"
+                f"{r['scaled_by']})" if r["scaled_by"] > 1 else "")
         table.append(f"| {r['preset']}{note} | Tiny Shakespeare, {r['tokenizer']} | {r['params']:,} | "
                      f"{r['tokens_per_step']:,} | {r['s_per_100_steps']:,.1f} | {r['tok_per_s']:,.0f} |")
     text = f"Measured {when} on {machine}, torch {torch_version()}:\n\n" + "\n".join(table)

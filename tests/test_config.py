@@ -1,9 +1,11 @@
 """Typed configs: presets, TOML, dotted overrides, validation that names the key."""
 
+import dataclasses
+
 import pytest
 
 from gptforge.config import ConfigError, RunConfig, grad_accum_steps, parse_override
-from gptforge.presets import RUN_PRESETS, resolve, run_preset
+from gptforge.presets import RUN_PRESETS, keys_help, resolve, run_preset
 from gptforge.device import resolve_for
 from gptforge.optim import lr_at
 
@@ -91,6 +93,24 @@ def test_every_preset_is_valid():
         assert m.pad_vocab_multiple == "auto" and t.compile == "auto", name  # train decides per device
         assert RunConfig.from_dict(cfg.to_dict()) == cfg, name  # what a checkpoint stores reloads
 
+
+
+def test_the_preset_costs_in_help_are_the_presets():
+    """train --help's table of costs: its parameters and tokens per step are each preset's own."""
+    import torch
+
+    from gptforge.model import GPT
+    from gptforge.presets import PRESET_COSTS
+
+    assert set(PRESET_COSTS) == set(RUN_PRESETS)
+    for name, (tokenizer, params, tokens, seconds) in PRESET_COSTS.items():
+        cfg = resolve(name, None, [])
+        cfg.model.vocab_size = cfg.model.vocab_size or {"char": 65, "gpt2": 50257}[tokenizer]
+        with torch.device("meta"):  # the shapes without the memory
+            model = GPT(dataclasses.replace(cfg.model, pad_vocab_multiple=1))  # as on a CPU
+        assert (model.num_params(), tokens) == (params, cfg.train.total_batch_tokens), name
+        assert seconds > 0
+    assert all(name in keys_help() for name in RUN_PRESETS)
 
 def test_dotted_overrides_are_typed_by_field():
     cfg = resolve("gpt2-tiny", None, ["optim.lr=3e-4", "train.max_steps=7", "model.bias=false",

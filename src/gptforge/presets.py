@@ -109,6 +109,14 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 DEFAULT_PRESET = "gpt2-shakespeare"
 
+# What each preset costs, measured by benchmarks/preset_costs.py on Tiny Shakespeare prepared with
+# the tokenizer the preset is meant for: parameters, tokens per optimizer step, and seconds per
+# 100 steps on the CPU named below (tests/test_config.py checks the first two against the presets,
+# so the table cannot silently go stale). GPU figures join it once measured (gpu_check.py).
+COSTS_MEASURED_ON = "COSTS_MACHINE"
+PRESET_COSTS: dict[str, tuple[str, int, int, float]] = {  # tokenizer, parameters, tokens/step, s/100
+}
+
 
 def run_preset(name: str) -> RunConfig:
     if name not in RUN_PRESETS:
@@ -150,5 +158,20 @@ def keys_help() -> str:
             if helps.get(f.name):
                 lines.append(f"      {helps[f.name]}")
     lines.append("")
-    lines.append("presets: " + ", ".join(RUN_PRESETS))
+    lines.append(f"presets (measured cost: {COSTS_MEASURED_ON}):")
+    lines.append(f"  {'preset':<26} {'data':<5} {'parameters':>12} {'tokens/step':>12} {'per 100 steps':>14}")
+    for name in RUN_PRESETS:
+        if name not in PRESET_COSTS:  # tests/test_config.py keeps every preset in the table
+            lines.append(f"  {name:<26} (not measured)")
+            continue
+        tok, params, tokens, seconds = PRESET_COSTS[name]
+        lines.append(f"  {name:<26} {tok:<5} {params:>12,} {tokens:>12,} {_duration(seconds):>14}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
