@@ -211,8 +211,8 @@ def _byte_level_problem(spec: dict[str, Any]) -> str | None:
     return None
 
 
-def _parsed(data: bytes, source: str) -> tuple[str, HFTokenizer]:
-    """The file's text and the library's tokenizer for it, after the structural checks."""
+def _parsed(data: bytes, source: str) -> HFTokenizer:
+    """The library's tokenizer for the file, after the structural checks."""
     if not data.strip():
         raise GptforgeError(f"{source} is empty, not a tokenizer: {_FIX}")
     try:
@@ -230,7 +230,7 @@ def _parsed(data: bytes, source: str) -> tuple[str, HFTokenizer]:
         raise GptforgeError(f"{source} is not a byte-level BPE that gptforge can use: {problem}; "
                             f"{_FIX}")
     try:
-        return text, HFTokenizer.from_str(text)
+        return HFTokenizer.from_str(text)
     except Exception as e:  # the library raises plain Exception with the serde error
         reason = " ".join(str(e).split())
         raise GptforgeError(f"{source} could not be read as a tokenizer ({reason}): {_FIX}") from None
@@ -284,7 +284,7 @@ class BPETokenizer:
     def __init__(self, data: bytes, source: str = BPE_FILE) -> None:
         self._data = bytes(data)
         self._source = source
-        text, self._hf = _parsed(self._data, source)
+        self._hf = _parsed(self._data, source)
         self._pieces, self._token_bytes, eot = _pieces(self._hf, source)
         self.eot_id: int | None = eot
         self.vocab_size = len(self._pieces)
