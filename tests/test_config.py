@@ -2,15 +2,8 @@
 
 import pytest
 
-from gptforge.config import (
-    RUN_PRESETS,
-    ConfigError,
-    RunConfig,
-    grad_accum_steps,
-    parse_override,
-    resolve,
-    run_preset,
-)
+from gptforge.config import ConfigError, RunConfig, grad_accum_steps, parse_override
+from gptforge.presets import RUN_PRESETS, resolve, run_preset
 from gptforge.device import resolve_for
 from gptforge.optim import lr_at
 

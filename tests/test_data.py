@@ -583,3 +583,31 @@ def test_eval_batches_cover_the_split(tokens):
     assert xs.tolist() == tokens[: n * T].tolist()
     assert ys.tolist() == tokens[1 : n * T + 1].tolist()
     assert list(iter_eval_batches(tokens[:16], B, T)) == []
+
+
+def test_shakespeare_ships_with_the_package_and_needs_no_network(tmp_path, offline_env, monkeypatch):
+    """`gptforge prepare shakespeare` on a machine without network: the bundled copy, verified,
+    and no download is even attempted."""
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("prepare shakespeare tried the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    meta = prepare(["shakespeare"], str(tmp_path / "char"), tokenizer="char", progress=False)
+    assert meta["vocab_size"] == 65 and meta["train_tokens"] + meta["val_tokens"] == 1_115_394
+    source = meta["sources"][0]
+    assert source["name"] == "shakespeare" and source["sha256"] == data.NAMED_DATASETS["shakespeare"].sha256
+    assert os.path.dirname(source["path"]) == data.named.BUNDLED_DIR
+    assert not (tmp_path / "default-cache").exists()  # nothing cached, nothing fetched
+
+
+def test_a_damaged_bundled_copy_is_one_line(tmp_path, offline_env, monkeypatch):
+    bad = tmp_path / "bundled"
+    bad.mkdir()
+    (bad / "tinyshakespeare.txt").write_text("First Citizen:\nsomething else\n")
+    monkeypatch.setattr(data.named, "BUNDLED_DIR", str(bad))
+    with pytest.raises(GptforgeError) as e:
+        prepare(["shakespeare"], str(tmp_path / "out"), progress=False)
+    assert "missing or damaged" in one_line_error(e) and "reinstall gptforge" in one_line_error(e)
+    assert not (tmp_path / "out").exists()

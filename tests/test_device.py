@@ -8,7 +8,8 @@ import torch
 from test_train import run_cli
 
 from gptforge import device as device_module
-from gptforge.config import RESOLVED, load_toml, resolve, run_preset
+from gptforge.config import RESOLVED, load_toml
+from gptforge.presets import resolve, run_preset
 from gptforge.device import BatchFeeder, StepTimer, resolve_for
 
 

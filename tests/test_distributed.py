@@ -117,9 +117,11 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
     assert history == [(s, x) for s, x, _ in losses(tmp_path / "ddp") if x is not None]
     ckpt = load_checkpoint(tmp_path / "ddp")
     assert ckpt.trainer["world_size"] == 2 and len(ckpt.trainer["rng_ranks"]) == 2
-    # DDP stopped at 4 and resumed with 2 ranks is bit-identical to DDP straight through
+    # DDP stopped at 4 and resumed with 2 ranks is bit-identical to DDP straight through, with
+    # activation checkpointing switched on for the second half too (it recomputes the same numbers)
     gptforge("--out", str(tmp_path / "ddp-resumed"), *d, *COMMON, "--set", "train.max_steps=4", nproc=2)
-    gptforge("--out", str(tmp_path / "ddp-resumed"), "--resume", "--set", "train.max_steps=8", nproc=2)
+    gptforge("--out", str(tmp_path / "ddp-resumed"), "--resume", "--set", "train.max_steps=8",
+             "--set", "train.activation_checkpointing=true", nproc=2)
     assert losses(tmp_path / "ddp-resumed") == losses(tmp_path / "ddp")
     wa, wb = weights(tmp_path / "ddp"), weights(tmp_path / "ddp-resumed")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -132,10 +134,11 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
     gptforge("--out", str(tmp_path / "fsdp"), "--resume", "--set", "train.max_steps=8",
              "--set", "train.parallel=ddp")
     assert_close_runs(tmp_path / "one", tmp_path / "fsdp")
-    # ... and a one-process checkpoint resumes under FSDP.
+    # ... and a one-process checkpoint resumes under FSDP (with activation checkpointing).
     step4 = tmp_path / "one" / "checkpoints" / "step_0000004"
     gptforge("--out", str(tmp_path / "one-to-fsdp"), "--resume", str(step4),
-             "--set", "train.max_steps=8", "--set", "train.parallel=fsdp", nproc=2)
+             "--set", "train.max_steps=8", "--set", "train.parallel=fsdp",
+             "--set", "train.activation_checkpointing=true", nproc=2)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "one-to-fsdp")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -182,6 +185,12 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
     assert proc.returncode != 0
     assert time.time() - started < 60  # taken down, not hanging until a timeout
     assert "Signals.SIGKILL" in err or "SIGKILL" in err or "exitcode" in err, err[-2000:]
+    # The end is one line, not torchrun's ChildFailedError traceback: which rank, how, the last
+    # checkpoint and the command that continues; the exit code a shell gives a SIGKILLed process.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gptforge train: error: rank 1 was killed by SIGKILL"), err[-2000:]
+    assert "its last checkpoint is " in last and last.endswith("--nproc 2 --resume auto")
+    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in err and "ChildFailedError" not in err
     for w in workers:
         assert not Path(f"/proc/{w}").exists() or "Z" in Path(f"/proc/{w}/stat").read_text().split()[2]
     step = load_checkpoint(run).step
@@ -209,7 +218,7 @@ def _two_ddp_steps(env, out_dir: str) -> None:
 
     from gptforge import GPT, GPTConfig
     from gptforge.distributed import grad_sync, mean_over_ranks, wrap_model
-    from gptforge.train import train_step
+    from gptforge.step import train_step
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50))

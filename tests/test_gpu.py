@@ -1,4 +1,5 @@
-"""CUDA checks: flash attention under compile, CUDA vs CPU parity, exact resume, NCCL DDP and FSDP.
+"""CUDA checks: flash attention under compile, CUDA vs CPU parity, exact resume, NCCL DDP and FSDP,
+activation checkpointing (memory saved, compiled), batch_size=auto's search, a real out of memory.
 
 Marked ``gpu`` and skipped, with the reason, where no CUDA device is visible (CI, the CPU
 machines). Every GPU path also has logic the CPU tests exercise; these check what only a GPU can.
@@ -18,7 +19,8 @@ from gptforge import GPT, GPTConfig
 from gptforge.config import OptimConfig
 from gptforge.metrics import read_metrics
 from gptforge.optim import build_optimizer
-from gptforge.train import train, train_step
+from gptforge.step import train_step
+from gptforge.train import train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,7 +63,7 @@ import json, sys, torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 torch.use_deterministic_algorithms(True)
 from gptforge.checkpoint import build_model, load_checkpoint
-from gptforge.config import resolve
+from gptforge.presets import resolve
 from gptforge.metrics import read_metrics
 from gptforge.train import train
 data, out = sys.argv[1], sys.argv[2]
@@ -108,3 +110,74 @@ def test_nccl_ddp_and_fsdp_equal_one_process(char_data, tmp_path, parallel):
     for (_, a, va), (_, b, vb) in zip(one, two):
         assert (a is None) == (b is None) and (a is None or b == pytest.approx(a, rel=1e-3))
         assert (va is None) == (vb is None) and (va is None or vb == pytest.approx(va, rel=1e-3))
+
+
+def test_activation_checkpointing_saves_memory_and_runs_compiled_on_cuda(char_data, tmp_path):
+    """Eager: the same loss with less peak memory. Compiled (the recomputation inside the
+    compiled graph): the same losses as an eager run without it."""
+    from gptforge.distributed import checkpoint_blocks
+
+    peaks, losses = {}, {}
+    x = torch.randint(0, 256, (16, 256), device="cuda")
+    for on in (False, True):
+        torch.manual_seed(0)
+        # a small vocabulary, so that the blocks' activations (not the logits) dominate memory
+        model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=256)).cuda()
+        if on:
+            checkpoint_blocks(model)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, x.roll(-1, 1))
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks[on], losses[on] = torch.cuda.max_memory_allocated(), loss.item()
+        del model, loss
+    assert losses[True] == losses[False] and peaks[True] < 0.8 * peaks[False], (losses, peaks)
+    runs = {}
+    for name, extra in (("eager", ["train.compile=false"]),
+                        ("compiled-ac", ["train.compile=true", "train.activation_checkpointing=true"])):
+        cfg = tiny_cfg(char_data, "train.max_steps=6", "train.log_interval=1", "train.device=cuda", *extra)
+        train(cfg, tmp_path / name, log=quiet)
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    for a, b in zip(runs["eager"], runs["compiled-ac"]):
+        assert b == pytest.approx(a, rel=2e-3)
+
+
+def test_batch_size_auto_searches_on_cuda_and_restores_the_random_state():
+    from gptforge import device as device_module
+    from gptforge.device import Precision
+    from gptforge.distributed import DistEnv
+    from gptforge.presets import resolve
+    from gptforge.step import fit_micro_batch
+
+    cfg = resolve("gpt2-tiny", None, ["model.vocab_size=50257", "train.batch_size=auto", "train.device=cuda"])
+    cfg.model.pad_vocab_multiple = 64
+    env, precision = DistEnv(device=torch.device("cuda")), Precision(torch.device("cuda"), torch.bfloat16)
+    before = torch.cuda.get_rng_state()
+    size, note = fit_micro_batch(cfg, env, precision, "gpt2-tiny")
+    assert size == 8 and note.startswith("8, the largest that fits (trials:")  # 256 tokens: 8 x 32 at most
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    old = device_module.HEADROOM
+    device_module.HEADROOM = 1e-9  # every trial is "over the headroom"
+    try:
+        with pytest.raises(Exception, match="not even a micro-batch of 1 x 32 tokens fits on cuda"):
+            fit_micro_batch(cfg, env, precision, "gpt2-tiny")
+    finally:
+        device_module.HEADROOM = old
+
+
+def test_a_real_out_of_memory_is_one_line(char_data, tmp_path):
+    """A micro-batch far beyond any GPU's memory: one line naming it, exit code 2, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out", str(tmp_path / "run"),
+         "--preset", "gpt2-tiny", "--set", "train.device=cuda", "--set", "train.compile=false",
+         "--set", "model.n_embd=1024", "--set", "model.n_head=8", "--set", "data.loader=random",
+         "--set", "train.batch_size=65536", "--set", "train.seq_len=64",
+         "--set", "train.total_batch_tokens=4194304", "--set", "train.max_steps=1"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "out of memory on cuda" in out.stderr and "micro-batch of 65536 x 64 tokens" in out.stderr
+    assert "GiB allocated of the GPU's" in out.stderr and "no checkpoint was saved" in out.stderr

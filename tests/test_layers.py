@@ -9,20 +9,26 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 
 # Lower layers first. A module may import gptforge modules of strictly lower rank only.
 RANK = {
-    "version": 0, "errors": 0,
-    "config": 1, "rundir": 1,  # the run directory's lock, free space, guarded writes
-    "tokenizer": 2, "metrics": 2,
+    "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
+    "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
+    "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
+    "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
     "data": 3, "model": 3, "device": 3,
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
-    "train": 6, "generate": 6, "report": 6, "evaluate": 6, "export": 6,
-    "bench": 7,
-    "cli": 8,
+    "step": 5,  # one optimizer step and what it runs on, for train and bench
+    "evaluate": 6,  # the held-out loss (train's validation too) and `gptforge eval`
+    "resume": 6,  # planning a run and resuming it
+    "generate": 6, "report": 6, "export": 6,
+    "train": 7,
+    "bench": 8,
+    "cli": 9,
 }
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {
-    "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "prepare": 3, "__init__": 4},
+    "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
+             "splits": 5, "prepare": 6, "__init__": 7},
     "tokenizer": {"interface": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
 }
 
@@ -91,3 +97,36 @@ def test_core_import_pulls_no_optional_extras():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_loading_a_checkpoint_imports_no_data_pipeline():
+    """checkpoint.py needs sha256 (atomic.py), not prepare, the sources or the downloader."""
+    code = ("import sys, gptforge.checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('gptforge.data')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_run_directory_names_live_in_rundir_only():
+    """The names inside a run directory are constants in rundir.py; other modules use those."""
+    for path in SRC.rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        text = path.read_text()
+        for literal in ('"run.json"', '"metrics.jsonl"', '"config.toml"', '"checkpoints"', '"latest"'):
+            assert f"= {literal}" not in text, f"{path.name} defines {literal} again"
+
+
+def test_commands_that_need_no_torch_do_not_import_it():
+    """`import gptforge`, the CLI's parser and the --nproc launcher stay light (torch alone takes
+    seconds to import): the model loads on first use."""
+    code = ("import sys, gptforge, gptforge.cli, gptforge.launch, gptforge.rundir; "
+            "gptforge.cli.build_parser(); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+    code = "import gptforge; print(gptforge.GPT.__name__, gptforge.GPT.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert result.stdout.split() == ["GPT", "gptforge.model"], result.stderr

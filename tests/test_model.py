@@ -146,7 +146,7 @@ def test_sequence_longer_than_context_is_refused():
 
 def test_gpt2_124m_takes_one_training_step():
     """The full-size preset builds, runs forward and backward, and AdamW updates it."""
-    from gptforge.config import run_preset
+    from gptforge.presets import run_preset
     from gptforge.optim import build_optimizer
 
     torch.manual_seed(0)

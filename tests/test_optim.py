@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptforge import GPT, GPTConfig
-from gptforge.config import run_preset
+from gptforge.presets import run_preset
 from gptforge.optim import MuonAdamW, build_optimizer, lr_at, orthogonalize, set_lr
 
 

@@ -37,6 +37,9 @@ from gptforge.errors import GptforgeError
 from gptforge.tokenizer import GPT2Tokenizer
 
 P = importlib.import_module("gptforge.data.prepare")  # the module (data.prepare is the function)
+T = importlib.import_module("gptforge.data.tokenize")
+SP = importlib.import_module("gptforge.data.splits")
+SH = importlib.import_module("gptforge.data.shards")
 sources = importlib.import_module("gptforge.data.sources")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 EOT = 50256
@@ -200,7 +203,7 @@ def test_long_documents_are_cut_at_safe_places(tmp_path, gpt2, monkeypatch):
 
 def test_any_number_of_workers_gives_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(P, "BATCH_CHARS", 4000)  # ~50 tasks
+    monkeypatch.setattr(T, "BATCH_CHARS", 4000)  # ~50 tasks
     path = write_jsonl(tmp_path / "d.jsonl", make_docs(200, seed=1))
     results = []
     for workers in (1, 2, 3):
@@ -336,7 +339,7 @@ def test_validation_takes_whole_documents_by_seeded_hash(tmp_path, gpt2):
 
 
 def test_many_text_files_split_by_document(tmp_path, gpt2, monkeypatch):
-    monkeypatch.setattr(P, "DOC_SPLIT_MIN_FILES", 5)  # 100 in real use
+    monkeypatch.setattr(SP, "DOC_SPLIT_MIN_FILES", 5)  # 100 in real use
     docs = make_docs(8, seed=6, empty=())
     for i, d in enumerate(docs):
         (tmp_path / f"{i}.txt").write_text(d, encoding="utf-8")
@@ -361,13 +364,13 @@ def test_max_tokens_stops_early(tmp_path, gpt2, docs):
 
 
 def test_a_shard_being_written_never_reads_as_one(tmp_path):
-    w = P.ShardWriter(tmp_path / "s.bin", str(tmp_path / "s.bin.partial"))
+    w = SH.ShardWriter(tmp_path / "s.bin", str(tmp_path / "s.bin.partial"))
     w.write(np.arange(100))
     w.flush()
     with pytest.raises(GptforgeError, match="header promises 0 tokens"):
         read_shard(tmp_path / "s.bin.partial")  # what a kill leaves: the header says 0
     w.close()
-    resumed = P.ShardWriter(tmp_path / "s.bin", str(tmp_path / "s.bin.partial"), keep=60)
+    resumed = SH.ShardWriter(tmp_path / "s.bin", str(tmp_path / "s.bin.partial"), keep=60)
     resumed.write(np.arange(60, 70))
     resumed.commit()
     assert read_shard(tmp_path / "s.bin").tolist() == list(range(70))
@@ -660,7 +663,8 @@ MEMORY_SCRIPT = """
 import importlib, json, resource, sys
 P = importlib.import_module("gptforge.data.prepare")
 S = importlib.import_module("gptforge.data.sources")
-S.CHUNK_BYTES = S.PIECE_CHARS = P.BATCH_CHARS = 64 * 1024
+T = importlib.import_module("gptforge.data.tokenize")
+S.CHUNK_BYTES = S.PIECE_CHARS = T.BATCH_CHARS = 64 * 1024
 P.PARALLEL_MIN_BYTES = 0
 P.get_tokenizer("gpt2")
 # The peak so far is the imports' (it varies from run to run by tens of MB): start again from here.

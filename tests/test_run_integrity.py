@@ -322,10 +322,10 @@ def test_disk_full_in_the_middle_of_a_save(char_data, small_disk, reference, mon
     saves = {"n": 0}
 
     def lying_disk_free(path):
-        saves["n"] += 1
-        if saves["n"] == 2:  # the second save: fill the disk behind the check's back
+        saves["n"] += 1  # call 1: the start's warn_if_disk_is_short; then one call per save
+        if saves["n"] == 3:  # the second save: fill the disk behind the check's back
             leave_free(small_disk, 50_000)
-        return 10**12 if saves["n"] >= 2 else real(path)
+        return 10**12 if saves["n"] >= 3 else real(path)
 
     monkeypatch.setattr(checkpoint, "disk_free", lying_disk_free)
     err = fails_in_one_line(capsys, *train_cmd(char_data, run, *SAVING))

@@ -140,6 +140,9 @@ def test_every_tracker_gets_metrics_jsonl_and_a_resume_continues_its_run(char_da
     assert info.info.status == "FINISHED" and info.info.run_name == "run"
     assert info.data.params["train.max_steps"] == "6"
     assert set(info.data.params) == set(dotted_items(tiny_cfg(char_data)))
+    # what ran, not "auto": compile and dtype as resolved on this CPU
+    assert info.data.params["train.compile"] == "False"
+    assert info.data.params["train.dtype"] in ("float32", "bfloat16")
     for key, points in want.items():
         assert_same(mlflow_history(client, info.info.run_id, key), points)
 
@@ -150,6 +153,7 @@ def test_every_tracker_gets_metrics_jsonl_and_a_resume_continues_its_run(char_da
     assert (wb_run.run_id, wb_run.project, wb_run.display_name) == (saved["wandb"]["id"], "gptforge", "run")
     config = {item.key: json.loads(item.value_json) for item in wb_run.config.update}
     assert config["train"]["max_steps"] == 6 and config["model"]["n_layer"] == 2
+    assert config["train"]["compile"] is False and config["train"]["dtype"] != "auto"
     for key, points in want.items():
         assert_same(history[key], points)
 
@@ -245,10 +249,11 @@ def test_a_failing_tracker_is_a_warning_and_training_goes_on(char_data, tmp_path
     assert_same(tensorboard_history(tmp_path / "full", "train/loss"), want["train/loss"], rel=1e-6)
     client, runs = mlflow_runs(offline)
     assert [s for s, _ in mlflow_history(client, runs[0].info.run_id, "train/loss")] == [0, 1]
+    assert runs[0].info.status == "FAILED"  # not left RUNNING: told when it failed
 
 
 def test_no_tracker_is_imported_unless_asked(char_data, tmp_path):
-    code = ("import sys; from gptforge.train import train; from gptforge.config import resolve; "
+    code = ("import sys; from gptforge.train import train; from gptforge.presets import resolve; "
             f"train(resolve('gpt2-tiny', None, ['data.path={char_data}', 'train.device=cpu', "
             "'train.max_steps=2']), sys.argv[1], log=lambda _: None); "
             "print([m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules])")
@@ -274,3 +279,41 @@ def test_a_restarted_run_gets_new_tracker_runs(char_data, tmp_path, offline, rec
     assert read_run_record(run)["trackers"] == {"mlflow": {"run_id": runs[0].info.run_id, "tracking_uri": offline}}
     assert_same(mlflow_history(client, runs[0].info.run_id, "train/loss"), expected(run)["train/loss"])
     assert not [w for w in recwarn if "MLflow" in str(w.message)]
+
+
+def test_a_restart_ends_the_tracker_run_it_abandons(char_data, tmp_path, offline):
+    """The MLflow run of a start killed before its first checkpoint is marked KILLED when
+    --resume auto starts the run again, instead of showing RUNNING for ever."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    with pytest.MonkeyPatch.context() as mp:  # the test's own client; gptforge opts in by itself
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=offline)
+        experiment = client.create_experiment("gptforge")
+        old = client.create_run(experiment).info.run_id
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 4.2}\n')
+    (run / "run.json").write_text(json.dumps({"trackers": {"mlflow": {"run_id": old, "tracking_uri": offline}}}))
+    assert run_cli("train", "--data", str(char_data), "--out", str(run), "--preset", "gpt2-tiny",
+                   "--set", "train.device=cpu", "--set", "train.max_steps=2",
+                   "--set", "train.mlflow=true", "--resume", "auto") == 0
+    status = {r.info.run_id: r.info.status for r in mlflow_runs(offline)[1]}
+    assert status.pop(old) == "KILLED" and list(status.values()) == ["FINISHED"]
+
+
+def test_wandb_honours_wandb_dir(char_data, tmp_path, offline):
+    """W&B's own convention: WANDB_DIR, when set, is where its files go (a process of its own:
+    W&B reads its environment once per process)."""
+    pytest.importorskip("wandb")
+    (tmp_path / "elsewhere").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "WANDB_DIR": str(tmp_path / "elsewhere")}
+    out = subprocess.run([sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out",
+                          str(tmp_path / "run"), "--preset", "gpt2-tiny", "--set", "train.device=cpu",
+                          "--set", "train.max_steps=2", "--set", "train.wandb=true"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_id = read_run_record(tmp_path / "run")["trackers"]["wandb"]["id"]
+    assert list((tmp_path / "elsewhere").glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert not (tmp_path / "run" / "wandb").exists()

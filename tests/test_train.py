@@ -1,6 +1,7 @@
 """The trainer: accumulation, determinism, logging, stopping, checkpoints, the CLI end to end."""
 
 import contextlib
+import warnings
 import json
 import math
 import os
@@ -22,10 +23,11 @@ from gptforge.checkpoint import (
     save_checkpoint,
 )
 from gptforge.cli import main
-from gptforge.config import resolve
+from gptforge.presets import resolve
 from gptforge.metrics import format_step, read_metrics, read_run_record
 from gptforge.optim import build_optimizer
-from gptforge.train import TrainingDiverged, train, train_step
+from gptforge.step import TrainingDiverged, train_step
+from gptforge.train import train
 
 SHAKESPEARE = Path(_SHAKESPEARE)
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare not found")
@@ -192,7 +194,13 @@ def test_cli_prepare_train_sample_end_to_end(tmp_path, capsys):
                    "--preset", "gpt2-tiny", "--set", "train.max_steps=30",
                    "--set", "train.device=cpu") == 0
     out = capsys.readouterr().out
-    assert "[model]" in out and "step    29 | loss:" in out and "gptforge sample --ckpt" in out
+    assert "step    29 | loss:" in out and "gptforge sample --ckpt" in out
+    # what differs from the preset, in one line, not the whole config (that is in RUN/config.toml)
+    assert "[model]" not in out
+    config = next(line for line in out.splitlines() if line.startswith("config: "))
+    assert config.startswith("config: preset gpt2-tiny with ") and "train.max_steps=30" in config
+    assert "train.device=\"cpu\"" in config and str(tmp_path / "run" / "config.toml") in config
+    assert "train.seed" not in config  # unchanged keys stay out
     assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "ROMEO:",
                    "--max-new-tokens", "40", "--num-samples", "2", "--seed", "3") == 0
     first = capsys.readouterr().out
@@ -331,7 +339,7 @@ SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu
 def test_no_host_sync_on_steps_that_do_not_log(char_data, tmp_path, monkeypatch, optim):
     """Reading a device value (item, float, bool, tolist, cpu, synchronize ...) makes the host
     wait for the GPU to drain. The loop may do it only on steps that log, evaluate or save."""
-    import gptforge.train as train_module
+    import gptforge.step as step_module
 
     reads: list[str] = []
 
@@ -345,13 +353,13 @@ def test_no_host_sync_on_steps_that_do_not_log(char_data, tmp_path, monkeypatch,
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch.cuda, "synchronize", counting("synchronize", torch.cuda.synchronize))
     at_step: dict[int, int] = {}  # reads so far when each step began
-    real_step = train_module.train_step
+    real_step = step_module.train_step
 
     def marked_step(*args, **kwargs):
         at_step[args[7]] = len(reads)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", marked_step)
+    monkeypatch.setattr(step_module, "train_step", marked_step)
     cfg = tiny_cfg(char_data, "train.max_steps=12", "train.log_interval=5", f"optim.name={optim}",
                    "train.total_batch_tokens=512")
     train(cfg, tmp_path / "run", log=quiet)
@@ -397,3 +405,34 @@ def test_divergence_on_a_step_that_does_not_log_is_reported_at_the_next_check(ch
         train(cfg, tmp_path / "run", log=quiet)
     assert calls["n"] == 8  # it ran on to step 7, the last step before the save at step 8
     assert load_checkpoint(tmp_path / "run").step == 4
+
+
+def test_an_early_estimate_of_the_wall_time_and_a_warning_before_memorizing(tmp_path, monkeypatch):
+    """After its first few steps the run says how long it will take, once; a run that will read
+    its data more than ~20 times without a target loss to stop it is warned at the start."""
+    from gptforge import metrics
+    from gptforge.data import prepare
+
+    (tmp_path / "small.txt").write_text(shakespeare_head(2_200), encoding="utf-8")
+    data = tmp_path / "small"
+    prepare([str(tmp_path / "small.txt")], str(data), tokenizer="char", progress=False)  # 1,980 train tokens
+    monkeypatch.setattr(metrics.Eta, "MIN_SECONDS", 0.0)
+    lines: list[str] = []
+    with pytest.warns(UserWarning, match=r"train.max_steps=200 x 256 tokens per step reads the "
+                                         r"1,980 training tokens 26 times: the model will learn"):
+        train(tiny_cfg(data, "train.max_steps=200", "train.log_interval=1000"), tmp_path / "a",
+              log=lines.append)
+    estimates = [line for line in lines if line.startswith("estimate: ")]
+    assert len(estimates) == 1
+    assert "the 194 steps left to train.max_steps=200 take about " in estimates[0]  # after 1 + 5 steps
+    # fewer passes, or a target to stop the run: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(tiny_cfg(data, "train.max_steps=150"), tmp_path / "b", log=quiet)
+        train(tiny_cfg(data, "train.max_steps=200", "train.target_loss=4.5"), tmp_path / "c", log=quiet)
+
+
+def test_format_duration():
+    from gptforge.metrics import format_duration
+
+    assert [format_duration(s) for s in (7.54, 95, 3725, 90000)] == ["7.5s", "1m35s", "1h02m", "25h00m"]

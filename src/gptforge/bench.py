@@ -33,34 +33,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptforge.config import (
-    AUTO,
-    MODEL_PRESETS,
-    GPTConfig,
-    OptimConfig,
-    RunConfig,
-    run_preset,
-)
+from gptforge.config import AUTO, MODEL_PRESETS, GPTConfig, OptimConfig, RunConfig
+from gptforge.presets import run_preset
 from gptforge.data import TokenLoader, load_meta, load_split
 from gptforge.device import (
     BatchFeeder,
-    autocast,
+    Precision,
     configure_backends,
+    is_out_of_memory,
     keep_freed_memory,
-    pick_autocast_dtype,
+    memory_line,
     resolve_for,
 )
-from gptforge.distributed import (
-    grad_sync,
-    init_distributed,
-    mean_over_ranks,
-    shutdown,
-    wrap_model,
-)
+from gptforge.distributed import DistEnv, session
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, param_groups
-from gptforge.train import train_step
+from gptforge.step import Stepper, build_trainable
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s): (a fragment of
 # torch.cuda.get_device_name(), the form factor, the peak), the first match wins. The same chip
@@ -105,6 +94,8 @@ class BenchResult:
     optimizer: str = "adamw"
     processes: int = 1
     card: str = ""  # the CUDA card, with its form factor
+    activation_checkpointing: bool = False
+    measured_peak_tflops: float = 0.0  # the matmul measured here (== peak_tflops but on CUDA)
 
 
 def model_for(preset: str, device_type: str = "cpu", plain: bool = False) -> GPTConfig:
@@ -185,24 +176,46 @@ def bench(
     peak_seconds: float = 2.0,
     data: str | None = None,
     bucket_mb: int = 25,
+    activation_checkpointing: bool = False,
 ) -> BenchResult:
     """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape or
     ``compile`` means train's default on the device. Under torchrun, a DDP job (rank 0's result
-    is the whole job's; the others return None)."""
-    env = init_distributed(device, 900)
-    try:
-        result = _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
-                        peak_seconds, data, bucket_mb)
-    except BaseException:
-        shutdown(env, clean=False)  # the other ranks may never meet this one: torchrun stops them
-        raise
-    shutdown(env)
-    return result
+    is the whole job's; the others return None). Running out of memory is one line."""
+    with session(device, 900) as env:
+        try:
+            return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
+                          peak_seconds, data, bucket_mb, activation_checkpointing and not plain)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            cuda = env.device.type == "cuda"
+            shape = f"{batch_size or (64 if cuda else 16)} x {seq_len or (1024 if cuda else 64)}"
+            raise GptforgeError(
+                f"out of memory on {env.device} with a micro-batch of {shape} tokens "
+                f"({memory_line(env.device)}): try a smaller --batch-size"
+                + ("" if activation_checkpointing else " or --activation-checkpointing")) from None
+
+
+def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, compile: bool,
+             plain: bool, bucket_mb: int, batches: Any, checkpointing: bool) -> tuple[Stepper, str]:
+    """train's own step on the preset's model, and its optimizer's name: a run preset's optimizer
+    (Muon for the speedrun), AdamW's defaults for a model preset, torch's default AdamW for the
+    plain baseline."""
+    optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
+    trainable = build_trainable(cfg, env, precision, seed=0, parallel="ddp", compile=compile,
+                                bucket_mb=bucket_mb, activation_checkpointing=checkpointing)
+    if plain:
+        optimizer = torch.optim.AdamW(param_groups(trainable.model, optim.weight_decay), lr=optim.lr,
+                                      betas=(optim.beta1, optim.beta2))
+    else:
+        optimizer = build_optimizer(trainable.model, optim, env.device.type,
+                                    shard=(env.rank, env.world_size))
+    return Stepper(trainable, optimizer, batches, 1, optim.grad_clip), "adamw" if plain else optim.name
 
 
 def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
            warmup: int, dtype: str, compile: bool | None, plain: bool, peak_seconds: float,
-           data: str | None, bucket_mb: int) -> BenchResult | None:
+           data: str | None, bucket_mb: int, checkpointing: bool) -> BenchResult | None:
     dev = env.device
     cuda = dev.type == "cuda"
     batch_size = batch_size or (64 if cuda else 16)
@@ -212,54 +225,47 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     cfg = model_for(preset, dev.type, plain)
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
-    amp_dtype = None if plain else pick_autocast_dtype(dev, dtype)
+    precision = Precision(dev, None) if plain else Precision.pick(dev, dtype)
     if compile is None:  # train's own rule for train.compile=auto
         compile = resolve_for(RunConfig(), dev.type).compile
     compile = compile and not plain
     if not plain:
         keep_freed_memory()
         configure_backends(dev)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(dev)
-    # A run preset's own optimizer (Muon for the speedrun), AdamW's defaults for a model preset.
-    optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
-    if plain:
-        optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
-                                      betas=(optim.beta1, optim.beta2))
-    else:
-        optimizer = build_optimizer(model, optim, dev.type, shard=(env.rank, env.world_size))
-    wrapped = wrap_model(model, env, "ddp", compile=compile, amp_dtype=amp_dtype, bucket_mb=bucket_mb)
     tokens_needed = (steps + max(1, warmup)) * batch_size * seq_len * env.world_size + 1
     loader = TokenLoader(_token_source(data, cfg.vocab_size, max(tokens_needed, 1 << 20)),
                          batch_size, seq_len, rank=env.rank, world_size=env.world_size)
-    next_batch = BatchFeeder(loader.next_batch, dev)
-
-    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-
-    def one_step() -> None:
-        train_step(wrapped, optimizer, next_batch, 1, optim.grad_clip,
-                   lambda: autocast(dev, amp_dtype), scaler,
-                   grad_sync=lambda last: grad_sync(wrapped, env, "ddp", last),
-                   reduce_mean=lambda t: mean_over_ranks(t, env))
+    step, optimizer = _stepper(env, preset, cfg, precision, compile, plain, bucket_mb,
+                               BatchFeeder(loader.next_batch, dev), checkpointing)
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
-        one_step()
+        step()
     _sync(dev)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        one_step()
+        step()
     _sync(dev)
     step_s = (time.perf_counter() - t0) / steps
     startup = max(0.0, first - max(1, warmup) * step_s)
     if not env.is_main:
         return None
+    result = _result(env, preset, cfg, precision, compile, plain, batch_size, seq_len, step_s,
+                     startup, steps, optimizer, peak_seconds)
+    result.activation_checkpointing = checkpointing
+    return result
 
+
+def _result(env: Any, preset: str, cfg: GPTConfig, precision: Precision, compile: bool, plain: bool,
+            batch_size: int, seq_len: int, step_s: float, startup: float, steps: int,
+            optimizer: str, peak_seconds: float) -> BenchResult:
+    """The figures of a timed run: throughput, FLOP/s and MFU against the device's peak."""
+    dev, cuda = env.device, env.device.type == "cuda"
     tokens = batch_size * seq_len * env.world_size
     fpt = flops_per_token(cfg, seq_len)
     achieved = fpt * tokens / step_s
-    peak_dtype = amp_dtype or torch.float32
+    peak_dtype = precision.dtype or torch.float32
     measured_peak = env.world_size * measure_matmul_peak(
         dev, peak_dtype, n=8192 if cuda else 2048, seconds=peak_seconds)
     peak, source, card = measured_peak, f"measured {str(peak_dtype).replace('torch.', '')} matmul", ""
@@ -269,15 +275,14 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
             peak = table * env.world_size
             source = (f"data sheet x {env.world_size}, measured matmul "
                       f"{measured_peak / env.world_size / 1e12:.0f} TFLOP/s per GPU")
-    prec = "float32" if amp_dtype is None else str(amp_dtype).replace("torch.", "") + " autocast"
     return BenchResult(
-        preset=preset, device=str(dev), precision=prec + (" + compile" if compile else ""),
+        preset=preset, device=str(dev), precision=precision.label + (" + compile" if compile else ""),
         batch_size=batch_size, seq_len=seq_len, params=count_params(cfg),
         flops_per_token=fpt, step_ms=step_s * 1000, tokens_per_s=tokens / step_s,
         achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12, peak_source=source,
         mfu=achieved / peak, startup_s=startup, peak_memory_mb=_peak_memory_mb(dev),
-        steps=steps, plain=plain, optimizer="adamw" if plain else optim.name,
-        processes=env.world_size, card=card,
+        steps=steps, plain=plain, optimizer=optimizer, processes=env.world_size, card=card,
+        measured_peak_tflops=measured_peak / 1e12,
     )
 
 
@@ -299,6 +304,7 @@ def format_results(results: list[BenchResult]) -> str:
     base = next((r for r in results if r.plain), None)
     for r in results:
         name = "plain fp32 eager" if r.plain else f"gptforge {r.precision}, {r.optimizer}"
+        name += ", activation checkpointing" if r.activation_checkpointing else ""
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-"
         rows.append((name, f"{r.tokens_per_s:,.1f}", f"{r.step_ms:,.1f}", f"{r.achieved_tflops:.3f}",
                      f"{r.mfu:.1%}", f"{r.peak_tflops:.3f} ({r.peak_source})",

@@ -39,13 +39,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptforge.atomic import file_sha256, replacing, write_text
 from gptforge.config import ConfigError, GPTConfig, RunConfig
-from gptforge.data import file_sha256
 from gptforge.errors import GptforgeError
 from gptforge.hf import HFFormatError, is_hf_dir
 from gptforge.hf import load_pretrained as load_hf_pretrained
 from gptforge.model import GPT
 from gptforge.rundir import (
+    CHECKPOINT_DIR,
+    LATEST,
     DiskWriteError,
     disk_free,
     format_bytes,
@@ -56,8 +58,6 @@ from gptforge.rundir import (
 from gptforge.version import __version__
 
 FORMAT_VERSION = 2  # 2 adds manifest.json; format-1 checkpoints (no manifest) still load
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
@@ -140,29 +140,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2)
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -204,46 +183,34 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         _make_room(root, space_needed(tensor_bytes(model_sd) + tensor_bytes(optim_tensors)),
                    keep_last, name, fix)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file(model_sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_FILE, {
-            "format_version": FORMAT_VERSION,
-            "gptforge_version": __version__,
-            "git_commit": git_commit(),
-            "torch_version": torch.__version__,
-            "config": config.to_dict(),
-            "tokenizer": tokenizer,
-        })
-        if optimizer_state is not None:
-            save_file(optim_tensors, str(tmp / OPTIMIZER_FILE))
-        _write_json(tmp / STATE_FILE,
-                    {"format_version": FORMAT_VERSION, "trainer": trainer, "optimizer": optim_rest})
-        files = sorted(p.name for p in tmp.iterdir())
-        for f in files:
-            if f.endswith(".safetensors"):  # the JSON files were synced as they were written
-                _fsync_file(tmp / f)
-        # The manifest last: what each file must be, so a reader can tell it is whole and intact.
-        _write_json(tmp / MANIFEST_FILE, {
-            "format_version": FORMAT_VERSION,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
-                      for f in files},
-        })
-        _fsync_dir(tmp)
-        if final.exists():  # e.g. a re-save of the same step after a resume
-            _remove(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        # Durable: a resumed run starts from what this directory holds after a crash or power loss.
+        with replacing(final, durable=True, directory=True, tmp=root / f".tmp-{name}-{os.getpid()}",
+                       old=root / f".tmp-del-{name}-{os.getpid()}") as tmp:
+            save_file(model_sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(_json_text({
+                "format_version": FORMAT_VERSION,
+                "gptforge_version": __version__,
+                "git_commit": git_commit(),
+                "torch_version": torch.__version__,
+                "config": config.to_dict(),
+                "tokenizer": tokenizer,
+            }), encoding="utf-8")
+            if optimizer_state is not None:
+                save_file(optim_tensors, str(tmp / OPTIMIZER_FILE))
+            (tmp / STATE_FILE).write_text(_json_text(
+                {"format_version": FORMAT_VERSION, "trainer": trainer, "optimizer": optim_rest}),
+                encoding="utf-8")
+            files = sorted(p.name for p in tmp.iterdir())
+            # The manifest last: what each file must be, so a reader can tell it is whole and intact.
+            (tmp / MANIFEST_FILE).write_text(_json_text({
+                "format_version": FORMAT_VERSION,
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
+                          for f in files},
+            }), encoding="utf-8")
         _point_latest(root, name)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DiskWriteError(write_failure("checkpoint", final, e, fix)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(root, keep_last, protect={name})
     return final
 
@@ -272,10 +239,7 @@ def _make_room(root: Path, need: int, keep_last: int, name: str, fix: str) -> No
 
 
 def _point_latest(root: Path, name: str) -> None:
-    tmp = root / f".tmp-{LATEST}-{os.getpid()}"
-    tmp.write_text(name + "\n", encoding="utf-8")
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    write_text(root / LATEST, name + "\n", durable=True, tmp=root / f".tmp-{LATEST}-{os.getpid()}")
 
 
 def _latest_name(root: Path) -> str | None:
@@ -329,20 +293,25 @@ def _link_or_copy(src: str, dst: str) -> None:
 def save_best(run_dir: str | Path, step_dir: Path) -> Path:
     """Make ``RUN/checkpoints/best`` (atomically) the checkpoint with the best val loss so far."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    tmp = root / f".tmp-best-{os.getpid()}"
     best = root / "best"
-    old = root / f".old-best-{os.getpid()}"
     with guarded_write("best checkpoint", best, _resume_hint(Path(run_dir))):
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with replacing(best, durable=True, directory=False, tmp=root / f".tmp-best-{os.getpid()}",
+                       old=root / f".old-best-{os.getpid()}") as tmp:
             shutil.copytree(step_dir, tmp, copy_function=_link_or_copy)
-            if best.exists():
-                os.replace(best, old)
-            os.replace(tmp, best)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
     return best
+
+
+def warn_if_disk_is_short(run_dir: Path, model: GPT, optimizer_bytes: int) -> None:
+    """A save needs room for a whole new checkpoint while the last one is still there."""
+    size = space_needed(tensor_bytes({k: v for k, v in model.state_dict().items() if k != TIED_KEY})
+                        + optimizer_bytes)
+    free = disk_free(run_dir)
+    if free < 2 * size:
+        warnings.warn(
+            f"{run_dir} has {format_bytes(free)} free, less than two checkpoints of this run "
+            f"({format_bytes(2 * size)}): a save may run out of space; free some, or choose an "
+            "--out on a larger disk"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

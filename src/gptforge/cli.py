@@ -1,4 +1,8 @@
-"""The ``gptforge`` command: a thin shell, one function per subcommand.
+"""The ``gptforge`` command: a thin shell over the library, and a table of its subcommands.
+
+``COMMANDS`` maps each command to the one function that runs it and the options it adds, in the
+order ``--help`` lists them. Options more than one command takes are declared once, as groups:
+the run config (``--preset/--config/--set``), the device, and ``--json FILE``.
 
 Every user-facing problem arrives here as a ``GptforgeError`` and leaves as one line on stderr
 with exit code 2; anything else is a bug and keeps its traceback.
@@ -11,48 +15,28 @@ import dataclasses
 import signal
 import sys
 import warnings
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from gptforge.config import (
-    DEFAULT_PRESET,
     DTYPES,
     MODEL_PRESETS,
-    RUN_PRESETS,
-    SECTION_TYPES,
-    SECTIONS,
-    RunConfig,
     SampleConfig,
     field_help,
     validate,
 )
 from gptforge.errors import GptforgeError
+from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, keys_help
 
-
-def _config_keys_help() -> str:
-    """Every config key with its default and meaning, for ``train --help``."""
-    lines = ["config keys (set with --set KEY=VALUE or in a --config TOML file; defaults shown",
-             "before a preset is applied):"]
-    defaults = RunConfig()
-    for section in SECTIONS:
-        cls = SECTION_TYPES[section]
-        helps = field_help(cls)
-        for f in dataclasses.fields(cls):
-            default = getattr(getattr(defaults, section), f.name)
-            lines.append(f"  {section}.{f.name} = {default!r}")
-            if helps.get(f.name):
-                lines.append(f"      {helps[f.name]}")
-    lines.append("")
-    lines.append("presets: " + ", ".join(RUN_PRESETS))
-    return "\n".join(lines)
+Options = Callable[[argparse.ArgumentParser], None]
 
 
 # ----------------------------------------------------------------------------------------------
-# Subcommands
+# The commands
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from gptforge.data import prepare
+    from gptforge.data.prepare import prepare, summary
 
     try:
         meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer,
@@ -64,30 +48,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print("gptforge prepare: interrupted; run the same command again to continue from the "
               "last complete shard", file=sys.stderr)
         return 130
-    run, docs = meta["run"], meta["documents"]
-    shards = {s: len(meta["shards"][s]) for s in ("train", "val")}
-    if run["status"] == "unchanged":
-        print(f"{args.out} already holds this data (same inputs and options): "
-              f"{meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} val tokens")
-        return 0
-    rate = run["bytes_read"] / max(run["seconds"], 1e-9) / 1e6
-    print(f"wrote {args.out}: {meta['train_tokens']:,} train tokens ({shards['train']} shards), "
-          f"{meta['val_tokens']:,} val tokens ({shards['val']} shards) from {docs['read']:,} "
-          f"documents ({docs['empty_skipped']:,} empty, skipped), {meta['tokenizer']['name']} "
-          f"tokenizer ({meta['vocab_size']:,} symbols); {run['seconds']:.1f} s, {rate:.1f} MB/s"
-          + (", resumed" if run["status"] == "resumed" else ""))
+    print(summary(meta, args.out))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gptforge.rundir import check_not_locked, hold_run_lock
+
+    if args.nproc is not None:  # this process only launches and waits: it needs no torch
+        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
+        return launch(args.nproc, args.argv, run_dir=args.out)
     from gptforge.distributed import launch_rank
     from gptforge.metrics import say
-    from gptforge.rundir import check_not_locked, hold_run_lock
-    from gptforge.train import FINISHED, plan_run, train
-
-    if args.nproc is not None:
-        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
-        return launch_torchrun(args.nproc, args.argv)
+    from gptforge.resume import FINISHED, plan_run
+    from gptforge.train import train
     writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
     # The lock first: a live run is reported before anything of it is read or written.
     with hold_run_lock(args.out, enabled=writer, create=args.resume != ""):
@@ -108,25 +82,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     code = 0 if result.stopped_by in FINISHED else 128 + getattr(signal, result.stopped_by, signal.SIGTERM)
     if not writer:
         return code  # rank 0 reports for the job
-    say()
-    say(f"done ({result.stopped_by}): {result.step:,} steps, {result.tokens:,} tokens in "
-        f"{result.wall_s:.1f}s; last train loss {result.last_loss:.4f}"
-        + (f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-        + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
-    if result.checkpoint is not None:
-        say(f"checkpoint: {result.checkpoint}")
-    say(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
-    say(f"sample:     gptforge sample --ckpt {args.out}")
+    for line in ["", *result.summary(args.out)]:
+        say(line)
     return code
 
 
-def cmd_config(args: argparse.Namespace) -> int:
-    import torch
+def launch(nproc: int, argv: list[str], run_dir: str | None = None) -> int:
+    """``gptforge COMMAND --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge
+    COMMAND ...``. A process of the job that dies ends the command with one line: which rank,
+    how, and (for a training run) its last checkpoint and the command that continues it."""
+    from gptforge.launch import torchrun
 
-    from gptforge.config import format_config, resolve
+    code, failure = torchrun(nproc, argv)
+    if failure is None or failure.exitcode == 2:  # 2: the process said what was wrong, in one line
+        return code
+    line = f"gptforge {argv[0]}: error: rank {failure.rank} {failure.how}, and the job stopped"
+    if run_dir is not None:
+        from gptforge.resume import continue_hint
+
+        line += "; " + continue_hint(run_dir, argv)
+    print(line, file=sys.stderr)
+    return failure.code
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from gptforge.config import format_config
     from gptforge.data import load_meta
-    from gptforge.device import device_type_of, resolve_for
-    from gptforge.train import resolve_model_vocab
+    from gptforge.device import resolve_here_or_not
+    from gptforge.presets import resolve
+    from gptforge.resume import resolve_model_vocab
 
     if args.nproc is not None and args.nproc < 1:
         raise GptforgeError(f"--nproc {args.nproc}: give the number of processes, 1 or more")
@@ -134,43 +118,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = resolve(args.preset, args.config, overrides)
     if cfg.model.vocab_size == 0 and cfg.data.path:
         resolve_model_vocab(cfg, load_meta(cfg.data.path))
-    device = device_type_of(cfg.train.device)
-    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(
-        device, lambda: True)()
-    world = args.nproc or 1
-    resolved = resolve_for(cfg, device, world, present=present)
-    note = (f"what the sections give on {device}{'' if present else ' (not on this machine)'}"
-            f" with {world} process{'es' if world > 1 else ''}; derived, ignored when read back")
-    if cfg.model.vocab_size == 0:
-        note += "; padded_vocab_size 0: the vocabulary comes from the data (set data.path)"
+    resolved, note = resolve_here_or_not(cfg, args.nproc or 1, args.preset)
     print(format_config(cfg, resolved.table(), note).rstrip())
     return 0
-
-
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """``gptforge train --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge train ...``."""
-    import subprocess
-
-    if nproc < 1:
-        raise GptforgeError(f"--nproc {nproc}: give the number of processes, 1 or more")
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "gptforge", *rest]
-    print("launching: torchrun " + " ".join(cmd[3:]), flush=True)
-    try:
-        return subprocess.run(cmd).returncode
-    except KeyboardInterrupt:  # torchrun forwards the signal; its workers save and exit
-        return 130
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -196,10 +146,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         if args.compare:
             raise GptforgeError("--compare runs one process: leave out --nproc for it")
-        return launch_torchrun(args.nproc, args.argv)
+        return launch(args.nproc, args.argv)
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
                    args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
-                   args.ddp_bucket_mb)
+                   args.ddp_bucket_mb, args.activation_checkpointing)
     if result is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports for the job
     results = [result]
@@ -210,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print(format_results(results))
     if args.json:
-        Path(args.json).write_text(json.dumps([result_dict(r) for r in results], indent=2) + "\n")
+        write_json(args.json, [result_dict(r) for r in results])
         print(f"wrote {args.json}")
     return 0
 
@@ -221,26 +171,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                        temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
     validate(cfg, "sample")
-    shown: list[str] = []  # what was streamed: one sample is printed as it is generated
-
-    def show(_row: int, text: str) -> None:
-        if not shown:
-            shown.append(cfg.prompt)
-            sys.stdout.write(cfg.prompt)
-        shown.append(text)
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
+    shown = SampleEcho(cfg.prompt)  # one sample is printed as it is generated
     texts = sample(args.ckpt, cfg, device=args.device, top_p=args.top_p, stops=args.stop,
-                   use_cache=not args.no_cache, stream=show if cfg.num_samples == 1 else None)
-    if shown:
-        print(texts[0][len("".join(shown)):])
+                   use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None)
+    if shown.parts:
+        print(texts[0][len("".join(shown.parts)):])
         return 0
     for i, text in enumerate(texts):
         if i:
             print("-" * 40)
         print(text)
     return 0
+
+
+class SampleEcho:
+    """Writes a streamed sample to stdout as it comes: the prompt first, then each piece."""
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt, self.parts = prompt, []
+
+    def __call__(self, _row: int, text: str) -> None:
+        if not self.parts:
+            self.parts.append(self.prompt)
+            sys.stdout.write(self.prompt)
+        self.parts.append(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -257,8 +213,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     from gptforge.evaluate import evaluate_path
 
     if args.task == "hellaswag":
@@ -271,20 +225,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result, what = evaluate_path(args.ckpt, args.data, split=args.split or "val",
                                  batch_size=args.batch_size,
                                  seq_len=args.seq_len, device=args.device, progress=True)
-    tail = f" + 1 of {result.tail}" if result.tail else ""
-    print(f"{what}: loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | "
-          f"{result.tokens:,} tokens in {result.windows:,} windows of {result.seq_len}{tail} | "
-          f"{result.wall_s:.1f}s")
+    print(result.line(what))
     if args.json:
-        record = {"checkpoint": args.ckpt, "data": args.data, "what": what, **result.to_dict()}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, {"checkpoint": args.ckpt, "data": args.data, "what": what,
+                               **result.to_dict()})
     return 0
 
 
 def eval_hellaswag(args: argparse.Namespace) -> int:
     """``gptforge eval --task hellaswag``: one result line, a note on stderr if rows were cropped."""
-    import json
-
     from gptforge.evaluate import evaluate_hellaswag_path
 
     for option, given in (("--split", args.split is not None), ("--seq-len", args.seq_len != 0)):
@@ -297,16 +246,258 @@ def eval_hellaswag(args: argparse.Namespace) -> int:
     if result.cropped:
         print(f"note: {result.cropped:,} of {result.rows:,} rows (context + ending) were longer "
               "than the model's context and were cropped from the left", file=sys.stderr)
-    print(f"hellaswag: acc {result.acc:.4f} | acc_norm {result.acc_norm:.4f} | "
-          f"{result.examples:,} examples | {result.tok_per_s:,.0f} tok/s | {result.wall_s:.1f}s")
+    print(result.line())
     if args.json:
-        record = {"task": "hellaswag", **result.summary(), "checkpoint": args.ckpt, "data": path}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, {"task": "hellaswag", **result.summary(), "checkpoint": args.ckpt,
+                               "data": path})
     return 0
 
 
+def write_json(path: str, obj: object) -> None:
+    """A ``--json FILE``: written whole or not at all; a bad path is one line."""
+    import json
+
+    from gptforge.atomic import write_text
+
+    try:
+        write_text(path, json.dumps(obj, indent=2) + "\n")
+    except OSError as e:
+        raise GptforgeError(f"cannot write --json {path} ({e.strerror or e}): choose another path") from None
+
+
 # ----------------------------------------------------------------------------------------------
-# Parser
+# Options: the groups several commands share, then each command's own
+
+
+def config_options(p: argparse.ArgumentParser) -> None:
+    """A run's config: preset -> TOML file -> overrides (train, config)."""
+    p.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
+                   help=f"starting configuration (default: {DEFAULT_PRESET})")
+    p.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
+
+
+def device_option(p: argparse.ArgumentParser) -> None:
+    """Where a command computes (sample, eval, bench)."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def json_option(p: argparse.ArgumentParser) -> None:
+    """A machine-readable copy of the result (eval, bench)."""
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON to FILE")
+
+
+def prepare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files, directories (read recursively, hidden files skipped) or glob "
+                        "patterns; .txt/.md (one document per file), .jsonl/.json (one per line), "
+                        ".parquet (one per row), text and JSON lines optionally .gz/.zst/.xz/.bz2; "
+                        "or 'shakespeare' for Tiny Shakespeare (ships with gptforge: nothing is "
+                        "downloaded)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
+                   help="gpt2: GPT-2 BPE (50,257 tokens); char: one token per character (default: gpt2)")
+    p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"],
+                   help="read every input as this format, whatever its extension")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="JSON field or Parquet column holding the text (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="fraction held out for validation: whole documents (chosen by a seeded "
+                        "hash) when there are many, the last tokens of a single text; 0 trains "
+                        "on everything (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the choice of validation documents (default: 0)")
+    p.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+                   help="tokens per shard file (default: 100,000,000, i.e. 200 MB)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="stop after N tokens (train and val together), e.g. to try a huge corpus")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizer processes (default: all cores); the output is the same for any N")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="invalid UTF-8: strict stops with the file and byte offset; replace substitutes U+FFFD (default: strict)")
+    p.add_argument("--force", action="store_true",
+                   help="replace data (finished or not) that other arguments made in DIR")
+    p.add_argument("--url", default=None,
+                   help="download a named dataset from this address (a mirror) instead of using the "
+                        "copy that ships with gptforge or its canonical address")
+
+
+def train_io_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (from gptforge prepare)")
+    p.add_argument("--out", required=True, metavar="RUN",
+                   help="run directory: config, metrics.jsonl and checkpoints go here")
+
+
+def train_start_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|PATH",
+                   help="continue the run in --out (or from checkpoint PATH) exactly where it "
+                        "stopped; 'auto': continue it if it has a checkpoint, else start it, and "
+                        "exit 0 if it is complete (the same command for the first start and "
+                        "every restart of a preemptible job)")
+    p.add_argument("--init-from", metavar="PATH", default=None,
+                   help="start from the weights of a local Hugging Face GPT-2 directory or a "
+                        "gptforge run/checkpoint (fine-tuning); the model shape comes from there")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (launches torchrun; one per GPU, "
+                        "or N CPU processes with gloo); for several machines run torchrun yourself")
+
+
+def sample_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="PATH",
+                   help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
+    defaults, helps = SampleConfig(), field_help(SampleConfig)
+    for f in dataclasses.fields(SampleConfig):  # one option per field, its docstring as help
+        default = getattr(defaults, f.name)
+        text = helps.get(f.name, "")
+        if f.name == "prompt":
+            text += " (default: a newline)"  # a literal newline would break the help layout
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=text)
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample among the most likely tokens whose probabilities sum to P "
+                        "(nucleus sampling; 1: all) (default: 1.0)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample where TEXT appears, leaving TEXT out (repeatable); "
+                        "samples also end at <|endoftext|>")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context for every token instead of using the KV "
+                        "cache (slower; same tokens)")
+
+
+def export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    p.add_argument("--weights-only", action="store_true",
+                   help="export a char-level model anyway: config and weights, with the char "
+                        "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
+
+
+def eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="PATH",
+                   help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
+    p.add_argument("--task", default="loss", choices=["loss", "hellaswag"],
+                   help="loss: loss and perplexity of --data; hellaswag: HellaSwag, completion "
+                        "style as llm.c and build-nanogpt score it (default: loss)")
+    p.add_argument("--data", metavar="DIR|FILE",
+                   help="prepared data directory (from gptforge prepare) or a UTF-8 text file; "
+                        "with --task hellaswag a HellaSwag .jsonl file (default there: the "
+                        "validation set, downloaded once and cached)")
+    p.add_argument("--split", default=None, choices=["val", "train"],
+                   help="split of a prepared directory (default: val)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="windows per forward pass; with --task hellaswag, examples (of 4 rows) "
+                        "per forward pass (default: 4)")
+    p.add_argument("--seq-len", type=int, default=0, metavar="N",
+                   help="tokens per window (default: the model's context)")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="with --task hellaswag: score only the first N examples (default: all)")
+
+
+def config_cmd_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="resolve for this device type, here or not (sets train.device; default: "
+                        "train.device, where auto is what this machine has)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="resolve for N processes (accumulation steps) (default: 1)")
+
+
+def bench_shape_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="gpt2",
+                   help=f"model preset ({', '.join(MODEL_PRESETS)}) or run preset")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step per process (default: 64 on CUDA, 16 elsewhere)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: 1024 on CUDA, 64 elsewhere)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (start-up, compile)")
+
+
+def bench_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="precision, as train.dtype")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step (default: as train.compile=auto, on CUDA only)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="batches from this prepared directory's train split (default: random tokens)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="benchmark DDP with N processes on this machine (launches torchrun)")
+    p.add_argument("--ddp-bucket-mb", type=int, default=25, metavar="MB",
+                   help="DDP gradient bucket size, as train.ddp_bucket_mb")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass, as train.activation_checkpointing")
+    p.add_argument("--plain", action="store_true",
+                   help="the baseline: fp32, eager, default allocator, default AdamW")
+    p.add_argument("--compare", action="store_true",
+                   help="also measure the plain baseline (in a child process) and report the ratio")
+    p.add_argument("--peak-seconds", type=float, default=2.0,
+                   help="how long to measure the matmul peak that MFU is judged against")
+
+
+def plot_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.jsonl)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
+    p.add_argument("--log-loss", action="store_true", help="log-scale loss axes (default: linear)")
+
+
+def runs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                   help="directory holding run directories (default: the current directory)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str  # one line in `gptforge --help`
+    description: str  # the head of `gptforge NAME --help`
+    options: tuple[Options, ...]  # what the command adds, in --help's order
+    epilog: Callable[[], str] | None = None
+    relaunches: bool = False  # --nproc N runs the same command line again under torchrun
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("prepare", cmd_prepare, "tokenize text, JSON lines or Parquet into training shards",
+            "Tokenize documents (text files, JSON lines, Parquet; files, directories or globs; or "
+            "a named dataset: shakespeare) into DIR/train-NNNNNN.bin and DIR/val-NNNNNN.bin shards "
+            "and DIR/meta.json. An interrupted run continues where it stopped when the same "
+            "command is run again.",
+            (prepare_options,)),
+    Command("train", cmd_train, "train a model", "Train a GPT-2 model on prepared data.",
+            (train_io_options, config_options, train_start_options), keys_help, relaunches=True),
+    Command("sample", cmd_sample, "generate text from a trained model",
+            "Generate text from a run's latest checkpoint, a checkpoint directory or a Hugging "
+            "Face GPT-2 directory.",
+            (sample_options, device_option)),
+    Command("export", cmd_export, "write a checkpoint as a Hugging Face GPT-2 directory",
+            "Write a checkpoint as a directory that transformers loads offline: "
+            "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",
+            (export_options,)),
+    Command("eval", cmd_eval, "loss and perplexity on a whole split or text file, or HellaSwag",
+            "Score every token of a prepared split or a text file (consecutive windows; not a "
+            "sampled estimate), or, with --task hellaswag, HellaSwag's acc and acc_norm.",
+            (eval_options, device_option, json_option)),
+    Command("config", cmd_config, "print the complete config a run would use, resolved",
+            "Print, as TOML, the complete config `train` would run with (every section and key), "
+            "and a [resolved] table of what its auto settings become on a device type with N "
+            "processes. The output is a valid --config file.",
+            (config_options, config_cmd_options), keys_help),
+    Command("bench", cmd_bench, "measure training throughput, FLOP/s and MFU",
+            "Time full training steps (forward, backward, clipping, optimizer) on random tokens, "
+            "the way `train` runs them.",
+            (bench_shape_options, device_option, bench_run_options, json_option), relaunches=True),
+    Command("plot", cmd_plot, "plot losses, learning rate, grad norm and throughput of runs",
+            "Draw one PNG comparing runs: loss against steps and tokens (train and val), learning "
+            "rate, gradient norm and tokens/s.",
+            (plot_options,)),
+    Command("runs", cmd_runs, "list the runs under a directory",
+            "A table of the runs under DIR: preset, status, steps, tokens, losses, wall time, "
+            "throughput and latest checkpoint.",
+            (runs_options,)),
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -342,194 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    sp = sub.add_parser("prepare", help="tokenize text, JSON lines or Parquet into training shards",
-                        description="Tokenize documents (text files, JSON lines, Parquet; files, "
-                                    "directories or globs; or a named dataset: shakespeare) into "
-                                    "DIR/train-NNNNNN.bin and DIR/val-NNNNNN.bin shards and "
-                                    "DIR/meta.json. An interrupted run continues where it stopped "
-                                    "when the same command is run again.")
-    sp.add_argument("inputs", nargs="+", metavar="INPUT",
-                    help="files, directories (read recursively, hidden files skipped) or glob "
-                         "patterns; .txt/.md (one document per file), .jsonl/.json (one per line), "
-                         ".parquet (one per row), text and JSON lines optionally .gz/.zst/.xz/.bz2; "
-                         "or 'shakespeare' to download Tiny Shakespeare")
-    sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    sp.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
-                    help="gpt2: GPT-2 BPE (50,257 tokens); char: one token per character (default: gpt2)")
-    sp.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"],
-                    help="read every input as this format, whatever its extension")
-    sp.add_argument("--text-field", default="text", metavar="NAME",
-                    help="JSON field or Parquet column holding the text (default: text)")
-    sp.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                    help="fraction held out for validation: whole documents (chosen by a seeded "
-                         "hash) when there are many, the last tokens of a single text; 0 trains "
-                         "on everything (default: 0.1)")
-    sp.add_argument("--seed", type=int, default=0,
-                    help="seed of the choice of validation documents (default: 0)")
-    sp.add_argument("--shard-tokens", type=int, default=None, metavar="N",
-                    help="tokens per shard file (default: 100,000,000, i.e. 200 MB)")
-    sp.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                    help="stop after N tokens (train and val together), e.g. to try a huge corpus")
-    sp.add_argument("--workers", type=int, default=None, metavar="N",
-                    help="tokenizer processes (default: all cores); the output is the same for any N")
-    sp.add_argument("--errors", default="strict", choices=["strict", "replace"],
-                    help="invalid UTF-8: strict stops with the file and byte offset; replace substitutes U+FFFD (default: strict)")
-    sp.add_argument("--force", action="store_true",
-                    help="replace data (finished or not) that other arguments made in DIR")
-    sp.add_argument("--url", default=None, help="download address for a named dataset (default: its canonical one)")
-    sp.set_defaults(func=cmd_prepare)
-
-    tp = sub.add_parser("train", help="train a model",
-                        description="Train a GPT-2 model on prepared data.",
-                        epilog=_config_keys_help())
-    tp.add_argument("--data", metavar="DIR", help="prepared data directory (from gptforge prepare)")
-    tp.add_argument("--out", required=True, metavar="RUN",
-                    help="run directory: config, metrics.jsonl and checkpoints go here")
-    tp.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
-                    help=f"starting configuration (default: {DEFAULT_PRESET})")
-    tp.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
-    tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
-    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|PATH",
-                    help="continue the run in --out (or from checkpoint PATH) exactly where it "
-                         "stopped; 'auto': continue it if it has a checkpoint, else start it, and "
-                         "exit 0 if it is complete (the same command for the first start and "
-                         "every restart of a preemptible job)")
-    tp.add_argument("--init-from", metavar="PATH", default=None,
-                    help="start from the weights of a local Hugging Face GPT-2 directory or a "
-                         "gptforge run/checkpoint (fine-tuning); the model shape comes from there")
-    tp.add_argument("--nproc", type=int, default=None, metavar="N",
-                    help="train with N processes on this machine (launches torchrun; one per GPU, "
-                         "or N CPU processes with gloo); for several machines run torchrun yourself")
-    tp.set_defaults(func=cmd_train, argv=None)
-
-    d = SampleConfig()
-    helps = field_help(SampleConfig)
-    smp = sub.add_parser("sample", help="generate text from a trained model",
-                         description="Generate text from a run's latest checkpoint, a checkpoint "
-                                     "directory or a Hugging Face GPT-2 directory.")
-    smp.add_argument("--ckpt", required=True, metavar="PATH",
-                     help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
-    for f in dataclasses.fields(SampleConfig):  # one option per field, its docstring as help
-        default = getattr(d, f.name)
-        text = helps.get(f.name, "")
-        if f.name == "prompt":
-            text += " (default: a newline)"  # a literal newline would break the help layout
-        smp.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
-                         help=text)
-    smp.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                     help="sample among the most likely tokens whose probabilities sum to P "
-                          "(nucleus sampling; 1: all) (default: 1.0)")
-    smp.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                     help="end a sample where TEXT appears, leaving TEXT out (repeatable); "
-                          "samples also end at <|endoftext|>")
-    smp.add_argument("--no-cache", action="store_true",
-                     help="recompute the whole context for every token instead of using the KV "
-                          "cache (slower; same tokens)")
-    smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    smp.set_defaults(func=cmd_sample)
-
-    ep = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory",
-                        description="Write a checkpoint as a directory that transformers loads "
-                                    "offline: GPT2LMHeadModel.from_pretrained(DIR) and "
-                                    "AutoTokenizer.from_pretrained(DIR).")
-    ep.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
-    ep.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    ep.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
-    ep.add_argument("--weights-only", action="store_true",
-                    help="export a char-level model anyway: config and weights, with the char "
-                         "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
-    ep.set_defaults(func=cmd_export)
-
-    evp = sub.add_parser("eval", help="loss and perplexity on a whole split or text file, or HellaSwag",
-                         description="Score every token of a prepared split or a text file "
-                                     "(consecutive windows; not a sampled estimate), or, with "
-                                     "--task hellaswag, HellaSwag's acc and acc_norm.")
-    evp.add_argument("--ckpt", required=True, metavar="PATH",
-                     help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
-    evp.add_argument("--task", default="loss", choices=["loss", "hellaswag"],
-                     help="loss: loss and perplexity of --data; hellaswag: HellaSwag, completion "
-                          "style as llm.c and build-nanogpt score it (default: loss)")
-    evp.add_argument("--data", metavar="DIR|FILE",
-                     help="prepared data directory (from gptforge prepare) or a UTF-8 text file; "
-                          "with --task hellaswag a HellaSwag .jsonl file (default there: the "
-                          "validation set, downloaded once and cached)")
-    evp.add_argument("--split", default=None, choices=["val", "train"],
-                     help="split of a prepared directory (default: val)")
-    evp.add_argument("--batch-size", type=int, default=4, metavar="N",
-                     help="windows per forward pass; with --task hellaswag, examples (of 4 rows) "
-                          "per forward pass (default: 4)")
-    evp.add_argument("--seq-len", type=int, default=0, metavar="N",
-                     help="tokens per window (default: the model's context)")
-    evp.add_argument("--limit", type=int, default=0, metavar="N",
-                     help="with --task hellaswag: score only the first N examples (default: all)")
-    evp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    evp.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
-    evp.set_defaults(func=cmd_eval)
-    cp = sub.add_parser("config", help="print the complete config a run would use, resolved",
-                        description="Print, as TOML, the complete config `train` would run with "
-                                    "(every section and key), and a [resolved] table of what its "
-                                    "auto settings become on a device type with N processes. The "
-                                    "output is a valid --config file.",
-                        epilog=_config_keys_help())
-    cp.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
-                    help=f"starting configuration (default: {DEFAULT_PRESET})")
-    cp.add_argument("--config", metavar="FILE", help="TOML file of [section] keys, applied over the preset")
-    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config key (repeatable)")
-    cp.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
-                    help="resolve for this device type, here or not (sets train.device; default: "
-                         "train.device, where auto is what this machine has)")
-    cp.add_argument("--nproc", type=int, default=None, metavar="N",
-                    help="resolve for N processes (accumulation steps) (default: 1)")
-    cp.set_defaults(func=cmd_config)
-
-    bp = sub.add_parser("bench", help="measure training throughput, FLOP/s and MFU",
-                        description="Time full training steps (forward, backward, clipping, optimizer) "
-                                    "on random tokens, the way `train` runs them.")
-    bp.add_argument("--preset", default="gpt2",
-                    help=f"model preset ({', '.join(MODEL_PRESETS)}) or run preset")
-    bp.add_argument("--batch-size", type=int, default=None,
-                    help="sequences per step per process (default: 64 on CUDA, 16 elsewhere)")
-    bp.add_argument("--seq-len", type=int, default=None,
-                    help="tokens per sequence (default: 1024 on CUDA, 64 elsewhere)")
-    bp.add_argument("--steps", type=int, default=5, help="timed steps")
-    bp.add_argument("--warmup", type=int, default=2, help="untimed steps first (start-up, compile)")
-    bp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    bp.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                    help="precision, as train.dtype")
-    bp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the step (default: as train.compile=auto, on CUDA only)")
-    bp.add_argument("--data", metavar="DIR", default=None,
-                    help="batches from this prepared directory's train split (default: random tokens)")
-    bp.add_argument("--nproc", type=int, default=None, metavar="N",
-                    help="benchmark DDP with N processes on this machine (launches torchrun)")
-    bp.add_argument("--ddp-bucket-mb", type=int, default=25, metavar="MB",
-                    help="DDP gradient bucket size, as train.ddp_bucket_mb")
-    bp.add_argument("--plain", action="store_true",
-                    help="the baseline: fp32, eager, default allocator, default AdamW")
-    bp.add_argument("--compare", action="store_true",
-                    help="also measure the plain baseline (in a child process) and report the ratio")
-    bp.add_argument("--peak-seconds", type=float, default=2.0,
-                    help="how long to measure the matmul peak that MFU is judged against")
-    bp.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
-    bp.set_defaults(func=cmd_bench, argv=None)
-
-    pl = sub.add_parser("plot", help="plot losses, learning rate, grad norm and throughput of runs",
-                        description="Draw one PNG comparing runs: loss against steps and tokens "
-                                    "(train and val), learning rate, gradient norm and tokens/s.")
-    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.jsonl)")
-    pl.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
-    pl.add_argument("--log-loss", action="store_true", help="log-scale loss axes (default: linear)")
-    pl.set_defaults(func=cmd_plot)
-
-    rn = sub.add_parser("runs", help="list the runs under a directory",
-                        description="A table of the runs under DIR: preset, status, steps, tokens, "
-                                    "losses, wall time, throughput and latest checkpoint.")
-    rn.add_argument("dir", nargs="?", default=".", metavar="DIR",
-                    help="directory holding run directories (default: the current directory)")
-    rn.set_defaults(func=cmd_runs)
+    for command in COMMANDS:
+        sp = sub.add_parser(command.name, help=command.help, description=command.description,
+                            epilog=command.epilog() if command.epilog else None)
+        for add in command.options:
+            add(sp)
+        sp.set_defaults(func=command.run, **({"argv": None} if command.relaunches else {}))
     return p
 
 

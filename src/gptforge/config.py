@@ -146,8 +146,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16
-    "sequences per micro-step per process"
+    batch_size: int | str = 16
+    "sequences per micro-step per process; auto: on CUDA the largest that fits, found by trial steps at start-up and kept in the run's config (it must divide total_batch_tokens / (seq_len x processes)), elsewhere the preset's"
     seq_len: int = 64
     "tokens per sequence (at most model.block_size)"
     total_batch_tokens: int = 4096
@@ -186,6 +186,8 @@ class TrainConfig:
     "seconds a collective may wait before the job fails (a dead rank then stops the others)"
     ddp_bucket_mb: int = 25
     "DDP gradient bucket size in MB: each bucket's all-reduce starts as soon as its gradients are ready, overlapping the backward pass"
+    activation_checkpointing: bool = False
+    "keep only each block's input for the backward pass and recompute the rest there: far less activation memory for about a third more compute; the same losses and gradients"
     keep_freed_memory: bool = True
     "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
@@ -236,82 +238,6 @@ class RunConfig:
 
 
 SECTIONS = ("model", "data", "optim", "train", "sample")
-
-# Run presets: the sections each one sets on top of the defaults above.
-RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The original notebook's recipe, exactly: GPT-2 124M on Tiny Shakespeare (GPT-2 BPE),
-    # micro-batch 16 x 64, 4 accumulation steps, warmup 1,000 to 6e-4, cosine to 6e-5 at 300,000,
-    # consecutive windows, stop once a step's training loss is under 0.09, a log line every 100.
-    "gpt2-shakespeare": {
-        "model": dict(MODEL_PRESETS["gpt2"]),
-        "data": dict(loader="sequential"),
-        "optim": dict(lr=6e-4, min_lr=6e-5, warmup_steps=1000, decay_steps=300_000,
-                      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
-        "train": dict(batch_size=16, seq_len=64, total_batch_tokens=16 * 64 * 4,
-                      max_steps=300_000, target_loss=0.09, log_interval=100),
-    },
-    # nanoGPT's small CPU recipe for character-level Tiny Shakespeare (its README's
-    # "baby GPT" command line), so results can be compared with that trainer.
-    "shakespeare-char": {
-        "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=0,
-                      dropout=0.0, bias=False),
-        "data": dict(loader="random"),
-        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000,
-                      beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0),
-        "train": dict(batch_size=12, seq_len=64, total_batch_tokens=12 * 64, max_steps=2000,
-                      log_interval=10, eval_interval=250),
-    },
-    # The same task and val split, to the standard recipe's validation loss (1.88) as fast as a
-    # 2-core CPU can: a smaller model that sees more tokens per second, Muon for the blocks'
-    # matrices, a higher AdamW lr for the embeddings, and a warmup-stable-decay schedule that
-    # ends at the last step. One evaluation, at the end (BENCHMARKS.md has the measurements).
-    "shakespeare-char-speedrun": {
-        "model": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=0,
-                      dropout=0.0, bias=False),
-        "data": dict(loader="random"),
-        "optim": dict(name="muon", lr=1.2e-2, muon_lr=0.03, min_lr=0.0, warmup_steps=20,
-                      decay_steps=500, schedule="wsd", cooldown_steps=250,
-                      beta1=0.9, beta2=0.99, weight_decay=0.0, grad_clip=1.0),
-        "train": dict(batch_size=32, seq_len=64, total_batch_tokens=32 * 64, max_steps=500,
-                      log_interval=50),
-    },
-    # GPT-2 124M the way llm.c and build-nanogpt reproduce it on ~10B tokens of FineWeb(-Edu):
-    # 524,288 (2**19) tokens per step in micro-batches of 64 x 1024 per GPU (8 accumulation steps
-    # on one GPU, 1 on eight), AdamW 6e-4 (0.9, 0.95), weight decay 0.1, clipping at 1.0, 700
-    # warmup steps, then a cosine to 0 at step 18,865 (~10B tokens, one pass over a 10B sample);
-    # validation loss (20 batches, ~1.3M tokens) and HellaSwag every 250 steps, a checkpoint
-    # every 5,000. llm.c reaches a val loss of ~3.28 and HellaSwag acc_norm ~0.30 this way.
-    "gpt2-fineweb": {
-        "model": dict(MODEL_PRESETS["gpt2"]),
-        "data": dict(loader="sequential"),
-        "optim": dict(lr=6e-4, min_lr=0.0, warmup_steps=700, decay_steps=18_865,
-                      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
-        "train": dict(batch_size=64, seq_len=1024, total_batch_tokens=524_288, max_steps=18_865,
-                      log_interval=10, eval_interval=250, eval_max_batches=20,
-                      hellaswag_interval=250, save_interval=5000),
-    },
-    # Tiny models for tests and quick experiments on any machine.
-    "gpt2-tiny": {
-        "model": dict(MODEL_PRESETS["gpt2-tiny"], vocab_size=0),
-        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=200),
-        "train": dict(batch_size=8, seq_len=32, total_batch_tokens=8 * 32, max_steps=200,
-                      log_interval=10),
-    },
-    "gpt2-mini": {
-        "model": dict(MODEL_PRESETS["gpt2-mini"], vocab_size=0),
-        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=50, decay_steps=2000),
-        "train": dict(batch_size=16, seq_len=128, total_batch_tokens=16 * 128, max_steps=2000,
-                      log_interval=50, eval_interval=500),
-    },
-}
-DEFAULT_PRESET = "gpt2-shakespeare"
-
-
-def run_preset(name: str) -> RunConfig:
-    if name not in RUN_PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(RUN_PRESETS)}")
-    return RunConfig.from_dict(RUN_PRESETS[name], origin=f"preset {name}")
-
 
 # ----------------------------------------------------------------------------------------------
 # Reading values from dicts, TOML files and the command line
@@ -440,16 +366,6 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
         set_value(cfg, key, value)
 
 
-def resolve(preset: str | None, config_file: str | None, overrides: list[str]) -> RunConfig:
-    """preset -> TOML -> dotted overrides, then validated."""
-    cfg = run_preset(preset or DEFAULT_PRESET)
-    if config_file:
-        apply_dict(cfg, load_toml(config_file), origin=str(config_file))
-    apply_overrides(cfg, overrides)
-    validate_run(cfg)
-    return cfg
-
-
 # ----------------------------------------------------------------------------------------------
 # Validation: each rule names the key and the allowed values.
 
@@ -510,7 +426,8 @@ def validate(obj: Any, section: str) -> None:
         chk("muon_momentum", 0.0 <= obj.muon_momentum < 1.0, "must be in [0, 1)")
         chk("ns_steps", 1 <= obj.ns_steps <= 20, "must be between 1 and 20")
     elif isinstance(obj, TrainConfig):
-        for key in ("batch_size", "seq_len", "total_batch_tokens", "max_steps", "log_interval"):
+        chk("batch_size", obj.batch_size == AUTO or obj.batch_size >= 1, "must be >= 1 or auto")
+        for key in ("seq_len", "total_batch_tokens", "max_steps", "log_interval"):
             chk(key, getattr(obj, key) >= 1, "must be >= 1")
         for key in ("eval_interval", "eval_max_batches", "save_interval", "hellaswag_interval"):
             chk(key, getattr(obj, key) >= 0, "must be >= 0 (0 disables)")
@@ -560,7 +477,8 @@ RESUMABLE_KEYS = frozenset({
     "train.log_interval", "train.eval_interval", "train.eval_max_batches", "train.save_interval",
     "train.hellaswag_interval", "train.hellaswag_data",
     "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
-    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.keep_freed_memory",
+    "train.dist_timeout_s", "train.ddp_bucket_mb", "train.activation_checkpointing",
+    "train.keep_freed_memory",
     "train.tensorboard", "train.wandb", "train.wandb_project", "train.mlflow", "train.run_name",
     *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),
 })
@@ -580,6 +498,8 @@ def config_differences(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]
 
 def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:
     """Micro-steps per optimizer step, derived from the batch keys; errors when they do not divide."""
+    if train.batch_size == AUTO:
+        raise ValueError("train.batch_size is 'auto': resolve it first (step.fit_micro_batch)")
     per_micro = train.batch_size * train.seq_len * world_size
     if train.total_batch_tokens % per_micro != 0:
         procs = f" x {world_size} processes" if world_size > 1 else ""

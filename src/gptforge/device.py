@@ -9,6 +9,8 @@ batches to the device without host-side widening (``BatchFeeder``).
 from __future__ import annotations
 
 import contextlib
+import gc
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,7 +18,9 @@ from typing import Any
 
 import torch
 
-from gptforge.config import AUTO, ConfigError, RunConfig, grad_accum_steps
+from gptforge.config import AUTO, ConfigError, RunConfig, TrainConfig, grad_accum_steps
+from gptforge.errors import GptforgeError
+from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, run_preset
 
 
 def pick_device(name: str) -> torch.device:
@@ -79,6 +83,31 @@ def pick_autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
     return None if name == "float32" else DTYPES[name]
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a training step computes: fp32, or autocast to bf16/fp16 (fp16 with a GradScaler)."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast dtype; None: plain fp32
+
+    @classmethod
+    def pick(cls, device: torch.device, name: str) -> "Precision":
+        """train.dtype (or bench's --dtype) on ``device``; see ``dtype_name``."""
+        return cls(device, pick_autocast_dtype(device, name))
+
+    @property
+    def label(self) -> str:
+        """``float32``, ``bfloat16 autocast`` or ``float16 autocast``, as the logs show it."""
+        return "float32" if self.dtype is None else str(self.dtype).replace("torch.", "") + " autocast"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's loss scaling (bf16 and fp32 have fp32's range and need none)."""
+        return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+
 # ----------------------------------------------------------------------------------------------
 # What "auto" becomes
 
@@ -91,14 +120,17 @@ class Resolved:
     dtype: str  # autocast precision, or float32 for none
     compile: bool
     padded_vocab_size: int  # 0: the vocabulary comes from the data, not known yet
-    grad_accum_steps: int
+    grad_accum_steps: int | str  # str: train.batch_size=auto on CUDA, known once it has run
     tokens_per_step: int
     pad_vocab_multiple: int  # what model.pad_vocab_multiple becomes (the model's shape)
+    batch_size: str = ""  # what train.batch_size=auto does here ("": a number was given)
 
     def table(self) -> dict[str, Any]:
         """The [resolved] table of `gptforge config`, and the line train logs at start."""
         d = asdict(self)
         del d["pad_vocab_multiple"]  # shown through padded_vocab_size
+        if not self.batch_size:
+            del d["batch_size"]
         return d
 
 
@@ -107,13 +139,16 @@ def device_type_of(name: str) -> str:
     return pick_device("auto").type if name == AUTO else name.split(":")[0]
 
 
-def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: bool = True) -> Resolved:
+def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: bool = True,
+                preset: str | None = None) -> Resolved:
     """What ``cfg``'s auto settings become on ``device_type`` with ``world_size`` processes.
 
     CUDA: compile on, the vocabulary padded to a multiple of 64 (50,257 -> 50,304 rows: the output
-    matmul's shape then suits the tensor cores), bf16 autocast. MPS: padded, eager. CPU: today's
-    measured defaults, eager and unpadded (neither pays here, BENCHMARKS.md). ``present=False``
-    resolves for a device this machine does not have, for planning a run elsewhere.
+    matmul's shape then suits the tensor cores), bf16 autocast, ``train.batch_size=auto`` searched
+    at start-up. MPS: padded, eager. CPU: today's measured defaults, eager and unpadded (neither
+    pays here, BENCHMARKS.md). Off CUDA, batch_size=auto is the micro-batch of ``preset`` (the run
+    preset the config started from). ``present=False`` resolves for a device this machine does not
+    have, for planning a run elsewhere.
     """
     m, t = cfg.model, cfg.train
     pad = m.pad_vocab_multiple
@@ -122,9 +157,184 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
     compile_ = t.compile if t.compile != AUTO else device_type == "cuda"
     dtype = dtype_name(t.dtype, device_type, present)
     padded = (m.vocab_size + pad - 1) // pad * pad
+    accum: int | str
+    batch = ""
+    if t.batch_size != AUTO:
+        accum = grad_accum_steps(t, world_size)
+    elif device_type == "cuda":
+        sizes = micro_batch_candidates(t, world_size)
+        accum = f"total_batch_tokens / (batch_size x seq_len x processes): {sizes[-1]} .. 1"
+        with_ac = " (with activation checkpointing)" if t.activation_checkpointing else ""
+        batch = (f"auto: searched at start-up, the largest of {_listed(sizes)} whose trial forward "
+                 f"and backward{with_ac} fits in {HEADROOM:.0%} of the GPU's memory with the optimizer's "
+                 "state, on every process (the smallest over processes wins); logged, and kept in "
+                 "the run's config")
+    else:
+        size = preset_micro_batch(t, world_size, preset)
+        accum = t.total_batch_tokens // (size * t.seq_len * world_size)
+        batch = (f"auto: {size}, preset {preset or DEFAULT_PRESET}'s micro-batch (the search for the "
+                 "largest that fits runs on CUDA only)")
     return Resolved(device=device_type, dtype=dtype, compile=bool(compile_), padded_vocab_size=padded,
-                    grad_accum_steps=grad_accum_steps(t, world_size),
-                    tokens_per_step=t.total_batch_tokens, pad_vocab_multiple=pad)
+                    grad_accum_steps=accum, tokens_per_step=t.total_batch_tokens,
+                    pad_vocab_multiple=pad, batch_size=batch)
+
+
+def resolve_here_or_not(cfg: RunConfig, world_size: int, preset: str | None = None) -> tuple[Resolved, str]:
+    """``resolve_for`` on the device type ``train.device`` names (auto: this machine's), whether or
+    not this machine has one, and a note saying which it is (`gptforge config`'s [resolved])."""
+    device = device_type_of(cfg.train.device)
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(
+        device, lambda: True)()
+    resolved = resolve_for(cfg, device, world_size, present=present, preset=preset)
+    note = (f"what the sections give on {device}{'' if present else ' (not on this machine)'}"
+            f" with {world_size} process{'es' if world_size > 1 else ''}; derived, ignored when read back")
+    if cfg.model.vocab_size == 0:
+        note += "; padded_vocab_size 0: the vocabulary comes from the data (set data.path)"
+    return resolved, note
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting the memory there is: train.batch_size=auto, and running out of memory as one line
+
+HEADROOM = 0.9  # a trial micro-batch must peak under this share of the GPU's memory
+
+
+def micro_batch_candidates(t: TrainConfig, world_size: int = 1) -> list[int]:
+    """The micro-batches that keep ``train.total_batch_tokens`` per step: the divisors of
+    total_batch_tokens / (seq_len x processes), smallest first."""
+    per_sequence = t.seq_len * world_size
+    if t.total_batch_tokens % per_sequence:
+        procs = f" x {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(
+            f"train.batch_size=auto keeps train.total_batch_tokens={t.total_batch_tokens}, which "
+            f"must then be a multiple of train.seq_len{procs} = {per_sequence}: change one of them"
+        )
+    n = t.total_batch_tokens // per_sequence
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _listed(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes)) if len(sizes) <= 6 else (
+        f"{', '.join(map(str, sizes[:3]))} .. {', '.join(map(str, sizes[-2:]))}")
+
+
+def preset_micro_batch(t: TrainConfig, world_size: int, preset: str | None) -> int:
+    """batch_size=auto where nothing is searched: the run preset's own micro-batch (the default
+    preset's when the config came from none), or the largest size under it that keeps the step."""
+    name = preset if preset in RUN_PRESETS else DEFAULT_PRESET
+    wanted = int(run_preset(name).train.batch_size)
+    return max(b for b in micro_batch_candidates(t, world_size) if b <= wanted or b == 1)
+
+
+def largest_that_fits(sizes: list[int], trial: Callable[[int], None]) -> tuple[int | None, list[tuple[int, bool]]]:
+    """The largest of ``sizes`` (ascending) for which ``trial(size)`` does not run out of memory,
+    by bisection (memory grows with the micro-batch), and every (size, fitted) tried, in order.
+    None if not even the smallest fits. ``trial`` signals "does not fit" by raising
+    torch.cuda.OutOfMemoryError, as the allocator does."""
+    lo, hi, best = 0, len(sizes) - 1, None
+    tried: list[tuple[int, bool]] = []
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            trial(sizes[mid])
+            fits = True
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        tried.append((sizes[mid], fits))
+        if fits:
+            best, lo = sizes[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best, tried
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back and start the peak statistics afresh."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class MemoryTrial:
+    """``trial(b)``: one training forward and backward of a (b, seq_len) micro-batch of random
+    tokens through ``model``, with ``reserve_bytes`` held aside for the optimizer's state (created
+    at the first real step). On CUDA a trial that peaks above ``HEADROOM`` of the GPU's memory
+    counts as out of memory too: what barely fits in one trial fails later, when the allocator's
+    cache is fragmented or evaluation needs its share."""
+
+    def __init__(self, model: torch.nn.Module, precision: Precision, seq_len: int, vocab_size: int,
+                 reserve_bytes: int = 0):
+        self.model, self.precision, self.seq_len = model, precision, seq_len
+        self.vocab_size, self.reserve_bytes = vocab_size, reserve_bytes
+        device = precision.device
+        self.budget = (HEADROOM * torch.cuda.get_device_properties(device).total_memory
+                       if device.type == "cuda" else None)
+
+    def __call__(self, b: int) -> None:
+        device = self.precision.device
+        release_memory(device)  # what an earlier trial (or its exception) held is gone by now
+        try:
+            self._step(b, device)
+        finally:
+            self.model.zero_grad(set_to_none=True)
+
+    def _step(self, b: int, device: torch.device) -> None:
+        reserve = torch.empty(self.reserve_bytes, dtype=torch.uint8, device=device)
+        tokens = torch.randint(0, self.vocab_size, (b, self.seq_len + 1), device=device)
+        with self.precision.autocast():
+            _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        del reserve
+        if self.budget is not None:
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_reserved(device)
+            if peak > self.budget:
+                raise torch.cuda.OutOfMemoryError(
+                    f"the trial peaked at {peak / 2**30:.1f} GiB, over {HEADROOM:.0%} of the GPU's memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU's and MPS's allocation failures (plain RuntimeErrors)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "MPS backend out of memory" in text)
+
+
+def memory_line(device: torch.device) -> str:
+    """The peak memory of this process on ``device``, for a message."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"peak {peak:.1f} GiB allocated of the GPU's {total:.1f} GiB"
+    # ru_maxrss is in KiB on Linux: the whole process
+    return f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB of process memory"
+
+
+def out_of_memory(e: BaseException, device: torch.device, t: TrainConfig, world_size: int,
+                  when: str, then: str) -> GptforgeError:
+    """Running out of memory as one line: where, the micro-batch, the peak, and what to change.
+    ``when`` says at what point ("after 120 steps"), ``then`` what becomes of the run."""
+    import re
+
+    asked = re.search(r"[Tt]ried to allocate [0-9.]+ [KMGT]?i?B", str(e))
+    tried = f"; t{asked.group(0)[1:]}" if asked else ""
+    b = t.batch_size
+    fixes = []
+    smaller = [s for s in micro_batch_candidates(t, world_size) if s < b] if isinstance(b, int) else []
+    if smaller:
+        s = smaller[-1]
+        accum = t.total_batch_tokens // (s * t.seq_len * world_size)
+        fixes.append(f"a smaller train.batch_size (e.g. {s}: {accum} accumulation steps keep the "
+                     f"step at {t.total_batch_tokens:,} tokens)")
+    if not t.activation_checkpointing:
+        fixes.append("train.activation_checkpointing=true")
+    if not fixes:
+        fixes.append("a shorter train.seq_len or a smaller model")
+    return GptforgeError(
+        f"out of memory on {device} {when} with a micro-batch of {b} x {t.seq_len} tokens "
+        f"({memory_line(device)}{tried}): set {' or '.join(fixes)}; {then}")
 
 
 def eager(compiled: bool = True) -> contextlib.AbstractContextManager:

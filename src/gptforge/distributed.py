@@ -13,7 +13,9 @@ checkpoints load into each other.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,9 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from gptforge.config import ConfigError
 from gptforge.device import pick_device
+from gptforge.errors import GptforgeError
 
 
 @dataclass
@@ -107,6 +111,34 @@ def shutdown(env: DistEnv, clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session(device_name: str, timeout_s: int) -> Iterator[DistEnv]:
+    """The process group for the duration (see init_distributed), left cleanly at the end; after
+    an error without the final meeting (see shutdown), so a failing rank never waits for peers
+    that will not come."""
+    env = init_distributed(device_name, timeout_s)
+    try:
+        yield env
+    except BaseException:
+        shutdown(env, clean=False)
+        raise
+    shutdown(env)
+
+
+def peer_lost(e: BaseException, env: DistEnv) -> GptforgeError | None:
+    """A collective that failed because another process of the job died or hung, as one line
+    (the launcher names the process and how to continue); None for any other error, which keeps
+    its traceback."""
+    if not env.distributed or not isinstance(e, RuntimeError):
+        return None
+    text = " ".join(str(e).split())
+    backend = tuple(t for t in (getattr(dist, "DistBackendError", None),) if t is not None)
+    if not (isinstance(e, backend) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
+                                                                "Connection reset by peer"))):
+        return None
+    return GptforgeError(f"rank {env.rank} stops: another process of the job is gone ({text[:160]})")
+
+
 def _fsdp2():
     try:
         from torch.distributed.fsdp import (  # torch >= 2.6
@@ -118,8 +150,39 @@ def _fsdp2():
     return fully_shard, MixedPrecisionPolicy
 
 
+def _checkpointed(forward: Callable[..., torch.Tensor], x: torch.Tensor,
+                  kv_cache: Any = None) -> torch.Tensor:
+    """A block's forward that keeps only its input for the backward pass and runs the block again
+    there. Non-reentrant, with the RNG state saved and restored around the recomputation, so the
+    dropout masks and hence the gradients are the ones a plain backward gives. Generation (a KV
+    cache) and anything under no_grad run the plain forward: there is nothing to save."""
+    if kv_cache is None and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False,
+                                                 preserve_rng_state=True)
+    return forward(x, kv_cache)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Per-block activation checkpointing, in place: each block's ``forward`` becomes
+    ``_checkpointed`` around its own. Memory for activations drops from every block's
+    intermediates to one tensor per block (plus one block's at a time in the backward), for
+    about one more forward pass of compute.
+
+    Why the instance's ``forward`` and not torch's ``checkpoint_wrapper``: the wrapper is a module
+    around the block, which renames every parameter (``..._checkpoint_wrapped_module.``) in state
+    dicts, optimizer state and checkpoints; here names, module types and checkpoints stay GPT-2's.
+    torch.compile traces ``torch.utils.checkpoint`` inside a compiled region as one higher-order
+    op, so the recomputation is compiled too; FSDP2's hooks run around the block's call as before.
+    """
+    for block in model.transformer.h:
+        if isinstance(block.__dict__.get("forward"), functools.partial):
+            continue  # already checkpointed
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
 def wrap_model(model: nn.Module, env: DistEnv, parallel: str, compile: bool = False,
-               amp_dtype: torch.dtype | None = None, bucket_mb: int = 25) -> nn.Module:
+               amp_dtype: torch.dtype | None = None, bucket_mb: int = 25,
+               activation_checkpointing: bool = False) -> nn.Module:
     """The module training steps run through: compiled and/or wrapped in DDP or FSDP2.
 
     DDP: gradients live in the all-reduce buckets themselves (``gradient_as_bucket_view``: no
@@ -129,15 +192,26 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str, compile: bool = Fa
     gradients reduced in fp32. FSDP2 shards in place, so ``model`` itself then holds DTensor
     parameters. Evaluation and checkpoints use ``model``, never the compiled module, so no
     ``_orig_mod.`` names are saved.
+
+    ``activation_checkpointing``: every block checkpointed first (``checkpoint_blocks``), so that
+    the recomputation sits inside whatever is compiled. Compiled DDP then compiles each block in
+    place instead of the wrapper: dynamo's DDPOptimizer, which splits a compiled DDP graph at
+    bucket boundaries, refuses graphs that hold checkpoint's higher-order op in older torch
+    versions (pytorch#104674); DDP's own hooks overlap the all-reduce as they do uncompiled.
     """
+    if activation_checkpointing:
+        checkpoint_blocks(model)
     if not env.distributed:
         return torch.compile(model) if compile else model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if compile and activation_checkpointing:
+            for block in model.transformer.h:
+                block.compile()
         ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                   gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
-        return torch.compile(ddp) if compile else ddp
+        return torch.compile(ddp) if compile and not activation_checkpointing else ddp
     fully_shard, MixedPrecisionPolicy = _fsdp2()
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if amp_dtype == torch.bfloat16 else MixedPrecisionPolicy())
@@ -183,6 +257,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control_group)
     return bool(t.item() > 0)
+
+
+def min_over_ranks(value: int, env: DistEnv) -> int:
+    """The smallest of every rank's ``value`` (over the gloo control group: no GPU wait)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=env.control_group)
+    return int(t.item())
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:

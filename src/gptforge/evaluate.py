@@ -10,16 +10,17 @@ cross-entropy in nats over those predictions; perplexity is exp(loss).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gptforge.checkpoint import load_model
 from gptforge.data import count_eval_windows, iter_eval_batches, load_meta, load_split
@@ -46,8 +47,55 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def line(self, what: str) -> str:
+        """``gptforge eval``'s result line for ``what`` was scored."""
+        tail = f" + 1 of {self.tail}" if self.tail else ""
+        return (f"{what}: loss {self.loss:.4f} | perplexity {self.perplexity:.2f} | "
+                f"{self.tokens:,} tokens in {self.windows:,} windows of {self.seq_len}{tail} | "
+                f"{self.wall_s:.1f}s")
+
 
 @torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str,
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_batches: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[float, int]:
+    """(summed next-token cross-entropy in nats, predicted tokens) over ``batches`` of (x, y).
+
+    The one computation of a held-out loss: ``gptforge eval`` and training's validation both
+    call it. Each batch's mean loss (the model's own, in float32) times its tokens is added up in
+    float64 on the device, so nothing waits for the device until the end. ``max_batches`` caps
+    the batches (0: all). With ``shard=(rank, world)`` each rank takes every world-th batch and
+    ``reduce_sum`` adds the ranks' sums, so the result equals one process doing all of them.
+    ``on_batch`` is told each batch's token count (a progress bar).
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
+    rank, world = shard
+    for i, (x, y) in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        if i % world != rank:
+            continue
+        x, y = x.to(device).long(), y.to(device).long()  # int32 ids, widened on the device
+        with amp():
+            _, loss = model(x, y)
+        sums[0] += loss.double() * y.numel()
+        sums[1] += y.numel()
+        if on_batch is not None:
+            on_batch(y.numel())
+    model.train(was_training)
+    total, count = reduce_sum(sums).tolist()
+    return total, int(count)
+
+
 def evaluate(
     model: GPT,
     tokens: np.ndarray,
@@ -67,8 +115,6 @@ def evaluate(
     n = len(tokens)
     if n < 2:
         raise GptforgeError(f"only {n} token(s) to evaluate: give at least two tokens of text")
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     windows = count_eval_windows(tokens, seq_len)
     tail_start = windows * seq_len  # the remainder window predicts tokens[tail_start+1 : n]
@@ -77,19 +123,9 @@ def evaluate(
         rest = torch.from_numpy(np.asarray(tokens[tail_start:n], dtype=np.int32))
         tail.append((rest[:-1].view(1, -1), rest[1:].view(1, -1)))  # (1, n - 1 - tail_start)
     batches = itertools.chain(iter_eval_batches(tokens, batch_size, seq_len), tail)
-    total_nats, count = 0.0, 0
     with progress_bar(total=n - 1, desc="eval", unit="tok", unit_scale=True,
                       disable=not progress, leave=False) as bar:
-        for x, y in batches:
-            x, y = x.to(device).long(), y.to(device).long()  # int32 ids, widened on the device
-            logits, _ = model(x)  # (rows, T, V)
-            # Summed in float64 on the host: the mean is over every token of the split.
-            total_nats += F.cross_entropy(
-                logits.float().flatten(0, 1), y.flatten(), reduction="sum"
-            ).item()
-            count += y.numel()
-            bar.update(y.numel())
-    model.train(was_training)
+        total_nats, count = heldout_loss(model, batches, device, on_batch=bar.update)
     assert count == n - 1, (count, n)
     loss = total_nats / count
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count,

@@ -11,10 +11,10 @@ only with ``force``.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptforge.atomic import replacing
 from gptforge.checkpoint import load_model
 from gptforge.errors import GptforgeError
 from gptforge.hf import GPTFORGE_TOKENIZER_FILE, write_hf_dir
@@ -94,11 +94,8 @@ def export_hf(
              "bias": model.config.bias}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replacing(out, directory=True, tmp=out.parent / f".{out.name}.tmp-{os.getpid()}",
+                   old=out.parent / f".{out.name}.old-{os.getpid()}") as tmp:
         write_hf_dir(tmp, model, tokenizer, extra)
         if not gpt2:
             (tmp / "README.txt").write_text(WEIGHTS_ONLY_README.format(
@@ -107,13 +104,4 @@ def export_hf(
             notes.append(f"weights only: the {tokenizer.get('name')} vocabulary is in "
                          f"{GPTFORGE_TOKENIZER_FILE} (see README.txt); transformers has no "
                          "tokenizer for it")
-        if out.exists():  # empty, or replaced with force
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return ExportResult(out, sorted(p.name for p in out.iterdir()), notes)

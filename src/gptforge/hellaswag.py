@@ -299,6 +299,11 @@ class HellaSwagResult:
         """Everything but the per-example predictions."""
         return {k: v for k, v in self.__dict__.items() if k not in ("preds", "preds_norm")}
 
+    def line(self) -> str:
+        """``gptforge eval --task hellaswag``'s result line."""
+        return (f"hellaswag: acc {self.acc:.4f} | acc_norm {self.acc_norm:.4f} | "
+                f"{self.examples:,} examples | {self.tok_per_s:,.0f} tok/s | {self.wall_s:.1f}s")
+
 
 @torch.no_grad()
 def score(

@@ -5,6 +5,7 @@ W&B, MLflow) that get the same numbers."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import json
 import math
@@ -20,7 +21,8 @@ from typing import Any, Callable, ClassVar
 
 from gptforge.config import RunConfig, dotted_items
 from gptforge.errors import GptforgeError
-from gptforge.rundir import free_space_then_continue, guarded_write
+from gptforge.atomic import write_text
+from gptforge.rundir import METRICS_FILE, RUN_FILE, free_space_then_continue, guarded_write
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -37,7 +39,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``RUN/metrics.jsonl``, flushed at once so that a
+    """Appends one JSON object per line to ``RUN/metrics.jsonl`` (rundir.METRICS_FILE), flushed at once so that a
     crashed run still has every line it logged. A failed write (disk full) is one line."""
 
     def __init__(self, path: str | Path):
@@ -78,13 +80,9 @@ def truncate_metrics(path: str | Path, step: int) -> None:
         return
     kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.strip() and _record_step(line) < step]
-    tmp = p.with_name(p.name + ".tmp")
     with guarded_write("metrics", p, free_space_then_continue(p.parent)):
-        try:
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # durable: the run resumes from this file's steps together with its checkpoint
+        write_text(p, "".join(kept), durable=True, tmp=p.with_name(p.name + ".tmp"))
 
 
 def _record_step(line: str) -> float:
@@ -200,9 +198,6 @@ class Progress:
 # run.json: what produced a run and how it ended
 
 
-RUN_FILE = "run.json"
-
-
 class RunRecord:
     """``RUN/run.json``: the command, preset, host and pid that produced the run, its status
     (running, finished, stopped, crashed) and the latest totals; rewritten atomically."""
@@ -235,14 +230,9 @@ class RunRecord:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         with guarded_write("run record", self.path, free_space_then_continue(self.path.parent)):
-            try:
-                tmp.write_text(json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
-                               encoding="utf-8")
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_text(self.path, json.dumps({k: _jsonable(v) for k, v in self.data.items()}, indent=2),
+                       tmp=self.path.with_name(self.path.name + ".tmp"))
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
@@ -322,6 +312,11 @@ class Tracker:
         """``status`` is run.json's: finished, stopped or crashed."""
         raise NotImplementedError
 
+    @classmethod
+    def abandon(cls, saved: dict[str, Any]) -> None:
+        """End the tracker run in ``saved`` (run.json's entry) that a restarted run leaves behind,
+        where the tracker would otherwise show it running for ever."""
+
 
 class TensorBoardLog(Tracker):
     """Scalars under ``RUN/tensorboard``, the config in the HPARAMS tab."""
@@ -353,22 +348,26 @@ class TensorBoardLog(Tracker):
 
 
 class WandbLog(Tracker):
-    """A Weights & Biases run in project ``train.wandb_project``; its local files under RUN/wandb.
+    """A Weights & Biases run in project ``train.wandb_project``; its local files under RUN/wandb
+    (or under ``WANDB_DIR`` where that is set).
     ``WANDB_MODE=offline`` keeps everything local (``wandb sync`` uploads it later)."""
 
     name, title, pip = "wandb", "W&B", "wandb"
-    module, run_files = "wandb", ("wandb",)
+    module, run_files = "wandb", ("wandb",)  # RUN/wandb unless WANDB_DIR says otherwise
 
     def __init__(self, run: TrackedRun) -> None:
         wandb = self.require()
         saved_id = run.saved.get("id")
+        # W&B's own convention first: WANDB_DIR, where a user has set it, else inside RUN
+        where = {} if os.environ.get("WANDB_DIR") else {"dir": str(run.run_dir)}
         self.run = wandb.init(project=run.config.train.wandb_project, name=run.name,
                               id=saved_id, resume="allow" if saved_id else None,
-                              dir=str(run.run_dir), config=run.config.to_dict())
+                              config=run.config.to_dict(), **where)
         # A resumed online run knows the steps it has; W&B drops (and warns about) lower ones.
         self.first_step = int(getattr(self.run, "starting_step", 0) or 0)
         self.state = {"id": self.run.id, "project": run.config.train.wandb_project}
-        self.where = getattr(self.run, "url", None) or f"run {self.run.id} in {run.run_dir / 'wandb'}"
+        self.where = (getattr(self.run, "url", None)
+                      or f"run {self.run.id} in {os.environ.get('WANDB_DIR') or run.run_dir / 'wandb'}")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if step >= self.first_step:
@@ -394,11 +393,7 @@ class MlflowLog(Tracker):
         # A continued run stays in the store it started in, unless the environment names another.
         uri = (os.environ.get("MLFLOW_TRACKING_URI") or run.saved.get("tracking_uri")
                or Path("mlruns").absolute().as_uri())
-        if urllib.parse.urlparse(uri).scheme in ("", "file"):
-            # MLflow 3 keeps its file store in maintenance and refuses it unless told otherwise;
-            # a local ./mlruns is what we were asked for.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.client = self._client(mlflow, uri)
         self.Metric = Metric
         self.run_id, self.logged_through = run.saved.get("run_id"), -1
         known: dict[str, str] = {}
@@ -440,6 +435,20 @@ class MlflowLog(Tracker):
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, self.STATUS.get(status, "FINISHED"))
 
+    @classmethod
+    def abandon(cls, saved: dict[str, Any]) -> None:
+        if saved.get("run_id") and saved.get("tracking_uri"):
+            client = cls._client(cls.require(), saved["tracking_uri"])
+            client.set_terminated(saved["run_id"], cls.STATUS["stopped"])
+
+    @staticmethod
+    def _client(mlflow: Any, uri: str) -> Any:
+        if urllib.parse.urlparse(uri).scheme in ("", "file"):
+            # MLflow 3 keeps its file store in maintenance and refuses it unless told otherwise;
+            # a local ./mlruns is what we were asked for.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        return mlflow.MlflowClient(tracking_uri=uri)
+
 
 TRACKERS: tuple[type[Tracker], ...] = (TensorBoardLog, WandbLog, MlflowLog)
 
@@ -458,10 +467,16 @@ class Trackers:
     without it: an experiment tracker must never stop a training run."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, saved: dict[str, Any], start_step: int,
-                 log: Callable[[str], None] = say):
+                 log: Callable[[str], None] = say, abandoned: dict[str, Any] | None = None):
         self.saved = dict(saved)  # a tracker switched off now keeps its run for a later session
         self.active: list[Tracker] = []
         name = cfg.train.run_name or run_dir.absolute().name
+        for cls in TRACKERS:  # the runs of a start that never saved: ended, not left "running"
+            if (abandoned or {}).get(cls.name):
+                try:
+                    cls.abandon(abandoned[cls.name])
+                except Exception as e:
+                    _tracker_failed(cls, "could not end the restarted run's old one", e, going_on=False)
         for cls in wanted_trackers(cfg):
             try:
                 tracker = cls(TrackedRun(run_dir, cfg, name, dict(self.saved.get(cls.name) or {}),
@@ -485,6 +500,8 @@ class Trackers:
             except Exception as e:
                 self.active.remove(tracker)
                 _tracker_failed(tracker, f"failed at step {step}", e)
+                with contextlib.suppress(Exception):  # marked failed, where it can still be told
+                    tracker.close("crashed")
 
     def close(self, status: str) -> None:
         active, self.active = self.active, []
@@ -501,3 +518,132 @@ def _tracker_failed(tracker: Tracker | type[Tracker], what: str, e: Exception,
     reason = reason or type(e).__name__
     warnings.warn(f"{tracker.title} {what} ({reason})"
                   + (f": training goes on without {tracker.title}" if going_on else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's report: where every number and line of a training run goes
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 95 -> '1m35s', 7.5 -> '7.5s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Eta:
+    """The run's expected wall time, said once, early: after MIN_STEPS steps and MIN_SECONDS
+    counted from the end of the session's first step (which pays start-up and compilation).
+    Host clock only: no wait for the GPU (the host runs a few steps ahead at most)."""
+
+    MIN_STEPS, MIN_SECONDS = 5, 3.0
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.start: tuple[int, float] | None = None
+        self.said = False
+
+    def line(self, steps_done: int) -> str | None:
+        now = time.perf_counter()
+        if self.said:
+            return None
+        if self.start is None:
+            self.start = (steps_done, now)
+            return None
+        n, elapsed = steps_done - self.start[0], now - self.start[1]
+        if n < self.MIN_STEPS or elapsed < self.MIN_SECONDS:
+            return None
+        self.said = True
+        left = self.max_steps - steps_done
+        if left <= 0:
+            return None
+        per_step = elapsed / n
+        until = datetime.datetime.now() + datetime.timedelta(seconds=per_step * left)
+        when = until.strftime("%H:%M" if per_step * left < 20 * 3600 else "%Y-%m-%d %H:%M")
+        return (f"estimate: {per_step:.3g} s per step, so the {left:,} steps left to "
+                f"train.max_steps={self.max_steps:,} take about {format_duration(per_step * left)} "
+                f"(until about {when})")
+
+
+class RunReport:
+    """Everything a run reports, on the rank that writes the run: log lines (through the progress
+    bar once it is drawn), metrics.jsonl, run.json and the trackers, which all get the same
+    records. On other ranks (``enabled=False``) it only keeps quiet, so the trainer reports
+    without asking which rank it is.
+    """
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None], enabled: bool,
+                 info: dict[str, Any] | None = None, saved: dict[str, Any] | None = None,
+                 abandoned: dict[str, Any] | None = None, start_step: int = 0):
+        self.log = log if enabled else _silent
+        self.metrics: MetricsLog | None = None
+        self.record: RunRecord | None = None
+        self.trackers: Trackers | None = None
+        self.progress: Progress | None = None
+        if enabled:
+            self.metrics = MetricsLog(run_dir / METRICS_FILE)
+            self.record = RunRecord(run_dir, **(info or {}))
+            self.trackers = Trackers(cfg, run_dir, saved or {}, start_step=start_step, log=log,
+                                     abandoned=abandoned)
+            self.record.update(trackers=self.trackers.state())
+        self.enabled = enabled
+
+    def start_progress(self, total: int, initial: int, target_loss: float) -> None:
+        """The bar (on a terminal), from here on redrawn around every log line; and the estimate
+        of the run's wall time, logged once after its first few steps."""
+        self.progress = Progress(total, initial, enabled=self.enabled, target_loss=target_loss)
+        self.log = self.progress.wrap(self.log)
+        self.eta = Eta(total)
+
+    def step_done(self, steps_done: int) -> None:
+        if self.progress is not None:
+            self.progress.update()
+        line = self.eta.line(steps_done) if self.enabled else None
+        if line:
+            self.log(line)
+
+    def write(self, fields: dict[str, Any], steps_done: int, best_val_loss: float | None) -> None:
+        """One record (``fields``, keyed as metrics.jsonl, with the ``tokens`` seen) to every
+        sink; run.json gets the totals: steps done, tokens, the best validation loss so far."""
+        if self.progress is not None and "loss" in fields and "tok_per_s" in fields:
+            self.progress.show(fields["loss"], fields["tok_per_s"])
+        if self.metrics is not None:
+            self.metrics.write(**fields)
+        if self.trackers is not None:
+            self.trackers.log(**fields)
+        if self.record is not None:
+            latest = {k: fields[k] for k in ("tok_per_s",) if k in fields}
+            if "loss" in fields:
+                latest["last_loss"] = fields["loss"]
+            self.record.update(step=steps_done, tokens=fields["tokens"], best_val_loss=best_val_loss,
+                               **latest)
+
+    def crashed(self, error: BaseException, step: int, tokens: int) -> None:
+        if self.trackers is not None:
+            self.trackers.close("crashed")
+        if self.record is not None:
+            # Best effort: when the disk is full, run.json cannot say so either.
+            with contextlib.suppress(GptforgeError, OSError):
+                self.record.update(status="crashed", error=str(error) or type(error).__name__,
+                                   step=step, tokens=tokens)
+
+    def close(self) -> None:
+        """The bar and metrics.jsonl (whatever happened)."""
+        if self.progress is not None:
+            self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def finished(self, status: str, **totals: Any) -> None:
+        """The run ended (``status``: finished or stopped): the trackers close, run.json says so."""
+        if self.trackers is not None:
+            self.trackers.close(status)
+        if self.record is not None:
+            self.record.update(status=status, **totals)

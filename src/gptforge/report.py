@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptforge.checkpoint import CHECKPOINT_DIR, find_checkpoint
+from gptforge.atomic import replacing
+from gptforge.checkpoint import find_checkpoint
 from gptforge.errors import GptforgeError
-from gptforge.metrics import RUN_FILE, is_finite_number, read_metrics, read_run_record
+from gptforge.metrics import is_finite_number, read_metrics, read_run_record
+from gptforge.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE
 
 COLUMNS = ("run", "preset", "status", "steps", "tokens", "best val", "last loss", "hellaswag",
            "wall", "tok/s", "latest checkpoint")
@@ -44,7 +46,7 @@ def find_runs(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise GptforgeError(f"{root} is not a directory: pass the directory that holds your runs")
     found = set()
-    for marker in (RUN_FILE, "metrics.jsonl"):
+    for marker in (RUN_FILE, METRICS_FILE):
         for path in root.rglob(marker):
             if CHECKPOINT_DIR not in path.parts[len(root.parts):]:
                 found.add(path.parent)
@@ -76,7 +78,7 @@ def describe_run(run: Path, root: Path, compact: bool = False) -> dict[str, str]
     """One row of the runs table; ``compact`` writes tokens and tok/s as 4.5M, 123k."""
     record = read_run_record(run)
     try:
-        metrics = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        metrics = read_metrics(run / METRICS_FILE) if (run / METRICS_FILE).is_file() else []
     except ValueError:  # a line cut short by a kill: the table still shows what it can
         metrics = []
     losses = [m for m in metrics if isinstance(m.get("loss"), (int, float))]
@@ -167,7 +169,7 @@ def read_series(runs: list[str | Path]) -> list[tuple[str, list[dict[str, Any]]]
     """(name, metrics.jsonl records) of each run, or one line saying what is wrong with it."""
     series = []
     for run in runs:
-        path = Path(run) / "metrics.jsonl"
+        path = Path(run) / METRICS_FILE
         if not path.is_file():
             raise GptforgeError(f"{run} has no metrics.jsonl: pass run directories written by gptforge train")
         try:
@@ -194,13 +196,11 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, LogFormatter
 
     series = read_series(runs)
     learning, running = plot_panels(series)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = [colors[i % len(colors)] for i in range(len(series))]  # run i's colour
-    counts = FuncFormatter(lambda x, _: format_count(x))
 
     # 12 columns share out evenly between 3 or 4 panels a row; the table's height follows its rows
     table_h = 0.45 + 0.3 * len(series)
@@ -213,44 +213,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
         axes += [(fig.add_subplot(grid[row, i * w:(i + 1) * w]), p) for i, p in enumerate(panels)]
 
     for ax, panel in axes:
-        for i, (_, records) in enumerate(series):
-            def points(key: str) -> list[tuple[float, float]]:
-                return [(r[panel.xkey], r[key]) for r in records
-                        if is_finite_number(r.get(panel.xkey)) and is_finite_number(r.get(key))]
-
-            pts = points(panel.ykey)
-            if pts:
-                ax.plot(*zip(*pts), color=color[i], linewidth=1.3,
-                        marker="o" if panel.sparse or len(pts) == 1 else None, markersize=3.5)
-            more = points(panel.second) if panel.second else []
-            if more:
-                ax.plot(*zip(*more), color=color[i], linestyle="--", marker="o", markersize=3.5,
-                        linewidth=1.1)
-        ax.set_title(panel.title, fontsize=11)
-        ax.set_xlabel(panel.xkey)
-        ax.set_ylabel(panel.ylabel)
-        ax.xaxis.set_major_formatter(counts)
-        ax.grid(True, alpha=0.3)
-        if panel.ykey == "tok_per_s":
-            ax.yaxis.set_major_formatter(counts)
-        if panel.ykey == "lr":
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
-        if panel.ykey == "hellaswag_acc_norm":  # 4 endings: guessing scores 0.25
-            ax.axhline(0.25, color="0.5", linestyle=":", linewidth=1)
-            ax.annotate("chance", (0, 0.25), xycoords=("axes fraction", "data"), xytext=(4, 3),
-                        textcoords="offset points", color="0.4", fontsize=8)
-        if not ax.has_data() and panel.empty:
-            ax.text(0.5, 0.5, panel.empty, ha="center", va="center", color="0.45", fontsize=9,
-                    transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlabel("")
-            ax.set_ylabel("")
-        elif panel.loss and log_loss:
-            ax.set_yscale("log")
-            # plain 3, 4, 6 rather than 3x10^0: a loss rarely spans more than a decade
-            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        _draw_panel(ax, panel, series, color, log_loss)
 
     # line styles, once: the run colours are in the table
     loss_ax = axes[0][0]
@@ -265,14 +228,61 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
     fig.suptitle("gptforge: " + (title if len(title) <= 100 else title[:97] + "..."), fontsize=14)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out)
+        with replacing(out, tmp=out.with_name(".tmp-" + out.name)) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
+
+
+def _points(records: list[dict[str, Any]], xkey: str, ykey: str) -> list[tuple[float, float]]:
+    """(x, y) of the records that hold both as finite numbers."""
+    return [(r[xkey], r[ykey]) for r in records
+            if is_finite_number(r.get(xkey)) and is_finite_number(r.get(ykey))]
+
+
+def _draw_panel(ax: Any, panel: Panel, series: list[tuple[str, list[dict[str, Any]]]],
+                color: list[str], log_loss: bool) -> None:
+    """One panel: each run's line (its second series dashed), axes that read at a glance, and a
+    note where no run has the numbers."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    counts = FuncFormatter(lambda x, _: format_count(x))
+    for i, (_, records) in enumerate(series):
+        pts = _points(records, panel.xkey, panel.ykey)
+        if pts:
+            ax.plot(*zip(*pts), color=color[i], linewidth=1.3,
+                    marker="o" if panel.sparse or len(pts) == 1 else None, markersize=3.5)
+        more = _points(records, panel.xkey, panel.second) if panel.second else []
+        if more:
+            ax.plot(*zip(*more), color=color[i], linestyle="--", marker="o", markersize=3.5,
+                    linewidth=1.1)
+    ax.set_title(panel.title, fontsize=11)
+    ax.set_xlabel(panel.xkey)
+    ax.set_ylabel(panel.ylabel)
+    ax.xaxis.set_major_formatter(counts)
+    ax.grid(True, alpha=0.3)
+    if panel.ykey == "tok_per_s":
+        ax.yaxis.set_major_formatter(counts)
+    if panel.ykey == "lr":
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
+    if panel.ykey == "hellaswag_acc_norm":  # 4 endings: guessing scores 0.25
+        ax.axhline(0.25, color="0.5", linestyle=":", linewidth=1)
+        ax.annotate("chance", (0, 0.25), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                    textcoords="offset points", color="0.4", fontsize=8)
+    if not ax.has_data() and panel.empty:
+        ax.text(0.5, 0.5, panel.empty, ha="center", va="center", color="0.45", fontsize=9,
+                transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    elif panel.loss and log_loss:
+        ax.set_yscale("log")
+        # plain 3, 4, 6 rather than 3x10^0: a loss rarely spans more than a decade
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _draw_table(ax: Any, runs: list[str | Path], color: list[str]) -> None:

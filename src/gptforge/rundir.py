@@ -27,7 +27,14 @@ from pathlib import Path
 
 from gptforge.errors import GptforgeError
 
-LOCK_FILE = ".lock"
+# The names inside a run directory, in one place (train writes them; resume, report, the CLI and
+# the checkpoint module read them).
+LOCK_FILE = ".lock"  # held by the process that writes the run
+RUN_FILE = "run.json"  # what produced the run and how it ended (metrics.RunRecord)
+METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step
+RUN_CONFIG_FILE = "config.toml"  # the run's resolved config, a valid --config file
+CHECKPOINT_DIR = "checkpoints"  # step_NNNNNNN/ directories, best/, and latest
+LATEST = "latest"  # CHECKPOINT_DIR/latest names the newest complete checkpoint
 
 try:  # POSIX; elsewhere runs are not locked (and the README says so)
     import fcntl
@@ -88,9 +95,8 @@ def free_space_then_continue(run_dir: str | Path, extra: str = "") -> str:
     """The fix for a run stopped by a full disk: how to go on once there is room. A run with a
     checkpoint continues with --resume; one without (its first save failed, or an earlier write)
     starts again with the same command plus --resume auto, which takes over the run's own files."""
-    # checkpoint.CHECKPOINT_DIR / checkpoint.LATEST, written once a first checkpoint is complete
-    # (a lower layer cannot import them; tests/test_run_integrity.py checks they agree)
-    has_checkpoint = (Path(run_dir) / "checkpoints" / "latest").is_file()
+    # LATEST is written once a first checkpoint is complete
+    has_checkpoint = (Path(run_dir) / CHECKPOINT_DIR / LATEST).is_file()
     how = (f"gptforge train --out {run_dir} --resume" if has_checkpoint else
            "the same command with --resume auto (no checkpoint yet: the run starts again)")
     return f"free space on that disk{extra}, then continue: {how}"

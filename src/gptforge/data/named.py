@@ -1,4 +1,5 @@
-"""Named datasets: a name on the command line that stands for a file fetched once and verified."""
+"""Named datasets: a name on the command line that stands for a file, verified by its sha256:
+shipped with the package (Tiny Shakespeare, see bundled/README.md) or fetched once and cached."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from gptforge.data.shards import file_sha256, temp_path
+from gptforge.atomic import file_sha256, replacing
 from gptforge.errors import GptforgeError
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -22,6 +23,7 @@ class NamedDataset:
     filename: str  # name of the cached copy under the cache directory
     url_env: str  # environment variable that overrides url (a mirror)
     title: str
+    bundled: str = ""  # a copy shipped in the package (data/bundled/): used unless a url is given
 
 
 NAMED_DATASETS: dict[str, NamedDataset] = {
@@ -31,8 +33,27 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
         filename="tinyshakespeare/input.txt",
         url_env="GPTFORGE_SHAKESPEARE_URL",
         title="Tiny Shakespeare",
+        bundled="tinyshakespeare.txt",  # 1.1 MB, public domain: offline, nothing is downloaded
     ),
 }
+
+
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
+
+
+def bundled_copy(ds: NamedDataset) -> str:
+    """The copy of ``ds`` that ships with gptforge, checked against its sha256."""
+    path = os.path.join(BUNDLED_DIR, ds.bundled)
+    try:
+        ok = file_sha256(path) == ds.sha256
+    except OSError:
+        ok = False
+    if not ok:
+        raise GptforgeError(
+            f"the {ds.title} that ships with gptforge ({path}) is missing or damaged (its sha256 "
+            f"is not {ds.sha256}): reinstall gptforge, or pass a copy of the file itself"
+        )
+    return path
 
 
 def default_cache_dir() -> str:
@@ -50,6 +71,8 @@ def fetch_named_dataset(
     downloading it once into the cache. ``hint`` ends a failure's message: how to get the file
     and pass it to the command at hand (default: to ``gptforge prepare``)."""
     ds = NAMED_DATASETS[name_or_ds] if isinstance(name_or_ds, str) else name_or_ds
+    if ds.bundled and not (url or os.environ.get(ds.url_env)):
+        return bundled_copy(ds)
     url = url or os.environ.get(ds.url_env) or ds.url
     path = os.path.join(cache_dir or default_cache_dir(), ds.filename)
     if os.path.isfile(path) and file_sha256(path) == ds.sha256:
@@ -63,9 +86,8 @@ def fetch_named_dataset(
             f"cannot create cache directory {os.path.dirname(path)} ({e.strerror}): "
             "set GPTFORGE_CACHE to a writable directory"
         ) from None
-    tmp = temp_path(path)
-    try:
-        h = hashlib.sha256()
+    h = hashlib.sha256()
+    with replacing(path) as tmp:  # the cache holds a verified copy or nothing
         with open(tmp, "xb") as f:
             try:
                 with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
@@ -88,8 +110,4 @@ def fetch_named_dataset(
                 f"the {ds.title} downloaded from {url} has sha256 {h.hexdigest()}, expected "
                 f"{ds.sha256}: the mirror serves other data; {hint}"
             )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

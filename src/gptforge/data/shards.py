@@ -23,15 +23,15 @@ a directory without it holds no prepared data, whatever else is there.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
-import secrets
 from collections.abc import Sequence
 from typing import Any, Union
 
 import numpy as np
 
+from gptforge.atomic import file_sha256 as file_sha256  # re-exported: shards are checked by it
+from gptforge.atomic import publish, temp_path
 from gptforge.errors import GptforgeError
 
 MAGIC = b"GPTFTOK\0"
@@ -45,20 +45,6 @@ READ_FORMATS = (1, 2)
 SPLITS = ("train", "val")
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def temp_path(path: str) -> str:
-    """A fresh name beside ``path``: same directory, so os.replace() onto ``path`` is atomic."""
-    head, base = os.path.split(path)
-    return os.path.join(head, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_header(count: int) -> bytes:
@@ -121,9 +107,9 @@ class ShardWriter:
             self._f.close()
         return self.tmp_path
 
-    def commit(self) -> None:
-        self.finish()
-        os.replace(self.tmp_path, self.path)
+    def commit(self, durable: bool = False) -> None:
+        self.finish(sync=durable)
+        publish(self.tmp_path, self.path, durable=durable)
 
     def close(self) -> None:
         """Close, keeping the temporary file as it is (an interrupted run resumes from it)."""

@@ -1,0 +1,140 @@
+"""Named configurations: the run presets, and a run's config resolved from a preset, a TOML file
+and ``--set`` overrides (in that order, each overriding the one before).
+
+The model shapes (``config.MODEL_PRESETS``) are GPT-2's published sizes; a run preset is a whole
+recipe on top of the defaults: model, data order, optimizer and schedule, batch and stopping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from gptforge.config import (
+    MODEL_PRESETS,
+    SECTION_TYPES,
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    apply_dict,
+    apply_overrides,
+    config_differences,
+    field_help,
+    load_toml,
+    validate_run,
+)
+
+# Run presets: the sections each one sets on top of the defaults above.
+RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The original notebook's recipe, exactly: GPT-2 124M on Tiny Shakespeare (GPT-2 BPE),
+    # micro-batch 16 x 64, 4 accumulation steps, warmup 1,000 to 6e-4, cosine to 6e-5 at 300,000,
+    # consecutive windows, stop once a step's training loss is under 0.09, a log line every 100.
+    "gpt2-shakespeare": {
+        "model": dict(MODEL_PRESETS["gpt2"]),
+        "data": dict(loader="sequential"),
+        "optim": dict(lr=6e-4, min_lr=6e-5, warmup_steps=1000, decay_steps=300_000,
+                      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
+        "train": dict(batch_size=16, seq_len=64, total_batch_tokens=16 * 64 * 4,
+                      max_steps=300_000, target_loss=0.09, log_interval=100),
+    },
+    # nanoGPT's small CPU recipe for character-level Tiny Shakespeare (its README's
+    # "baby GPT" command line), so results can be compared with that trainer.
+    "shakespeare-char": {
+        "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=0,
+                      dropout=0.0, bias=False),
+        "data": dict(loader="random"),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000,
+                      beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0),
+        "train": dict(batch_size=12, seq_len=64, total_batch_tokens=12 * 64, max_steps=2000,
+                      log_interval=10, eval_interval=250),
+    },
+    # The same task and val split, to the standard recipe's validation loss (1.88) as fast as a
+    # 2-core CPU can: a smaller model that sees more tokens per second, Muon for the blocks'
+    # matrices, a higher AdamW lr for the embeddings, and a warmup-stable-decay schedule that
+    # ends at the last step. One evaluation, at the end (BENCHMARKS.md has the measurements).
+    "shakespeare-char-speedrun": {
+        "model": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=0,
+                      dropout=0.0, bias=False),
+        "data": dict(loader="random"),
+        "optim": dict(name="muon", lr=1.2e-2, muon_lr=0.03, min_lr=0.0, warmup_steps=20,
+                      decay_steps=500, schedule="wsd", cooldown_steps=250,
+                      beta1=0.9, beta2=0.99, weight_decay=0.0, grad_clip=1.0),
+        "train": dict(batch_size=32, seq_len=64, total_batch_tokens=32 * 64, max_steps=500,
+                      log_interval=50),
+    },
+    # GPT-2 124M the way llm.c and build-nanogpt reproduce it on ~10B tokens of FineWeb(-Edu):
+    # 524,288 (2**19) tokens per step in micro-batches of 64 x 1024 per GPU (8 accumulation steps
+    # on one GPU, 1 on eight), AdamW 6e-4 (0.9, 0.95), weight decay 0.1, clipping at 1.0, 700
+    # warmup steps, then a cosine to 0 at step 18,865 (~10B tokens, one pass over a 10B sample);
+    # validation loss (20 batches, ~1.3M tokens) and HellaSwag every 250 steps, a checkpoint
+    # every 5,000. llm.c reaches a val loss of ~3.28 and HellaSwag acc_norm ~0.30 this way.
+    "gpt2-fineweb": {
+        "model": dict(MODEL_PRESETS["gpt2"]),
+        "data": dict(loader="sequential"),
+        "optim": dict(lr=6e-4, min_lr=0.0, warmup_steps=700, decay_steps=18_865,
+                      beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
+        "train": dict(batch_size=64, seq_len=1024, total_batch_tokens=524_288, max_steps=18_865,
+                      log_interval=10, eval_interval=250, eval_max_batches=20,
+                      hellaswag_interval=250, save_interval=5000),
+    },
+    # Tiny models for tests and quick experiments on any machine.
+    "gpt2-tiny": {
+        "model": dict(MODEL_PRESETS["gpt2-tiny"], vocab_size=0),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=200),
+        "train": dict(batch_size=8, seq_len=32, total_batch_tokens=8 * 32, max_steps=200,
+                      log_interval=10),
+    },
+    "gpt2-mini": {
+        "model": dict(MODEL_PRESETS["gpt2-mini"], vocab_size=0),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=50, decay_steps=2000),
+        "train": dict(batch_size=16, seq_len=128, total_batch_tokens=16 * 128, max_steps=2000,
+                      log_interval=50, eval_interval=500),
+    },
+}
+DEFAULT_PRESET = "gpt2-shakespeare"
+
+
+def run_preset(name: str) -> RunConfig:
+    if name not in RUN_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(RUN_PRESETS)}")
+    return RunConfig.from_dict(RUN_PRESETS[name], origin=f"preset {name}")
+
+
+def resolve(preset: str | None, config_file: str | None, overrides: list[str]) -> RunConfig:
+    """preset -> TOML -> dotted overrides, then validated."""
+    cfg = run_preset(preset or DEFAULT_PRESET)
+    if config_file:
+        apply_dict(cfg, load_toml(config_file), origin=str(config_file))
+    apply_overrides(cfg, overrides)
+    validate_run(cfg)
+    return cfg
+
+
+def config_line(cfg: RunConfig, preset: str | None, path: Path) -> str:
+    """What the run's config changes from its preset's, in one line (the whole of it is in
+    RUN/config.toml)."""
+    base = run_preset(preset) if preset in RUN_PRESETS else RunConfig()
+    changes = [f"{k}={json.dumps(b)}" for k, a, b in config_differences(base, cfg)]
+    what = f"preset {preset}" if preset in RUN_PRESETS else "the defaults"
+    return (f"config: {what}" + (f" with {', '.join(changes)}" if changes else "")
+            + f" (all of it: {path})")
+
+
+def keys_help() -> str:
+    """Every config key with its default and meaning, and the presets, for ``--help``."""
+    lines = ["config keys (set with --set KEY=VALUE or in a --config TOML file; defaults shown",
+             "before a preset is applied):"]
+    defaults = RunConfig()
+    for section in SECTIONS:
+        cls = SECTION_TYPES[section]
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section), f.name)
+            lines.append(f"  {section}.{f.name} = {default!r}")
+            if helps.get(f.name):
+                lines.append(f"      {helps[f.name]}")
+    lines.append("")
+    lines.append("presets: " + ", ".join(RUN_PRESETS))
+    return "\n".join(lines)
