@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, normalizers, pre_tokenizers
+from tokenizers import models, pre_tokenizers
 
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import (
@@ -238,10 +238,11 @@ def test_corpus_too_small():
     assert train_bpe(["the cat sat on the mat", "the cat"], 262).vocab_size == 262
 
 
-def test_ids_above_65535(tmp_path):
-    """A vocabulary of every 2-byte token (65,536 merges + 256 bytes + eot): ids that need
-    uint32, built directly (training one that large takes seconds, see BENCHMARKS.md). Pairs
-    starting with "e" are merged last, so "ex" gets an id above 65,535."""
+def wide_tokenizer_file(directory: Path) -> dict[str, int]:
+    """A vocabulary of every 2-byte token (65,536 merges + 256 bytes + eot) written as
+    directory/tokenizer.json: ids that need uint32, built directly (training one that large
+    takes seconds, see BENCHMARKS.md). Pairs starting with "e" are merged last, so "ex" gets an
+    id above 65,535. Returns the vocabulary."""
     spec = json.loads(train_bpe(["x"], 257).file_bytes())
     vocab = dict(spec["model"]["vocab"])
     firsts = [c for c in BYTE_CHARS if c != "e"] + ["e"]
@@ -250,7 +251,12 @@ def test_ids_above_65535(tmp_path):
         vocab[a + b] = len(vocab)
     spec["model"]["vocab"], spec["model"]["merges"] = vocab, merges
     spec["added_tokens"][0]["id"] = len(vocab)
-    (tmp_path / BPE_FILE).write_text(json.dumps(spec), encoding="utf-8")
+    (directory / BPE_FILE).write_text(json.dumps(spec), encoding="utf-8")
+    return vocab
+
+
+def test_ids_above_65535(tmp_path):
+    vocab = wide_tokenizer_file(tmp_path)
     wide = load_bpe(tmp_path)
     assert wide.vocab_size == 256 + 65536 + 1 and wide.eot_id == 65792
     text = "ex: " + MIXED
@@ -345,8 +351,10 @@ def test_record_round_trip(tok, tmp_path):
     assert tokenizer_from_dict(record, data=tok.file_bytes()).encode(MIXED) == tok.encode(MIXED)
     (tmp_path / BPE_FILE).write_bytes(tok.file_bytes())
     assert tokenizer_from_dict(record, directory=tmp_path).sha256 == tok.sha256
+    # a tokenizer this process has read is rebuilt from its record alone; another needs its file
+    assert tokenizer_from_dict(record) is tok
     with pytest.raises(GptforgeError, match="in its tokenizer.json"):
-        tokenizer_from_dict(record)
+        tokenizer_from_dict({**record, "sha256": "0" * 64})
     other = train_bpe(corpus(50, seed=1), 300)
     (tmp_path / BPE_FILE).write_bytes(other.file_bytes())
     with pytest.raises(GptforgeError, match="is not the tokenizer recorded"):

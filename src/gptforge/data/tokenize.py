@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gptforge.data.shards import TOKEN_DTYPE
+from gptforge.data.shards import token_dtype
 from gptforge.data.sources import Piece
 from gptforge.data.staging import PrepareInterrupted
 from gptforge.tokenizer import Tokenizer, tokenizer_from_dict
@@ -44,11 +44,12 @@ def _init_worker(tokenizer: dict[str, Any], parent: int) -> None:
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens of each text, back to back (uint16), and how many each text gave."""
+    """The tokens of each text, back to back (the shards' dtype), and how many each text gave."""
     assert _worker_tok is not None
     arrays = [_worker_tok.encode_array(t) for t in texts]
     counts = np.array([len(a) for a in arrays], dtype=np.int64)
-    tokens = np.concatenate(arrays).astype(TOKEN_DTYPE) if arrays else np.zeros(0, TOKEN_DTYPE)
+    dtype = token_dtype(_worker_tok.vocab_size)
+    tokens = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
     return tokens, counts
 
 

@@ -48,8 +48,8 @@ __all__ = [
     "train_bpe",
 ]
 
-# What `prepare --tokenizer` builds today; "bpe" joins it when prepare trains one.
-TOKENIZERS = ("gpt2", "char")
+# What `prepare --tokenizer` builds (bpe: trained on the corpus, or reused from a file).
+TOKENIZERS = ("gpt2", "char", "bpe")
 # What a saved record (meta.json, a checkpoint) may name.
 SAVED_TOKENIZERS = ("gpt2", "char", "bpe")
 

@@ -26,6 +26,13 @@ order), whatever the number of threads (tested across ``RAYON_RS_NUM_THREADS`` a
 equal entries in its merge queue (hash-map order, random per process); they can only arise when
 one token is made by two different merges, which none of the corpora tested ever produced.
 
+Known tokenizers: every ``BPETokenizer`` built in a process (from bytes whose checks passed) is
+kept by its sha256, so ``from_dict(record)`` with no file at hand gives the one the record names
+once anything in the process has read that file: loading a checkpoint or a prepared directory
+reads and checks its tokenizer.json, after which code that only holds the record (sampling,
+evaluation, the bits-per-byte table) rebuilds it. Keyed by content, this cache cannot give a
+tokenizer other than the one recorded; forked workers inherit it.
+
 Processes: encoding in batches runs on the library's Rust thread pool. A process forked after that
 pool started must not use it (its threads do not exist in the child: a deadlock), so a fork
 handler turns the pool off in the children of a process that used it, even where
@@ -281,7 +288,13 @@ class BPETokenizer:
 
     name = "bpe"
 
+    def __new__(cls, data: bytes, source: str = BPE_FILE) -> BPETokenizer:
+        known = _KNOWN.get(hashlib.sha256(data).hexdigest())
+        return known if known is not None else super().__new__(cls)
+
     def __init__(self, data: bytes, source: str = BPE_FILE) -> None:
+        if getattr(self, "_data", None) is not None:
+            return  # a known tokenizer (``__new__``): these bytes were checked when first read
         self._data = bytes(data)
         self._source = source
         self._hf = _parsed(self._data, source)
@@ -292,6 +305,7 @@ class BPETokenizer:
         self._hf.encode_special_tokens = True  # special tokens' names in the text are text
         if self.decode(self.encode(_PROBE)) != _PROBE:
             raise GptforgeError(f"{source} does not give back the text it encodes: {_FIX}")
+        _KNOWN[self.sha256] = self
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled as the file (for spawned worker processes); rebuilt and checked on arrival.
@@ -307,6 +321,8 @@ class BPETokenizer:
             raise GptforgeError("the saved bpe tokenizer has no file name or sha256: re-run "
                                 "gptforge prepare")
         source = file
+        if data is None and directory is None and sha in _KNOWN:
+            data = _KNOWN[sha].file_bytes()
         if data is None:
             if directory is None:
                 raise GptforgeError(f"the bpe tokenizer's vocabulary is in its {file}: rebuild it "
@@ -363,6 +379,10 @@ class BPETokenizer:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                 "file": BPE_FILE, "sha256": self.sha256}
+
+
+# sha256 -> the tokenizer read from those bytes (see the module's note on known tokenizers)
+_KNOWN: dict[str, BPETokenizer] = {}
 
 
 def _read(path: str) -> bytes:
