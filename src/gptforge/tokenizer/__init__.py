@@ -44,7 +44,7 @@ __all__ = [
     "BPE_FILE", "GPT2_EOT", "GPT2_EOT_ID", "GPT2_SPLIT_PATTERN", "GPT2_VOCAB_SIZE",
     "MAX_VOCAB_SIZE", "MIN_VOCAB_SIZE", "SAVED_TOKENIZERS", "TOKENIZERS", "BPETokenizer",
     "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "_gpt2_encoding", "check_vocab_size",
-    "get_tokenizer", "gpt2_vocab_files", "hf_tokenizer_files", "load_bpe", "tokenizer_from_dict",
+    "describe", "get_tokenizer", "gpt2_vocab_files", "hf_tokenizer_files", "load_bpe", "tokenizer_from_dict",
     "train_bpe",
 ]
 
@@ -69,6 +69,20 @@ def get_tokenizer(name: str) -> Tokenizer:
             "or load it with load_bpe(path to its tokenizer.json)"
         )
     raise GptforgeError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+
+
+def describe(record: dict[str, Any]) -> str:
+    """A tokenizer record for a person: which kind, how many tokens, and for a trained BPE the
+    start of its sha256 (two BPEs of one size differ only there)."""
+    name = record.get("name") if isinstance(record, dict) else None
+    if name == "gpt2":
+        return f"gpt2 tokenizer ({GPT2_VOCAB_SIZE:,} tokens)"
+    if name == "char":
+        return f"char tokenizer ({len(record.get('chars') or ''):,} symbols)"
+    if name == "bpe":
+        return (f"bpe tokenizer ({record.get('vocab_size', 0):,} tokens, sha256 "
+                f"{str(record.get('sha256'))[:12]})")
+    return f"{name} tokenizer"
 
 
 def tokenizer_from_dict(d: dict[str, Any], data: bytes | None = None,
