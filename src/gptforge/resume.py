@@ -307,7 +307,9 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
         raise CheckpointError(
             f"checkpoint {resume.path} was trained with the {describe(resume.tokenizer)}, but the "
             f"data in {cfg.data.path} was made with the {describe(meta['tokenizer'])}: resume "
-            f"with the data the run was started with, or prepare it with --tokenizer {run_dir}"
+            "with the data the run was started with"
+            + (f", or prepare it with --tokenizer {run_dir}"
+               if resume.tokenizer.get("name") == "bpe" else "")
         )
     init_weights = None
     if init_from is not None:
