@@ -192,3 +192,29 @@ def test_a_vocabulary_past_65536_makes_uint32_shards(tmp_path):
     tok = load_bpe(tmp_path / "out")
     both = train[:].tolist() + load_split(tmp_path / "out", "val")[:].tolist()
     assert tok.decode(both) == text.read_text(encoding="utf-8")
+
+
+def test_a_second_prepare_into_the_same_dir_is_refused(tmp_path, jsonl_dir, capsys):
+    """One writer per data directory: the run lock, held here by another process."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    shutil.copytree(jsonl_dir / "out", out)
+    before = files(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from gptforge.rundir import hold_run_lock\n"
+         f"with hold_run_lock({str(out)!r}, what='prepare'):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_cli("prepare", str(jsonl_dir / "d.jsonl"), "--out", str(out), "--tokenizer",
+                       "char", "--force") == 2
+        err = one_line(capsys.readouterr().err)
+        assert "being written by another gptforge prepare" in err and f"pid {holder.pid}" in err
+        assert {k: v for k, v in files(out).items() if k != ".lock"} == before
+    finally:
+        holder.communicate("")
+    assert run_cli("prepare", str(jsonl_dir / "d.jsonl"), "--out", str(out), "--tokenizer",
+                   "char", "--force") == 0
+    assert not (out / ".lock").exists()
