@@ -146,7 +146,7 @@ def eval_tokens(data: str, split: str, tokenizer: dict[str, Any]) -> tuple[np.nd
                 f"{describe(tokenizer)}: prepare the text again with the model's tokenizer "
                 "(--tokenizer with the run), or pass the text file"
             )
-        tokens = load_split(data, split)
+        tokens = load_split(data, split, verify="sha256")  # eval reads it all anyway
         if len(tokens) == 0:
             raise GptforgeError(
                 f"{data} has no {split} tokens: pass --split train, or prepare with --val-fraction > 0"

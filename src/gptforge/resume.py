@@ -329,8 +329,8 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
         refuse_complete(resume, cfg)
     check_run_dir(run_dir, resuming=resume is not None or restart)
     wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
-    train_tokens = load_split(cfg.data.path, "train")
-    val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
+    train_tokens = load_split(cfg.data.path, "train", cfg.data.verify)
+    val_tokens = load_split(cfg.data.path, "val", cfg.data.verify) if meta["val_tokens"] > 0 else None
     return Start(meta, train_tokens, val_tokens, resume, init_from, init_weights, restart, preset)
 
 

@@ -323,13 +323,14 @@ def split_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return list(meta.get("shards", {}).get(split, []))
 
 
-def load_split(data_dir: PathLike, split: str) -> TokenStream:
+def load_split(data_dir: PathLike, split: str, verify: str = "sizes") -> TokenStream:
     """The tokens of ``split`` ("train" or "val") of a prepared directory, as one stream.
 
-    Each shard's length is checked against its header and meta.json when it is opened; its
-    sha256 is not (that would read every byte on every load: ``gptforge prepare`` checks what it
-    reuses, and ``sha256sum`` can check the files against meta.json).
+    Each shard's length is checked against its header and meta.json when it is opened, and with
+    ``verify="sha256"`` its sha256 against meta.json's (it reads every byte once: ``train`` does
+    it at the start of a run, ``eval`` before scoring a split; BENCHMARKS.md gives the cost).
     """
+    assert verify in ("sizes", "sha256"), verify
     data_dir = os.fspath(data_dir)
     meta = load_meta(data_dir)
     shards = []
@@ -340,6 +341,11 @@ def load_split(data_dir: PathLike, split: str) -> TokenStream:
             raise GptforgeError(
                 f"{path} has {len(tokens)} tokens but meta.json says {entry['tokens']}: "
                 f"{_redo(data_dir)}"
+            )
+        if verify == "sha256" and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+            raise GptforgeError(
+                f"{path} is damaged: its sha256 is not the one meta.json records (a changed "
+                f"byte, bit rot or a bad copy); rebuild it: {_redo(data_dir)}"
             )
         shards.append(tokens)
     stream = TokenStream(shards, f"{data_dir} ({split} split)")
