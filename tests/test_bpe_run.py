@@ -12,7 +12,7 @@ from gptforge.checkpoint import CheckpointError, find_checkpoint, load_checkpoin
 from gptforge.data import load_meta, prepare
 from gptforge.generate import sample
 from gptforge.config import SampleConfig
-from gptforge.tokenizer import BPE_FILE, train_bpe
+from gptforge.tokenizer import BPE_FILE, tokenizer_from_dict, train_bpe
 from gptforge.train import train
 
 VOCAB = 320
@@ -99,3 +99,20 @@ def test_a_damaged_tokenizer_in_a_checkpoint_is_one_line(bpe_run, tmp_path):
     (ckpt / BPE_FILE).unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
         load_checkpoint(run)
+
+
+def test_hellaswag_with_a_trained_bpe(bpe_run, tmp_path, capsys):
+    """A byte-level BPE encodes any text, so HellaSwag scores even text it never saw."""
+    from gptforge import hellaswag as hs
+    root, _ = bpe_run
+    ex = {"ctx": "Ünïcödé 中文 🤖 then\t tabs.", "endings": ["a", " b  ", "ROMEO: 3.14", "🎉"],
+          "label": 2}
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(ex) + "\n" + json.dumps({**ex, "label": 0}) + "\n")
+    record = load_checkpoint(root / "run").tokenizer
+    tok = tokenizer_from_dict(record)
+    items, _ = hs.load_rendered(str(path), record, 64, what="the run")
+    assert items[0].rows[2] == tuple(tok.encode(ex["ctx"]) + tok.encode(" ROMEO: 3.14"))
+    assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(root / "run"), "--data",
+                   str(path), "--device", "cpu") == 0
+    assert "acc" in capsys.readouterr().out
