@@ -116,3 +116,31 @@ def test_hellaswag_with_a_trained_bpe(bpe_run, tmp_path, capsys):
     assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(root / "run"), "--data",
                    str(path), "--device", "cpu") == 0
     assert "acc" in capsys.readouterr().out
+
+
+MIXED = ("Hello,   world!\n\n\tIndented — naïve café. 中文字和标点。한국어. Русский. العربية. हिन्दी "
+         "🤖🎉👍🏽👨‍👩‍👧 🇫🇷  \u3000\u00a0 trailing   ")
+
+
+def test_export_loads_in_transformers_with_the_same_ids_text_and_logits(bpe_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_hf import assert_same_model
+
+    import gptforge
+    root, _ = bpe_run
+    out = tmp_path / "hf"
+    assert run_cli("export", "--ckpt", str(root / "run"), "--out", str(out)) == 0
+    assert (out / BPE_FILE).read_bytes() == (root / "tokenizer.json").read_bytes()
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == VOCAB - 1
+    ours = tokenizer_from_dict(load_checkpoint(root / "run").tokenizer)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = hf_tok(MIXED)["input_ids"]
+    assert ids == ours.encode(MIXED) and max(ids) < VOCAB - 1
+    assert hf_tok.decode(ids) == ours.decode(ids) == MIXED
+    assert hf_tok.eos_token_id == VOCAB - 1 and len(hf_tok) == VOCAB
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    model = gptforge.load(root / "run")
+    assert_same_model(model, theirs, VOCAB)
+    # ... and gptforge reads the exported directory back, tokenizer included
+    assert sample(str(out), SampleConfig(prompt="ROMEO:", max_new_tokens=4, num_samples=1),
+                  device="cpu")[0].startswith("ROMEO:")
