@@ -37,9 +37,10 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(tokenizer: dict[str, Any], parent: int) -> None:
+def _init_worker(tokenizer: Any, parent: int) -> None:
     global _worker_tok
-    _worker_tok = tokenizer_from_dict(tokenizer)
+    # A record, or a trained BPE itself (it pickles as its file: a spawned worker has not read it)
+    _worker_tok = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
@@ -81,7 +82,8 @@ def tokenized(batches: Iterator[Batch], tok: Tokenizer, workers: int
     # fork: workers start at once and inherit the tokenizer already built (spawn elsewhere).
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_init_worker, initargs=(tok.to_dict(), os.getpid()))
+                               initializer=_init_worker,
+                               initargs=(tok if tok.name == "bpe" else tok.to_dict(), os.getpid()))
     try:
         pending: deque = deque()
         for batch in batches:
