@@ -2,9 +2,13 @@
 
 ``prepare()`` reads as its steps:
 
-1. expand the inputs into files (sources.py) and check the options;
-2. look at the output directory: the finished result of the same arguments is kept as it is, an
-   unfinished one is resumed, anything else needs ``force`` (staging.py);
+1. expand the inputs into files (sources.py), check the options, and find a tokenizer given by
+   path (vocab.py);
+2. take DIR's lock (one prepare writes a directory at a time), then look at the output
+   directory: the finished result of the same arguments is kept as it is, an unfinished one is
+   resumed, anything else needs ``force`` (staging.py); a new run builds its vocabulary (char:
+   a pass over the text; bpe: trained on the text or a sample of it, vocab.py) and keeps it in
+   the staging area;
 3. read the files in order as pieces of documents, tokenize batches of pieces in worker
    processes, and take the tokens back in input order, so the output is the same for any number
    of workers (tokenize.py);
