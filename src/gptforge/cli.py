@@ -164,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from gptforge.generate import sample
+    from gptforge.generate import SampleEcho, sample
 
     cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                        temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
@@ -182,19 +182,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-class SampleEcho:
-    """Writes a streamed sample to stdout as it comes: the prompt first, then each piece."""
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    from gptforge.serve.options import add_arguments  # no web stack: help only
 
-    def __init__(self, prompt: str) -> None:
-        self.prompt, self.parts = prompt, []
-
-    def __call__(self, _row: int, text: str) -> None:
-        if not self.parts:
-            self.parts.append(self.prompt)
-            sys.stdout.write(self.prompt)
-        self.parts.append(text)
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    add_arguments(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -376,20 +367,6 @@ def sample_options(p: argparse.ArgumentParser) -> None:
                         "cache (slower; same tokens)")
 
 
-def serve_options(p: argparse.ArgumentParser) -> None:
-    from gptforge.serve.options import SERVE_METAVARS, ServeOptions  # no web stack: help only
-
-    helps = field_help(ServeOptions)
-    for f in dataclasses.fields(ServeOptions):  # one option per field, its docstring as help
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
-        else:  # an empty default is left unset, so that --help shows none
-            p.add_argument(flag, type=type(default), default=default or None,
-                           required=f.name == "ckpt", metavar=SERVE_METAVARS.get(f.name),
-                           help=helps.get(f.name, ""))
-
-
 def export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -502,7 +479,7 @@ COMMANDS: tuple[Command, ...] = (
             "Serve a run, checkpoint or Hugging Face GPT-2 directory: POST /v1/completions "
             "(OpenAI's protocol, streaming or not; requests share forward passes), GET /v1/models, "
             "GET /health, and a page to try it at /. Needs pip install 'gptforge[serve]'.",
-            (serve_options,)),
+            (serve_arguments,)),
     Command("export", cmd_export, "write a checkpoint as a Hugging Face GPT-2 directory",
             "Write a checkpoint as a directory that transformers loads offline: "
             "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",
