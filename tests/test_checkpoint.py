@@ -274,7 +274,7 @@ def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, ca
     (tmp_path / "t.txt").write_text(shakespeare_head(5000), encoding="utf-8")
     prepare([str(tmp_path / "t.txt")], str(other), progress=False)
     fails("train", "--out", str(run), "--resume", "--data", str(other),
-          "--set", "train.max_steps=6", match="different tokenizer")
+          "--set", "train.max_steps=6", match="was trained with the char tokenizer")
     # already finished
     fails("train", "--out", str(run), "--resume", match="reached train.max_steps=3 (step 3)")
     assert tree_digest(run) == before  # nothing was overwritten by any of the above

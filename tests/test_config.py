@@ -142,7 +142,7 @@ def test_toml_file_then_overrides(tmp_path):
     (["train.dtype=fp8"], "train.dtype"),
     (["data.loader=shuffle"], "data.loader"),
     (["model.n_head=3"], "model.n_embd"),
-    (["model.vocab_size=70000"], "model.vocab_size"),
+    (["model.vocab_size=140000"], "model.vocab_size"),
     (["optim.name=sgd"], "optim.name='sgd' is out of range: choose one of adamw, muon"),
     (["optim.schedule=step"], "optim.schedule"),
     (["optim.schedule=wsd"], "optim.cooldown_steps=0 is out of range"),

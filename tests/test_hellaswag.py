@@ -306,19 +306,27 @@ def test_bad_options_fail_in_one_line(bpe_dir, tmp_path, capsys, args, words):
     assert err.count("\n") == 1 and words in err, err
 
 
-def test_a_char_level_model_is_refused_before_any_download(char_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("GPTFORGE_HELLASWAG_URL", "http://127.0.0.1:1/never-asked.jsonl")
-    assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(char_run)) == 2
+def test_a_char_vocabulary_lacking_a_character_is_refused(char_run, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "ctx": "A robot 🤖 waves."}])
+    assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(char_run), "--data", str(bad)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs a model with GPT-2's BPE tokenizer" in err
-    assert "uses the char tokenizer" in err and not (tmp_path / "cache").exists()
+    assert err.count("\n") == 1 and "HellaSwag example 2 has the character '🤖' (U+1F916)" in err
+    assert "cannot represent" in err and "--tokenizer gpt2 or bpe" in err
+    # text the vocabulary holds is scored, as with any other tokenizer
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{**GOOD, "ctx": "To be, or not to be:",
+                                              "endings": ["that is", "the question", "my lord",
+                                                          "good night"], "label": 1}])
+    assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(char_run), "--data", str(ok),
+                   "--device", "cpu") == 0
+    assert "acc" in capsys.readouterr().out
 
 
 def test_training_refuses_hellaswag_on_char_data_before_writing(char_data, tmp_path, capsys):
     run = tmp_path / "run"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**GOOD, "ctx": "Ünïcödé 🤖."}])
     assert run_cli("train", "--data", str(char_data), "--out", str(run), "--preset", "gpt2-tiny",
-                   "--set", "train.device=cpu", "--set", "train.hellaswag_interval=2") == 2
+                   "--set", "train.device=cpu", "--set", "train.hellaswag_interval=2",
+                   "--set", f"train.hellaswag_data={bad}") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "leave train.hellaswag_interval at 0" in err
     assert not run.exists()

@@ -29,8 +29,10 @@ RANK = {
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {
     "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
+             "vocab": 4,
              "splits": 5, "prepare": 6, "__init__": 7},
     "serve": {"options": 0, "engine": 0, "protocol": 1, "app": 2, "server": 3, "__init__": 4},
+    "tokenizer": {"interface": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
 }
 
 

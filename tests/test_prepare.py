@@ -381,8 +381,9 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing catches it (finally blocks still run, see the real kill below)."""
 
 
-def kill_at_every_step(monkeypatch, run, want) -> int:
-    """Kill ``run`` at its k-th file operation for every k, re-run it, compare with ``want``."""
+def kill_at_every_step(monkeypatch, run, want, only=None) -> int:
+    """Kill ``run`` at its k-th file operation for every k (or those ``only(total)`` lists),
+    re-run it, compare with ``want``."""
     calls = {"n": 0, "at": 0}
     shards_mod = importlib.import_module("gptforge.data.shards")
     real_write = shards_mod.ShardWriter.write
@@ -407,7 +408,7 @@ def kill_at_every_step(monkeypatch, run, want) -> int:
     out = run(at=None)
     total = calls["n"]
     assert files(out) == want
-    for at in range(1, total + 1):
+    for at in range(1, total + 1) if only is None else only(total):
         shutil.rmtree(out)
         calls["n"], calls["at"] = 0, at
         with pytest.raises(Killed):

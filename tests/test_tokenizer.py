@@ -53,6 +53,20 @@ def test_gpt2_round_trip(gpt2, text):
     assert gpt2.decode(gpt2.encode(text)) == text
 
 
+MIXED = "Hé said: «中文字» 🤖🎉\n\n\t  e\u0301 한국어 \x00 end  "
+
+
+def test_token_bytes_sum_to_the_texts_bytes(gpt2, shakespeare_text):
+    lengths = gpt2.token_bytes()
+    assert lengths.shape == (50257,) and lengths[50256] == 0 and not lengths.flags.writeable
+    for text in (MIXED, shakespeare_text[:5000]):
+        assert int(lengths[gpt2.encode(text)].sum()) == len(text.encode("utf-8"))
+    assert lengths[gpt2.encode("🤖")].tolist() == [2, 1, 1]  # a token may hold part of a character
+    char = CharTokenizer.from_text(MIXED)
+    assert int(char.token_bytes()[char.encode(MIXED)].sum()) == len(MIXED.encode("utf-8"))
+    assert char.token_bytes()[char.encode("a🤖é中")].tolist() == [1, 4, 2, 3]
+
+
 def test_gpt2_endoftext_in_text_is_plain_text(gpt2):
     ids = gpt2.encode("a<|endoftext|>b")
     assert 50256 not in ids
@@ -108,6 +122,8 @@ def test_char_errors():
 
 def test_names_and_dicts_errors():
     with pytest.raises(GptforgeError, match="gpt2, char"):
+        get_tokenizer("sentencepiece")
+    with pytest.raises(GptforgeError, match="train_bpe"):
         get_tokenizer("bpe")
     with pytest.raises(GptforgeError, match="needs a vocabulary"):
         get_tokenizer("char")

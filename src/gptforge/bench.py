@@ -160,7 +160,7 @@ def _token_source(data: str | None, vocab_size: int, n_tokens: int) -> Any:
             raise GptforgeError(f"--data {data} has a larger vocabulary than the preset's model")
         return load_split(data, "train")
     gen = np.random.default_rng(0)
-    return gen.integers(0, vocab_size, size=n_tokens, dtype=np.uint16)
+    return gen.integers(0, vocab_size, size=n_tokens, dtype=np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def bench(

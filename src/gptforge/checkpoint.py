@@ -5,6 +5,9 @@ Layout of one checkpoint, ``RUN/checkpoints/step_0001000/``:
     optimizer.safetensors  optimizer state tensors (AdamW moments, Muon momentum), keyed
                            ``state.<param index>.<name>``
     config.json            the resolved run config, tokenizer, gptforge version, git commit
+    tokenizer.json         a trained BPE's vocabulary, the very bytes the data's was (its sha256
+                           is in config.json's tokenizer record): a run needs no data directory
+                           to sample, evaluate, export or be reused by ``prepare --tokenizer RUN``
     trainer_state.json     step, tokens seen, loader cursor, every RNG state, best val loss, why
                            the run stopped, and the optimizer's hyper-parameters
     manifest.json          the size and sha256 of each file above; written last
@@ -55,6 +58,7 @@ from gptforge.rundir import (
     guarded_write,
     write_failure,
 )
+from gptforge.tokenizer import BPE_FILE, tokenizer_from_dict
 from gptforge.version import __version__
 
 FORMAT_VERSION = 2  # 2 adds manifest.json; format-1 checkpoints (no manifest) still load
@@ -196,6 +200,8 @@ def save_checkpoint(
                 "config": config.to_dict(),
                 "tokenizer": tokenizer,
             }), encoding="utf-8")
+            for name, data in _tokenizer_files(tokenizer).items():
+                (tmp / name).write_bytes(data)
             if optimizer_state is not None:
                 save_file(optim_tensors, str(tmp / OPTIMIZER_FILE))
             (tmp / STATE_FILE).write_text(_json_text(
@@ -213,6 +219,28 @@ def save_checkpoint(
         raise DiskWriteError(write_failure("checkpoint", final, e, fix)) from None
     _prune(root, keep_last, protect={name})
     return final
+
+
+def _tokenizer_files(record: dict[str, Any]) -> dict[str, bytes]:
+    """What a checkpoint keeps of its tokenizer beside the record: a trained BPE's file."""
+    if record.get("name") != "bpe":
+        return {}
+    tok = tokenizer_from_dict(record)  # known: the data it trains on was read and checked
+    return {BPE_FILE: tok.file_bytes()}  # type: ignore[attr-defined]
+
+
+def _check_tokenizer(ckpt_dir: Path, record: Any) -> None:
+    """A trained BPE's file is there and is the recorded one (so its record alone rebuilds it
+    from now on in this process: see tokenizer/bpe.py, known tokenizers)."""
+    if not isinstance(record, dict) or record.get("name") != "bpe":
+        return
+    if not (ckpt_dir / BPE_FILE).is_file():
+        raise CheckpointError(f"checkpoint file {ckpt_dir / BPE_FILE} is missing (the run's "
+                              f"trained tokenizer): {_earlier(ckpt_dir)}")
+    try:
+        tokenizer_from_dict(record, directory=ckpt_dir)
+    except GptforgeError as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {e}") from None
 
 
 def _make_room(root: Path, need: int, keep_last: int, name: str, fix: str) -> None:
@@ -424,6 +452,7 @@ def load_checkpoint(path: str | Path, verify: str = "sizes") -> Checkpoint:
         raise CheckpointError(
             f"checkpoint file {ckpt_dir / MANIFEST_FILE} is missing: {_earlier(ckpt_dir)}"
         )
+    _check_tokenizer(ckpt_dir, meta["tokenizer"])
     return Checkpoint(ckpt_dir, meta)
 
 

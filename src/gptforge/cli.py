@@ -39,11 +39,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from gptforge.data.prepare import prepare, summary
 
     try:
-        meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer,
-                       val_fraction=args.val_fraction, force=args.force, errors=args.errors,
-                       url=args.url, format=args.format, text_field=args.text_field,
-                       workers=args.workers, shard_tokens=args.shard_tokens,
-                       max_tokens=args.max_tokens, seed=args.seed)
+        meta = prepare(args.inputs, args.out, **{k: getattr(args, k) for k in (
+            "tokenizer", "val_fraction", "force", "errors", "url", "format", "text_field", "workers",
+            "shard_tokens", "max_tokens", "seed", "vocab_size", "tokenizer_sample_mb")})
     except KeyboardInterrupt:
         print("gptforge prepare: interrupted; run the same command again to continue from the "
               "last complete shard", file=sys.stderr)
@@ -166,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from gptforge.generate import sample
+    from gptforge.generate import SampleEcho, sample
 
     cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                        temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
@@ -184,19 +182,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-class SampleEcho:
-    """Writes a streamed sample to stdout as it comes: the prompt first, then each piece."""
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    from gptforge.serve.options import add_arguments  # no web stack: help only
 
-    def __init__(self, prompt: str) -> None:
-        self.prompt, self.parts = prompt, []
-
-    def __call__(self, _row: int, text: str) -> None:
-        if not self.parts:
-            self.parts.append(self.prompt)
-            sys.stdout.write(self.prompt)
-        self.parts.append(text)
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    add_arguments(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -303,8 +292,15 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                         "or 'shakespeare' for Tiny Shakespeare (ships with gptforge: nothing is "
                         "downloaded)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
-                   help="gpt2: GPT-2 BPE (50,257 tokens); char: one token per character (default: gpt2)")
+    p.add_argument("--tokenizer", default="gpt2", metavar="gpt2|char|bpe|PATH", help=(
+        "gpt2: GPT-2 BPE (50,257 tokens); char: one token per character; bpe: a byte-level BPE "
+        "trained on these inputs, kept in DIR as tokenizer.json; PATH: reuse the tokenizer of a "
+        "tokenizer.json, a prepared DIR or a run (default: gpt2)"))
+    p.add_argument("--vocab-size", type=int, metavar="N", help="with bpe (required): 257 (the "
+                   "bytes and <|endoftext|>) to 131,072 tokens; past 65,536 the shards are uint32")
+    p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", help="with bpe: train on a "
+                   "deterministic sample of about MB megabytes of larger inputs; 0: all (default: "
+                   "100, about 2.5 min and 1.5 GB of memory on 2 cores)")
     p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"],
                    help="read every input as this format, whatever its extension")
     p.add_argument("--text-field", default="text", metavar="NAME",
@@ -369,20 +365,6 @@ def sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context for every token instead of using the KV "
                         "cache (slower; same tokens)")
-
-
-def serve_options(p: argparse.ArgumentParser) -> None:
-    from gptforge.serve.options import SERVE_METAVARS, ServeOptions  # no web stack: help only
-
-    helps = field_help(ServeOptions)
-    for f in dataclasses.fields(ServeOptions):  # one option per field, its docstring as help
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
-        else:  # an empty default is left unset, so that --help shows none
-            p.add_argument(flag, type=type(default), default=default or None,
-                           required=f.name == "ckpt", metavar=SERVE_METAVARS.get(f.name),
-                           help=helps.get(f.name, ""))
 
 
 def export_options(p: argparse.ArgumentParser) -> None:
@@ -497,7 +479,7 @@ COMMANDS: tuple[Command, ...] = (
             "Serve a run, checkpoint or Hugging Face GPT-2 directory: POST /v1/completions "
             "(OpenAI's protocol, streaming or not; requests share forward passes), GET /v1/models, "
             "GET /health, and a page to try it at /. Needs pip install 'gptforge[serve]'.",
-            (serve_options,)),
+            (serve_arguments,)),
     Command("export", cmd_export, "write a checkpoint as a Hugging Face GPT-2 directory",
             "Write a checkpoint as a directory that transformers loads offline: "
             "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",

@@ -29,7 +29,7 @@ from gptforge.errors import GptforgeError
 from gptforge.hellaswag import HellaSwagResult, load_rendered, score
 from gptforge.metrics import progress_bar
 from gptforge.model import GPT
-from gptforge.tokenizer import tokenizer_from_dict
+from gptforge.tokenizer import describe, tokenizer_from_dict
 
 SPLITS = ("val", "train")
 
@@ -142,11 +142,11 @@ def eval_tokens(data: str, split: str, tokenizer: dict[str, Any]) -> tuple[np.nd
         meta = load_meta(data)
         if meta["tokenizer"] != tokenizer:
             raise GptforgeError(
-                f"{data} was prepared with the {meta['tokenizer'].get('name')} tokenizer "
-                f"({meta.get('vocab_size')} symbols), not the model's {tokenizer.get('name')} "
-                "tokenizer: prepare the text again with the model's tokenizer, or pass the text file"
+                f"{data} was prepared with the {describe(meta['tokenizer'])}, not the model's "
+                f"{describe(tokenizer)}: prepare the text again with the model's tokenizer "
+                "(--tokenizer with the run), or pass the text file"
             )
-        tokens = load_split(data, split)
+        tokens = load_split(data, split, verify="sha256")  # eval reads it all anyway
         if len(tokens) == 0:
             raise GptforgeError(
                 f"{data} has no {split} tokens: pass --split train, or prepare with --val-fraction > 0"

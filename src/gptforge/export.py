@@ -77,7 +77,8 @@ def export_hf(
     _check_out_dir(out, force)
     model, tokenizer = load_model(ckpt_path, verify="sha256")
     gpt2 = tokenizer.get("name") == "gpt2"
-    if not gpt2 and not weights_only:
+    has_hf_tokenizer = tokenizer.get("name") in ("gpt2", "bpe")
+    if not has_hf_tokenizer and not weights_only:
         raise GptforgeError(
             f"{ckpt_path} uses the {tokenizer.get('name')} tokenizer ({model.config.vocab_size} "
             "symbols), which Hugging Face's GPT-2 tokenizer cannot represent (the weights would load "
@@ -97,7 +98,7 @@ def export_hf(
     with replacing(out, directory=True, tmp=out.parent / f".{out.name}.tmp-{os.getpid()}",
                    old=out.parent / f".{out.name}.old-{os.getpid()}") as tmp:
         write_hf_dir(tmp, model, tokenizer, extra)
-        if not gpt2:
+        if not has_hf_tokenizer:
             (tmp / "README.txt").write_text(WEIGHTS_ONLY_README.format(
                 version=__version__, source=ckpt_path, vocab=model.config.vocab_size,
                 tokfile=GPTFORGE_TOKENIZER_FILE), encoding="utf-8")

@@ -7,6 +7,7 @@ together for a checkpoint or a Hugging Face GPT-2 directory.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -161,6 +162,21 @@ class TextStream:
             self.text += piece
             if self.emit is not None:
                 self.emit(piece)
+
+
+class SampleEcho:
+    """Writes a streamed sample to stdout as it comes: the prompt first, then each piece."""
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt, self.parts = prompt, []
+
+    def __call__(self, _row: int, text: str) -> None:
+        if not self.parts:
+            self.parts.append(self.prompt)
+            sys.stdout.write(self.prompt)
+        self.parts.append(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def sample(

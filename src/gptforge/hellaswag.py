@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from gptforge.data import NamedDataset, fetch_named_dataset
 from gptforge.errors import GptforgeError
 from gptforge.metrics import progress_bar
-from gptforge.tokenizer import GPT2Tokenizer
+from gptforge.tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_dict
 
 N_ENDINGS = 4
 VAL_EXAMPLES = 10_042
@@ -156,11 +156,21 @@ def read_examples(path: str, limit: int = 0, option: str = "--data") -> list[Exa
     return examples
 
 
-def require_gpt2(tokenizer: dict[str, Any], what: str, fix: str) -> None:
-    """HellaSwag is text scored with GPT-2's BPE; a char-level model cannot read it as trained."""
-    if tokenizer.get("name") != "gpt2":
-        raise GptforgeError(f"HellaSwag needs a model with GPT-2's BPE tokenizer, and {what} uses "
-                            f"the {tokenizer.get('name')} tokenizer: {fix}")
+def check_encodable(tok: Tokenizer, examples: Sequence[Example], what: str, fix: str) -> None:
+    """Byte-level vocabularies (GPT-2's, a trained BPE) encode any text exactly; a char
+    vocabulary only the characters it was built from, so a text with another is refused."""
+    chars = getattr(tok, "chars", None)
+    if chars is None:
+        return
+    known = set(chars)
+    for i, e in enumerate(examples):
+        for text in (e.ctx, *(" " + end for end in e.endings)):
+            missing = set(text) - known
+            if missing:
+                c = min(missing)
+                raise GptforgeError(
+                    f"HellaSwag example {i + 1} has the character {c!r} (U+{ord(c):04X}), which "
+                    f"the char vocabulary of {what} ({len(chars)} symbols) cannot represent: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,9 +205,11 @@ def render(ctx: list[int], endings: Sequence[list[int]], label: int, block_size:
     return Rendered(tuple(rows), tuple(starts), label, cropped)
 
 
-def render_examples(examples: Sequence[Example], block_size: int) -> list[Rendered]:
-    """Tokenize with GPT-2's BPE: ``ctx``, then each ending with a leading space (llm.c's rows)."""
-    tok = GPT2Tokenizer()
+def render_examples(examples: Sequence[Example], block_size: int,
+                    tok: Tokenizer | None = None) -> list[Rendered]:
+    """Tokenize (with GPT-2's BPE unless ``tok`` is given): ``ctx``, then each ending with a
+    leading space (llm.c's rows)."""
+    tok = tok or GPT2Tokenizer()
     ctxs = tok.encode_batch([e.ctx for e in examples])
     ends = tok.encode_batch([" " + end for e in examples for end in e.endings])
     return [render(ctxs[i], ends[i * N_ENDINGS:(i + 1) * N_ENDINGS], e.label, block_size)
@@ -206,15 +218,17 @@ def render_examples(examples: Sequence[Example], block_size: int) -> list[Render
 
 def load_rendered(data: str | None, tokenizer: dict[str, Any], block_size: int, what: str,
                   limit: int = 0, option: str = "--data") -> tuple[list[Rendered], str]:
-    """Check the tokenizer (before any download), find the file (``data`` or the cached
-    validation set), read and tokenize it. Returns the rows and the file's path. ``what`` names
-    the model's source and ``option`` how the file is passed, for the error messages."""
+    """Find the file (``data`` or the cached validation set), read it, check the model's
+    tokenizer can represent its text, and tokenize it. Returns the rows and the file's path.
+    ``what`` names the model's source and ``option`` how the file is passed, for the errors."""
     training = not option.startswith("--")
-    require_gpt2(tokenizer, what, fix="prepare the data with --tokenizer gpt2, or leave "
-                 "train.hellaswag_interval at 0" if training else
-                 "evaluate a model trained on data prepared with --tokenizer gpt2")
+    tok = tokenizer_from_dict(tokenizer)
     path = data if data else fetch_val(option=option)
-    return render_examples(read_examples(path, limit, option), block_size), path
+    examples = read_examples(path, limit, option)
+    check_encodable(tok, examples, what, fix=(
+        "prepare the data with --tokenizer gpt2 or bpe, or leave train.hellaswag_interval at 0"
+        if training else "evaluate a model trained with --tokenizer gpt2 or bpe"))
+    return render_examples(examples, block_size, tok), path
 
 
 def make_batches(items: Sequence[Rendered], max_examples: int, max_tokens: int = 0) -> list[list[int]]:

@@ -30,10 +30,14 @@ from gptforge.config import ConfigError, GPTConfig, validate
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.tokenizer import (
+    BPE_FILE,
     GPT2_EOT,
     GPT2_EOT_ID,
     GPT2_VOCAB_SIZE,
     gpt2_vocab_files,
+    hf_tokenizer_files,
+    load_bpe,
+    tokenizer_from_dict,
 )
 
 CONFIG_FILE = "config.json"
@@ -238,6 +242,8 @@ def read_hf_tokenizer(path: str | Path, cfg: GPTConfig) -> dict[str, Any]:
     """
     p = Path(path)
     own = p / GPTFORGE_TOKENIZER_FILE
+    if not own.is_file() and not (p / "vocab.json").is_file() and (p / BPE_FILE).is_file():
+        return _bpe_of(p, cfg)  # a trained BPE, as gptforge export writes it
     if own.is_file():
         try:
             tok = json.loads(own.read_text(encoding="utf-8"))
@@ -265,6 +271,17 @@ def read_hf_tokenizer(path: str | Path, cfg: GPTConfig) -> dict[str, Any]:
             f"{GPTFORGE_TOKENIZER_FILE}: gptforge cannot tell how to tokenize text for it"
         )
     return {"name": "gpt2"}
+
+
+def _bpe_of(p: Path, cfg: GPTConfig) -> dict[str, Any]:
+    try:
+        tok = load_bpe(p)
+    except GptforgeError as e:
+        raise HFFormatError(str(e)) from None
+    if tok.vocab_size != cfg.vocab_size:
+        raise HFFormatError(f"{p / BPE_FILE} has {tok.vocab_size} tokens but the model's "
+                            f"vocab_size is {cfg.vocab_size}: export the model again")
+    return tok.to_dict()
 
 
 def load_pretrained(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
@@ -311,9 +328,9 @@ def gptforge_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_config_dict(cfg: GPTConfig, gpt2_tokenizer: bool, extra: dict[str, Any]) -> dict[str, Any]:
-    """config.json for ``GPT2LMHeadModel``: GPT2Config's fields for this model."""
-    eot = GPT2_EOT_ID if gpt2_tokenizer else None
+def hf_config_dict(cfg: GPTConfig, eot: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """config.json for ``GPT2LMHeadModel``: GPT2Config's fields for this model (``eot``: the
+    tokenizer's <|endoftext|> id, its bos and eos, if it has one)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -367,14 +384,22 @@ def write_hf_dir(
 ) -> list[str]:
     """Write an HF GPT-2 directory for ``model`` into ``out`` (which must exist and be empty).
 
-    With the GPT-2 tokenizer, its files are written too; with any other tokenizer dict, it is
-    saved as gptforge_tokenizer.json (transformers cannot use it). Returns the files written.
+    With GPT-2's tokenizer or a trained BPE, the tokenizer's files are written too (a BPE's
+    tokenizer.json byte for byte, loaded by ``AutoTokenizer`` as a fast tokenizer); a char
+    vocabulary is saved as gptforge_tokenizer.json (transformers cannot use it). Returns the
+    files written.
     """
-    gpt2 = tokenizer.get("name") == "gpt2"
+    name = tokenizer.get("name")
+    eot = GPT2_EOT_ID if name == "gpt2" else tokenizer.get("eot_id") if name == "bpe" else None
     save_file(gptforge_to_hf(model), str(out / SAFETENSORS_FILE), metadata={"format": "pt"})
-    _write_json(out / CONFIG_FILE, hf_config_dict(model.config, gpt2, extra))
-    if gpt2:
+    _write_json(out / CONFIG_FILE, hf_config_dict(model.config, eot, extra))
+    if name == "gpt2":
         write_gpt2_tokenizer(out, model.config.block_size)
+    elif name == "bpe":
+        files = hf_tokenizer_files(tokenizer_from_dict(tokenizer),  # type: ignore[arg-type]
+                                   model_max_length=model.config.block_size)
+        for file, data in files.items():
+            (out / file).write_bytes(data)
     else:
         _write_json(out / GPTFORGE_TOKENIZER_FILE, tokenizer)
     return sorted(os.listdir(out))

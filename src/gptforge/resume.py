@@ -52,6 +52,7 @@ from gptforge.rundir import (
     RUN_CONFIG_FILE,
     RUN_FILE,
 )
+from gptforge.tokenizer import describe
 
 # Why a run ends when it is complete; otherwise a signal stopped it (its name), to be resumed.
 FINISHED = ("max_steps", "target_loss", "target_val_loss")
@@ -304,8 +305,11 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
     meta = load_meta(cfg.data.path)
     if resume is not None and meta["tokenizer"] != resume.tokenizer:
         raise CheckpointError(
-            f"checkpoint {resume.path} was trained with a different tokenizer than the data in "
-            f"{cfg.data.path}: resume with the data the run was started with"
+            f"checkpoint {resume.path} was trained with the {describe(resume.tokenizer)}, but the "
+            f"data in {cfg.data.path} was made with the {describe(meta['tokenizer'])}: resume "
+            "with the data the run was started with"
+            + (f", or prepare it with --tokenizer {run_dir}"
+               if resume.tokenizer.get("name") == "bpe" else "")
         )
     init_weights = None
     if init_from is not None:
@@ -314,9 +318,9 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
         source_cfg, init_weights, source_tokenizer = load_pretrained(init_from)
         if source_tokenizer != meta["tokenizer"]:
             raise CheckpointError(
-                f"{init_from} was trained with the {source_tokenizer.get('name')} tokenizer, other "
-                f"than the data's ({meta['tokenizer']['name']}): prepare the data with the "
-                "tokenizer of the model you start from"
+                f"{init_from} was trained with the {describe(source_tokenizer)}, other than the "
+                f"data's ({describe(meta['tokenizer'])}): prepare the data with the tokenizer of "
+                f"the model you start from (--tokenizer {init_from})"
             )
         cfg.model = dataclasses.replace(source_cfg, dropout=cfg.model.dropout)
     resolve_model_vocab(cfg, meta)
@@ -325,8 +329,8 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
         refuse_complete(resume, cfg)
     check_run_dir(run_dir, resuming=resume is not None or restart)
     wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
-    train_tokens = load_split(cfg.data.path, "train")
-    val_tokens = load_split(cfg.data.path, "val") if meta["val_tokens"] > 0 else None
+    train_tokens = load_split(cfg.data.path, "train", cfg.data.verify)
+    val_tokens = load_split(cfg.data.path, "val", cfg.data.verify) if meta["val_tokens"] > 0 else None
     return Start(meta, train_tokens, val_tokens, resume, init_from, init_weights, restart, preset)
 
 

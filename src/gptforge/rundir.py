@@ -114,9 +114,11 @@ def write_failure(what: str, where: str | Path, e: BaseException, fix: str) -> s
 # The lock
 
 
-def _locked(run_dir: Path) -> str:
-    return (f"{run_dir} is being written by another gptforge train, {_holder(run_dir / LOCK_FILE)}: "
-            "wait for it to end or stop it (Ctrl-C, or kill -TERM with its pid: it saves first), "
+def _locked(run_dir: Path, what: str = "train") -> str:
+    stop = ("Ctrl-C, or kill -TERM with its pid: it saves first" if what == "train" else
+            "Ctrl-C, or kill -TERM with its pid: the same command resumes it")
+    return (f"{run_dir} is being written by another gptforge {what}, "
+            f"{_holder(run_dir / LOCK_FILE)}: wait for it to end or stop it ({stop}), "
             "or choose another --out")
 
 
@@ -135,11 +137,14 @@ class RunLock:
     """An exclusive, non-blocking ``flock`` on ``RUN/.lock``.
 
     ``acquire`` creates RUN if needed. ``release`` removes what acquiring created when nothing
-    else was written (a run that failed before it began leaves no directory behind).
+    else was written (a run that failed before it began leaves no directory behind), and the
+    lock file itself unless ``keep_file`` (a data directory keeps no trace of its writer).
+    ``what`` names the command that writes the directory, for the message a second one gets.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, what: str = "train", keep_file: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.what, self.keep_file = what, keep_file
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
         self._created: list[Path] = []  # directories acquire() made, deepest first
@@ -173,7 +178,7 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunLocked(_locked(self.run_dir)) from None
+                raise RunLocked(_locked(self.run_dir, self.what)) from None
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -207,9 +212,10 @@ class RunLock:
             leftovers = [p.name for p in self.run_dir.iterdir() if p.name != LOCK_FILE]
         except OSError:
             leftovers = ["?"]
-        if not leftovers:  # nothing was written: leave no trace of the attempt
-            with contextlib.suppress(OSError):
+        if not leftovers or not self.keep_file:  # nothing was written: leave no trace of it
+            with contextlib.suppress(OSError):  # (a waiting writer then opens the new file)
                 self.path.unlink()
+        if not leftovers:
             for d in self._created:
                 with contextlib.suppress(OSError):  # not empty (someone else's now): keep it
                     d.rmdir()
@@ -223,15 +229,18 @@ _HELD: dict[str, RunLock] = {}
 
 
 @contextlib.contextmanager
-def hold_run_lock(run_dir: str | Path, enabled: bool = True, create: bool = True) -> Iterator[None]:
+def hold_run_lock(run_dir: str | Path, enabled: bool = True, create: bool = True,
+                  what: str = "train") -> Iterator[None]:
     """Hold RUN's lock for the duration (re-entrant within a process); ``enabled=False`` is a
     no-op, for ranks other than the one that writes. With ``create=False`` an absent RUN is not
-    created (there is nothing to lock, and the caller reports it missing)."""
+    created (there is nothing to lock, and the caller reports it missing). ``what``: the
+    command writing it; other than "train" (a prepare's data directory), the lock file goes
+    when the lock does."""
     key = os.path.realpath(run_dir)
     if not enabled or key in _HELD or (not create and not os.path.isdir(run_dir)):
         yield
         return
-    lock = RunLock(run_dir)
+    lock = RunLock(run_dir, what, keep_file=what == "train")
     lock.acquire()
     _HELD[key] = lock
     try:

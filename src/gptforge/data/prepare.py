@@ -2,9 +2,13 @@
 
 ``prepare()`` reads as its steps:
 
-1. expand the inputs into files (sources.py) and check the options;
-2. look at the output directory: the finished result of the same arguments is kept as it is, an
-   unfinished one is resumed, anything else needs ``force`` (staging.py);
+1. expand the inputs into files (sources.py), check the options, and find a tokenizer given by
+   path (vocab.py);
+2. take DIR's lock (one prepare writes a directory at a time), then look at the output
+   directory: the finished result of the same arguments is kept as it is, an unfinished one is
+   resumed, anything else needs ``force`` (staging.py); a new run builds its vocabulary (char:
+   a pass over the text; bpe: trained on the text or a sample of it, vocab.py) and keeps it in
+   the staging area;
 3. read the files in order as pieces of documents, tokenize batches of pieces in worker
    processes, and take the tokens back in input order, so the output is the same for any number
    of workers (tokenize.py);
@@ -25,7 +29,6 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from dataclasses import asdict
 from typing import Any
 
 from gptforge.data.shards import DATA_FORMAT, load_meta, shard_count, split_shards
@@ -39,6 +42,7 @@ from gptforge.data.splits import (
 )
 from gptforge.data.staging import (
     DEFAULT_SHARD_TOKENS,
+    DEFAULT_TOKENIZER_SAMPLE_MB,
     STATE_VERSION,
     Options,
     PrepareInterrupted,
@@ -48,9 +52,11 @@ from gptforge.data.staging import (
     old_result,
     publish_staged,
 )
+from gptforge.data.vocab import resolve_tokenizer, stage_tokenizer, staged_tokenizer, train_tokenizer
 from gptforge.errors import GptforgeError
 from gptforge.metrics import progress_bar
-from gptforge.tokenizer import CharTokenizer, get_tokenizer, tokenizer_from_dict
+from gptforge.rundir import hold_run_lock
+from gptforge.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer, tokenizer_from_dict
 from gptforge.version import __version__
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller inputs are tokenized in this process
@@ -122,7 +128,7 @@ def _meta(run: Staging, sources: list[Source], tok: dict[str, Any], opt: Options
              "bytes": s.bytes, "mtime_ns": s.mtime_ns, "sha256": h}
             for s, h in zip(sources, end["sha256"], strict=True)
         ],
-        "prepare_options": asdict(opt),
+        "prepare_options": opt.record(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gptforge_version": __version__,
     }
@@ -218,8 +224,14 @@ def prepare(
     shard_tokens: int | None = None,
     max_tokens: int | None = None,
     seed: int = 0,
+    vocab_size: int | None = None,
+    tokenizer_sample_mb: float | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` (files, directories, globs, named datasets) into shards in ``out``.
+
+    ``tokenizer``: "gpt2", "char", "bpe" (a byte-level BPE of ``vocab_size`` tokens trained on
+    the inputs, or on a sample of about ``tokenizer_sample_mb`` MB of them; 0: all), or the path
+    of a tokenizer to reuse (a tokenizer.json, a prepared directory, a run or a checkpoint).
 
     Returns the metadata written to ``out/meta.json`` plus a ``"run"`` entry for this call:
     ``status`` ("done", "resumed" or "unchanged": ``out`` already held this result), ``seconds``
@@ -229,9 +241,13 @@ def prepare(
     """
     t0 = time.perf_counter()
     out = os.fspath(out)
-    opt = Options(tokenizer, val_fraction, seed,
+    kind, given = resolve_tokenizer(tokenizer)
+    if kind == "bpe" and given is None and tokenizer_sample_mb is None:
+        tokenizer_sample_mb = DEFAULT_TOKENIZER_SAMPLE_MB
+    opt = Options(kind, val_fraction, seed,
                   DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens, max_tokens,
-                  format, text_field, errors)
+                  format, text_field, errors, vocab_size, tokenizer_sample_mb,
+                  None if given is None else given.sha256)
     opt.check()
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -242,9 +258,17 @@ def prepare(
 
     # 1. the files, and what identifies this run
     sources = expand_inputs(inputs, format, url, cache_dir, out)
-    args = {"options": asdict(opt), "inputs": [s.identity() for s in sources]}
+    args = {"options": opt.record(), "inputs": [s.identity() for s in sources]}
+    # 2. one prepare at a time writes DIR
+    with hold_run_lock(out, what="prepare"):
+        return _prepare_locked(out, sources, args, opt, given, force, workers, progress, t0)
+
+
+def _prepare_locked(out: str, sources: list[Source], args: dict[str, Any], opt: Options,
+                    given: BPETokenizer | None, force: bool, workers: int, progress: bool,
+                    t0: float) -> dict[str, Any]:
     total_bytes = sum(s.bytes for s in sources)
-    rule = val_rule(sources, val_fraction)
+    rule = val_rule(sources, opt.val_fraction)
 
     # 2. what the output directory holds: this result already, an unfinished run, other data
     run = Staging(out)
@@ -255,7 +279,8 @@ def prepare(
     resumed, created = _start(run, args, force)
 
     try:
-        bytes_before = _produce(run, args, sources, opt, rule, workers, resumed, show=progress)
+        bytes_before = _produce(run, args, sources, opt, rule, workers, resumed, show=progress,
+                                given=given)
     except PrepareInterrupted:
         raise
     except GptforgeError:
@@ -277,17 +302,28 @@ def prepare(
                                          "bytes_read": max(total_bytes - bytes_before, 0)}}
 
 
+def _vocabulary(run: Staging, sources: list[Source], opt: Options, given: BPETokenizer | None,
+                show: bool) -> dict[str, Any]:
+    """The record of the tokenizer this run uses, built (char, a trained BPE) or reused."""
+    if opt.tokenizer == "char":
+        return _char_tokenizer(sources, opt, show).to_dict()
+    if opt.tokenizer != "bpe":
+        return get_tokenizer(opt.tokenizer).to_dict()
+    if given is None:
+        with _bar(sum(s.bytes for s in sources), "tokenizer", show) as bar:
+            given = train_tokenizer(sources, opt, bar)
+    return stage_tokenizer(run, given)
+
+
 def _produce(run: Staging, args: dict[str, Any], sources: list[Source], opt: Options, rule: str,
-             workers: int, resumed: bool, show: bool) -> int:
+             workers: int, resumed: bool, show: bool, given: BPETokenizer | None = None) -> int:
     """Steps 3 to 6, each resumed where an interrupted run left it (``run.state["phase"]``).
     Returns the input bytes an earlier, interrupted run had already read. ``show``: a progress
     bar (drawn on a terminal only; in a pipe the summary line says it all)."""
     if not resumed:
-        tok_dict = (_char_tokenizer(sources, opt, show) if opt.tokenizer == "char"
-                    else get_tokenizer(opt.tokenizer)).to_dict()
-        run.state = _fresh_state(args, tok_dict)
+        run.state = _fresh_state(args, _vocabulary(run, sources, opt, given, show))
         run.save()
-    tok = tokenizer_from_dict(run.state["tokenizer"])
+    tok = staged_tokenizer(run)
     bytes_before = run.state["checkpoint"]["bytes"]
     total_bytes = sum(s.bytes for s in sources)
 

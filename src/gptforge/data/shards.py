@@ -7,10 +7,13 @@ load time instead of training on garbage.
     offset  size  field
     0       8     magic b"GPTFTOK\\0"
     8       4     shard format version (1), uint32 little-endian
-    12      4     bytes per token (2), uint32
+    12      4     bytes per token (2, or 4 for a vocabulary of more than 65,536), uint32
     16      8     token count, uint64
     24      40    zero padding
-    64      2*N   tokens, uint16 little-endian
+    64      2*N   tokens, uint16 little-endian (4*N, uint32, where the header says 4)
+
+The width is the narrowest that holds every id of the vocabulary (``token_dtype``): GPT-2's,
+char and BPE vocabularies up to 65,536 tokens give the same uint16 files as always.
 
 A prepared directory is ``meta.json`` plus the shards it lists. ``meta.json`` is written last, so
 a directory without it holds no prepared data, whatever else is there.
@@ -33,12 +36,15 @@ import numpy as np
 from gptforge.atomic import file_sha256 as file_sha256  # re-exported: shards are checked by it
 from gptforge.atomic import publish, temp_path
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer import tokenizer_from_dict
 
 MAGIC = b"GPTFTOK\0"
 SHARD_VERSION = 1
 TOKEN_BYTES = 2
 HEADER_BYTES = 64
 TOKEN_DTYPE = np.dtype("<u2")
+WIDE_TOKEN_DTYPE = np.dtype("<u4")
+DTYPES = {2: TOKEN_DTYPE, 4: WIDE_TOKEN_DTYPE}  # bytes per token -> dtype
 
 DATA_FORMAT = 2  # what meta.json's format_version says for directories written now
 READ_FORMATS = (1, 2)
@@ -47,19 +53,25 @@ SPLITS = ("train", "val")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def shard_header(count: int) -> bytes:
-    head = MAGIC + np.array([SHARD_VERSION, TOKEN_BYTES], "<u4").tobytes()
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest shard dtype that holds ids 0..vocab_size-1."""
+    return TOKEN_DTYPE if vocab_size <= 1 << 16 else WIDE_TOKEN_DTYPE
+
+
+def shard_header(count: int, dtype: np.dtype = TOKEN_DTYPE) -> bytes:
+    head = MAGIC + np.array([SHARD_VERSION, np.dtype(dtype).itemsize], "<u4").tobytes()
     head += np.array([count], "<u8").tobytes()
     return head.ljust(HEADER_BYTES, b"\0")
 
 
-def as_tokens(tokens: Any) -> np.ndarray:
-    """Token ids as a flat uint16 array (ids must lie in 0..65535)."""
+def as_tokens(tokens: Any, dtype: np.dtype = TOKEN_DTYPE) -> np.ndarray:
+    """Token ids as a flat array of ``dtype`` (uint16: ids must lie in 0..65535)."""
     arr = np.asarray(tokens)
-    if arr.dtype != TOKEN_DTYPE:
-        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
-            raise ValueError("token ids must lie in 0..65535 to be stored as uint16")
-        arr = arr.astype(TOKEN_DTYPE)
+    if arr.dtype != dtype:
+        top = np.iinfo(dtype).max
+        if arr.size and (arr.min() < 0 or arr.max() > top):
+            raise ValueError(f"token ids must lie in 0..{top} to be stored as {np.dtype(dtype).name}")
+        arr = arr.astype(dtype)
     return arr.reshape(-1)
 
 
@@ -70,25 +82,28 @@ class ShardWriter:
     is atomic), behind a header that says 0 tokens until ``finish()`` writes the real count: a
     file caught halfway never passes ``read_shard``. ``keep=N`` reopens an existing ``tmp_path``
     and keeps its first N tokens, to go on with a shard an interrupted run left. Used as a context
-    manager it commits on success and removes the temporary file on error.
+    manager it commits on success and removes the temporary file on error. ``dtype``: uint16, or
+    uint32 for a vocabulary too large for it (``token_dtype``).
     """
 
-    def __init__(self, path: PathLike, tmp_path: str | None = None, keep: int = 0) -> None:
+    def __init__(self, path: PathLike, tmp_path: str | None = None, keep: int = 0,
+                 dtype: np.dtype = TOKEN_DTYPE) -> None:
         self.path = os.fspath(path)
         self.tmp_path = tmp_path or temp_path(self.path)
+        self.dtype = np.dtype(dtype)
         if keep:
             self._f = open(self.tmp_path, "r+b")
-            self._f.truncate(HEADER_BYTES + TOKEN_BYTES * keep)
+            self._f.truncate(HEADER_BYTES + self.dtype.itemsize * keep)
             self._f.seek(0)
-            self._f.write(shard_header(0))
+            self._f.write(shard_header(0, self.dtype))
             self._f.seek(0, os.SEEK_END)
         else:
             self._f = open(self.tmp_path, "wb" if tmp_path else "xb")
-            self._f.write(shard_header(0))
+            self._f.write(shard_header(0, self.dtype))
         self.count = keep
 
     def write(self, tokens: Any) -> None:
-        arr = as_tokens(tokens)
+        arr = as_tokens(tokens, self.dtype)
         self._f.write(arr.tobytes())
         self.count += arr.size
 
@@ -100,7 +115,7 @@ class ShardWriter:
         """Write the real header and close (``sync``: to the disk); returns the temp file's path."""
         if not self._f.closed:
             self._f.seek(0)
-            self._f.write(shard_header(self.count))
+            self._f.write(shard_header(self.count, self.dtype))
             self._f.flush()
             if sync:
                 os.fsync(self._f.fileno())
@@ -132,14 +147,21 @@ class ShardWriter:
             self.abort()
 
 
-def write_shard(path: PathLike, tokens: Any) -> None:
-    """Write ``tokens`` (ints in 0..65535) as a shard at ``path``, atomically."""
-    with ShardWriter(path) as w:
+def write_shard(path: PathLike, tokens: Any, dtype: np.dtype = TOKEN_DTYPE) -> None:
+    """Write ``tokens`` (ints in 0..65535, or wider with a wider ``dtype``) as a shard at
+    ``path``, atomically."""
+    with ShardWriter(path, dtype=dtype) as w:
         w.write(tokens)
 
 
 def shard_count(path: PathLike, redo: str = "re-run `gptforge prepare ... --force` to rebuild it") -> int:
     """The token count a shard's header promises, checked against the file's size."""
+    return _shard_info(path, redo)[0]
+
+
+def _shard_info(path: PathLike, redo: str = "re-run `gptforge prepare ... --force` to rebuild it"
+                ) -> tuple[int, np.dtype]:
+    """(token count, token dtype) from a shard's header, checked against the file's size."""
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -164,27 +186,28 @@ def shard_count(path: PathLike, redo: str = "re-run `gptforge prepare ... --forc
             f"{path} has shard format version {version}, this gptforge reads version "
             f"{SHARD_VERSION}; {redo}"
         )
-    if token_bytes != TOKEN_BYTES:
+    if int(token_bytes) not in DTYPES:
         raise GptforgeError(
-            f"{path} stores {token_bytes} bytes per token, expected {TOKEN_BYTES}; {redo}"
+            f"{path} stores {token_bytes} bytes per token, expected 2 or 4; {redo}"
         )
-    expected = HEADER_BYTES + TOKEN_BYTES * int(count)
+    expected = HEADER_BYTES + int(token_bytes) * int(count)
     if size != expected:
         raise GptforgeError(
             f"{path} is {size} bytes but its header promises {int(count)} tokens "
             f"({expected} bytes): it is truncated or corrupt; {redo}"
         )
-    return int(count)
+    return int(count), DTYPES[int(token_bytes)]
 
 
 def read_shard(path: PathLike) -> np.ndarray:
-    """Map a shard read-only: a uint16 ``np.memmap`` of its tokens (empty array if none)."""
-    count = shard_count(path)
+    """Map a shard read-only: a uint16 (or uint32) ``np.memmap`` of its tokens (empty array if
+    none)."""
+    count, dtype = _shard_info(path)
     if count == 0:
-        empty = np.zeros(0, dtype=TOKEN_DTYPE)  # mmap cannot map zero bytes
+        empty = np.zeros(0, dtype=dtype)  # mmap cannot map zero bytes
         empty.flags.writeable = False
         return empty
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 class TokenStream:
@@ -196,13 +219,15 @@ class TokenStream:
     """
 
     def __init__(self, shards: Sequence[np.ndarray], name: str) -> None:
+        # One dtype for the stream: the widest of its shards (a directory's are all alike).
+        self.dtype = max((np.dtype(s.dtype) for s in shards), key=lambda d: d.itemsize,
+                         default=TOKEN_DTYPE)
         self._shards = [s for s in shards if len(s)]
         self._starts = [0]  # _starts[i]: stream index of shard i's first token; last: the length
         for s in self._shards:
             self._starts.append(self._starts[-1] + len(s))
         self._starts_np = np.array(self._starts, dtype=np.int64)
         self.name = name
-        self.dtype = TOKEN_DTYPE
         self.shape = (self._starts[-1],)
 
     def __len__(self) -> int:
@@ -218,7 +243,7 @@ class TokenStream:
             if step != 1:
                 raise IndexError("a TokenStream slice takes step 1 only")
             if stop <= start:
-                return np.zeros(0, dtype=TOKEN_DTYPE)
+                return np.zeros(0, dtype=self.dtype)
             first, last = self._shard_of(start), self._shard_of(stop - 1)
             parts = [
                 self._shards[k][max(start, self._starts[k]) - self._starts[k] :
@@ -238,7 +263,7 @@ class TokenStream:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"indices out of range for {n} tokens")
         which = np.searchsorted(self._starts_np, idx, side="right") - 1
-        out = np.empty(idx.shape, dtype=TOKEN_DTYPE)
+        out = np.empty(idx.shape, dtype=self.dtype)
         for k in np.unique(which):
             sel = which == k
             out[sel] = self._shards[k][idx[sel] - self._starts[k]]
@@ -274,7 +299,21 @@ def load_meta(data_dir: PathLike) -> dict[str, Any]:
             f"{path} has data format version {meta['format_version']}, this gptforge reads "
             f"versions {', '.join(map(str, READ_FORMATS))}; {_redo(data_dir)} or upgrade gptforge"
         )
+    _check_tokenizer_file(data_dir, meta["tokenizer"])
     return meta
+
+
+def _check_tokenizer_file(data_dir: str, record: Any) -> None:
+    """A trained tokenizer's file must be there and be the one recorded (sha256): reading it
+    here also makes its record alone rebuild it (see tokenizer/bpe.py, known tokenizers)."""
+    if not isinstance(record, dict) or record.get("name") != "bpe":
+        return
+    path = os.path.join(data_dir, os.path.basename(str(record.get("file"))))
+    if not os.path.isfile(path):
+        raise GptforgeError(
+            f"{path} is missing: {data_dir} was prepared with a trained tokenizer kept in that "
+            f"file; restore it, or {_redo(data_dir)}")
+    tokenizer_from_dict(record, directory=data_dir)
 
 
 def split_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
@@ -284,13 +323,14 @@ def split_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return list(meta.get("shards", {}).get(split, []))
 
 
-def load_split(data_dir: PathLike, split: str) -> TokenStream:
+def load_split(data_dir: PathLike, split: str, verify: str = "sizes") -> TokenStream:
     """The tokens of ``split`` ("train" or "val") of a prepared directory, as one stream.
 
-    Each shard's length is checked against its header and meta.json when it is opened; its
-    sha256 is not (that would read every byte on every load: ``gptforge prepare`` checks what it
-    reuses, and ``sha256sum`` can check the files against meta.json).
+    Each shard's length is checked against its header and meta.json when it is opened, and with
+    ``verify="sha256"`` its sha256 against meta.json's (it reads every byte once: ``train`` does
+    it at the start of a run, ``eval`` before scoring a split; BENCHMARKS.md gives the cost).
     """
+    assert verify in ("sizes", "sha256"), verify
     data_dir = os.fspath(data_dir)
     meta = load_meta(data_dir)
     shards = []
@@ -301,6 +341,11 @@ def load_split(data_dir: PathLike, split: str) -> TokenStream:
             raise GptforgeError(
                 f"{path} has {len(tokens)} tokens but meta.json says {entry['tokens']}: "
                 f"{_redo(data_dir)}"
+            )
+        if verify == "sha256" and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+            raise GptforgeError(
+                f"{path} is damaged: its sha256 is not the one meta.json records (a changed "
+                f"byte, bit rot or a bad copy); rebuild it: {_redo(data_dir)}"
             )
         shards.append(tokens)
     stream = TokenStream(shards, f"{data_dir} ({split} split)")

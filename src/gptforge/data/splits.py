@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from gptforge.atomic import publish
-from gptforge.data.shards import TOKEN_DTYPE, ShardWriter, TokenStream, file_sha256, read_shard, shard_count
+from gptforge.data.shards import (
+    ShardWriter,
+    TokenStream,
+    file_sha256,
+    read_shard,
+    shard_count,
+    token_dtype,
+)
 from gptforge.data.sources import Piece, ReadOptions, Source, read_sources
 from gptforge.data.staging import Options, SplitShards, Staging, shard_name
 from gptforge.data.tokenize import batches, tokenized
@@ -79,10 +86,11 @@ class SplitWriter:
         self.run, self.opt, self.rule, self.sources = run, opt, rule, sources
         st = run.state
         ck = st["checkpoint"]
-        self.eot = None if tok.eot_id is None else np.array([tok.eot_id], dtype=TOKEN_DTYPE)
+        dtype = token_dtype(tok.vocab_size)
+        self.eot = None if tok.eot_id is None else np.array([tok.eot_id], dtype=dtype)
         self.splits = {
             name: SplitShards(name, run.staging, opt.shard_tokens, st["shards"][name],
-                         ck["splits"][name]["tokens"], ck["splits"][name]["docs"])
+                              ck["splits"][name]["tokens"], ck["splits"][name]["docs"], dtype)
             for name in ("train", "val")
         }
         self.docs, self.empty = ck["docs"], ck["empty"]
@@ -223,7 +231,7 @@ def cut_tail(run: Staging, opt: Options) -> None:
         for k, a in enumerate(range(n_train, n, S)):
             b = min(a + S, n)
             path = run.path(shard_name("val", k))
-            w = ShardWriter(path, path + ".partial")
+            w = ShardWriter(path, path + ".partial", dtype=tokens.dtype)
             for i in range(a, b, COPY_TOKENS):
                 w.write(tokens[i : min(i + COPY_TOKENS, b)])
             tmp = w.finish(sync=True)
@@ -236,8 +244,9 @@ def cut_tail(run: Staging, opt: Options) -> None:
     if c:
         path = run.path(stream[k]["file"])
         if shard_count(path) != c:  # not cut yet (a killed run may have cut it already)
-            w = ShardWriter(path, path + ".cut.partial")
-            w.write(read_shard(path)[:c])
+            whole = read_shard(path)
+            w = ShardWriter(path, path + ".cut.partial", dtype=whole.dtype)
+            w.write(whole[:c])
             publish(w.finish(sync=True), path, durable=True)
         keep.append({"file": stream[k]["file"], "tokens": c, "sha256": file_sha256(path)})
     for e in stream[len(keep):]:

@@ -15,18 +15,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from gptforge.atomic import publish, write_text
-from gptforge.data.shards import HEADER_BYTES, TOKEN_BYTES, ShardWriter, file_sha256, load_meta, shard_count, split_shards
+from gptforge.data.shards import HEADER_BYTES, TOKEN_DTYPE, ShardWriter, file_sha256, shard_count, split_shards
 from gptforge.data.sources import FORMATS
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer import TOKENIZERS
+from gptforge.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, TOKENIZERS, check_vocab_size
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per shard
+# --tokenizer bpe trains on at most this much of the corpus (a deterministic sample): about
+# 2.5 min and 1.5 GB of memory on 2 cores (BENCHMARKS.md, "The trained byte-level BPE").
+DEFAULT_TOKENIZER_SAMPLE_MB = 100
+# Options that only a trained or reused BPE sets: left out of the record when unset, so the
+# record of a gpt2 or char run (meta.json's prepare_options) is what it always was.
+BPE_OPTIONS = ("vocab_size", "tokenizer_sample_mb", "tokenizer_sha256")
 STAGING = ".prepare"
 STATE_VERSION = 1
 
@@ -43,12 +49,21 @@ class Options:
     format: str | None = None
     text_field: str = "text"
     errors: str = "strict"
+    vocab_size: int | None = None  # bpe: the vocabulary to train
+    tokenizer_sample_mb: float | None = None  # bpe: how much text it is trained on (0: all)
+    tokenizer_sha256: str | None = None  # bpe reused from a file: that file's sha256
+
+    def record(self) -> dict[str, Any]:
+        """What identifies these options (meta.json's prepare_options, a resumable run's args)."""
+        return {k: v for k, v in asdict(self).items() if k not in BPE_OPTIONS or v is not None}
 
     def check(self) -> None:
         if self.tokenizer not in TOKENIZERS:
             raise GptforgeError(
-                f"unknown tokenizer {self.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}"
+                f"unknown tokenizer {self.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}, "
+                "or give the path of a tokenizer.json, a prepared directory or a run"
             )
+        self._check_bpe()
         if not 0.0 <= self.val_fraction < 1.0:
             raise GptforgeError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.errors not in ("strict", "replace"):
@@ -61,6 +76,28 @@ class Options:
             raise GptforgeError(f"--shard-tokens must be 1 or more, got {self.shard_tokens}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise GptforgeError(f"--max-tokens must be 1 or more, got {self.max_tokens}")
+
+
+    def _check_bpe(self) -> None:
+        trained = self.tokenizer == "bpe" and self.tokenizer_sha256 is None
+        if self.vocab_size is not None and not trained:
+            what = ("--tokenizer PATH reuses a vocabulary of its own" if self.tokenizer == "bpe"
+                    else "--tokenizer gpt2 has GPT-2's 50,257 tokens" if self.tokenizer == "gpt2"
+                    else "--tokenizer char has one token per character of the text")
+            raise GptforgeError(f"--vocab-size is for --tokenizer bpe, which trains a "
+                                f"vocabulary; {what}: leave --vocab-size out")
+        if self.tokenizer_sample_mb is not None and not trained:
+            raise GptforgeError("--tokenizer-sample-mb is for --tokenizer bpe, which trains a "
+                                "vocabulary: leave it out")
+        if trained:
+            if self.vocab_size is None:
+                raise GptforgeError(f"--tokenizer bpe needs --vocab-size N ({MIN_VOCAB_SIZE} to "
+                                    f"{MAX_VOCAB_SIZE:,})")
+            check_vocab_size(self.vocab_size)
+            mb = self.tokenizer_sample_mb
+            if mb is None or isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0:
+                raise GptforgeError(f"--tokenizer-sample-mb must be 0 (all the text) or more, "
+                                    f"got {mb!r}")
 
 
 class PrepareInterrupted(GptforgeError):
@@ -80,8 +117,9 @@ class SplitShards:
     """One split's shards: the complete ones, and the one being filled (a .partial file)."""
 
     def __init__(self, name: str, staging: str, shard_tokens: int, shards: list[dict[str, Any]],
-                 tokens: int, docs: int) -> None:
+                 tokens: int, docs: int, dtype: np.dtype = TOKEN_DTYPE) -> None:
         self.name, self.staging, self.shard_tokens = name, staging, shard_tokens
+        self.dtype = np.dtype(dtype)
         self.shards = shards
         self.tokens = tokens  # tokens this split has been given (those dropped included)
         self.docs = docs  # non-empty documents it has been given
@@ -92,12 +130,13 @@ class SplitShards:
         keep = max(0, tokens - committed)
         path = self._path(len(shards))
         if keep and not (os.path.exists(path + ".partial")
-                         and os.path.getsize(path + ".partial") >= HEADER_BYTES + TOKEN_BYTES * keep):
+                         and os.path.getsize(path + ".partial") >= HEADER_BYTES + self.dtype.itemsize * keep):
             raise GptforgeError(
                 f"{path}.partial is shorter than the interrupted prepare recorded: pass --force "
                 "to start over"
             )
-        self.writer: ShardWriter | None = ShardWriter(path, path + ".partial", keep=keep)
+        self.writer: ShardWriter | None = ShardWriter(path, path + ".partial", keep=keep,
+                                                      dtype=self.dtype)
 
     def _path(self, index: int) -> str:
         return os.path.join(self.staging, shard_name(self.name, index))
@@ -105,7 +144,7 @@ class SplitShards:
     def start_next(self) -> None:
         """A new, empty shard to fill, after the complete ones."""
         path = self._path(len(self.shards))
-        self.writer = ShardWriter(path, path + ".partial")
+        self.writer = ShardWriter(path, path + ".partial", dtype=self.dtype)
 
     def append(self, tokens: np.ndarray, on_full: Any) -> None:
         self.tokens += len(tokens)
@@ -213,6 +252,7 @@ def publish_staged(run: Staging) -> None:
     st = run.state
     meta = st["meta"]
     new = {e["file"] for split in ("train", "val") for e in meta["shards"][split]}
+    new.update(tokenizer_files(meta))
     meta_path = os.path.join(run.out, "meta.json")
     if os.path.exists(meta_path):  # first out, last in: the directory never looks complete
         os.remove(meta_path)  # with a mix of old and new shards
@@ -223,15 +263,23 @@ def publish_staged(run: Staging) -> None:
         if os.path.exists(run.path(f)):
             publish(run.path(f), os.path.join(run.out, f), durable=True)
         elif not os.path.exists(os.path.join(run.out, f)):
-            raise GptforgeError(f"shard {f} went missing while publishing: pass --force to redo")
+            raise GptforgeError(f"{f} went missing while publishing: pass --force to redo")
     write_json(meta_path, meta, run.path("meta.json.tmp"))  # a leftover goes with .prepare
     run.discard()
 
 
+def tokenizer_files(meta: dict[str, Any]) -> list[str]:
+    """The tokenizer file a prepared directory holds beside its shards (a bpe's), if any."""
+    file = meta.get("tokenizer", {}).get("file")
+    return [os.path.basename(file)] if isinstance(file, str) else []
+
+
 def old_result(out: str) -> list[str]:
-    """The shard files of a finished result already in ``out`` (to be replaced)."""
+    """The files of a finished result already in ``out`` (to be replaced)."""
     try:
-        meta = load_meta(out)
-    except GptforgeError:
+        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)  # not load_meta: what it lists goes, whatever state it is in
+        shards = [e["file"] for split in ("train", "val") for e in split_shards(meta, split)]
+        return shards + tokenizer_files(meta)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
-    return [e["file"] for split in ("train", "val") for e in split_shards(meta, split)]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gptforge.data.shards import TOKEN_DTYPE
+from gptforge.data.shards import token_dtype
 from gptforge.data.sources import Piece
 from gptforge.data.staging import PrepareInterrupted
 from gptforge.tokenizer import Tokenizer, tokenizer_from_dict
@@ -37,18 +37,20 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(tokenizer: dict[str, Any], parent: int) -> None:
+def _init_worker(tokenizer: Any, parent: int) -> None:
     global _worker_tok
-    _worker_tok = tokenizer_from_dict(tokenizer)
+    # A record, or a trained BPE itself (it pickles as its file: a spawned worker has not read it)
+    _worker_tok = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens of each text, back to back (uint16), and how many each text gave."""
+    """The tokens of each text, back to back (the shards' dtype), and how many each text gave."""
     assert _worker_tok is not None
     arrays = [_worker_tok.encode_array(t) for t in texts]
     counts = np.array([len(a) for a in arrays], dtype=np.int64)
-    tokens = np.concatenate(arrays).astype(TOKEN_DTYPE) if arrays else np.zeros(0, TOKEN_DTYPE)
+    dtype = token_dtype(_worker_tok.vocab_size)
+    tokens = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
     return tokens, counts
 
 
@@ -80,7 +82,8 @@ def tokenized(batches: Iterator[Batch], tok: Tokenizer, workers: int
     # fork: workers start at once and inherit the tokenizer already built (spawn elsewhere).
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_init_worker, initargs=(tok.to_dict(), os.getpid()))
+                               initializer=_init_worker,
+                               initargs=(tok if tok.name == "bpe" else tok.to_dict(), os.getpid()))
     try:
         pending: deque = deque()
         for batch in batches:

@@ -6,6 +6,8 @@ Importing this module costs nothing (no torch, no web stack): the CLI imports it
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -67,3 +69,18 @@ def validate_options(opts: ServeOptions) -> None:
           what="empty")
     check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", opts.device) is not None, "device",
           opts.device, "give auto, cpu, cuda, cuda:N or mps", what="not a device")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per field of ServeOptions, its docstring as the help."""
+    from gptforge.config import field_help
+
+    helps = field_help(ServeOptions)
+    for f in dataclasses.fields(ServeOptions):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
+        else:  # an empty default is left unset, so that --help shows none
+            p.add_argument(flag, type=type(default), default=default or None,
+                           required=f.name == "ckpt", metavar=SERVE_METAVARS.get(f.name),
+                           help=helps.get(f.name, ""))
