@@ -16,7 +16,7 @@ from test_train import quiet, run_cli, tiny_cfg
 
 from gptforge.cli import build_parser, main
 from gptforge.config import SECTION_TYPES
-from gptforge.metrics import RunRecord, read_run_record
+from gptforge.metrics import RunRecord, read_metrics, read_run_record
 from gptforge.report import (
     describe_run,
     format_count,
@@ -66,9 +66,10 @@ def test_counts_read_100k_1_2M_3_4B():
 
 def test_plot_shows_validation_and_hellaswag_panels_when_runs_have_them(runs, tmp_path):
     learning, running = plot_panels(read_series([runs / "a", runs / "b"]))
-    assert [p.title for p in learning] == ["loss vs steps", "loss vs tokens", "validation loss"]
+    assert [p.title for p in learning] == ["loss vs steps", "loss vs tokens", "validation loss",
+                                           "validation bits per byte"]
     assert [p.ykey for p in running] == ["lr", "norm", "tok_per_s"]
-    assert [p.xkey for p in learning] == ["step", "tokens", "tokens"]
+    assert [p.xkey for p in learning] == ["step", "tokens", "tokens", "tokens"]
     # a run with HellaSwag numbers (written by hand) adds their panel beside the losses
     hand = tmp_path / "hand"
     hand.mkdir()
@@ -77,6 +78,10 @@ def test_plot_shows_validation_and_hellaswag_panels_when_runs_have_them(runs, tm
     (hand / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     learning, _ = plot_panels(read_series([runs / "a", hand]))
     assert learning[-1].title == "HellaSwag acc_norm" and learning[-1].xkey == "tokens"
+    assert len(learning) == 5  # run a has bits per byte: five panels share the row
+    # a run from before bits per byte (no val_bpb) has no bpb panel and "-" in the table
+    assert "val_bpb" not in [p.ykey for p in plot_panels(read_series([hand]))[0]]
+    assert describe_run(hand, tmp_path)["best bpb"] == "-"
     pytest.importorskip("matplotlib")
     assert run_cli("plot", str(runs / "a"), str(hand), "--out", str(tmp_path / "hs.png")) == 0
     assert describe_run(hand, tmp_path, compact=True)["tokens"] == "47.7M"  # 91 x 524,288
@@ -95,10 +100,12 @@ def test_runs_table_shows_each_run_and_its_status(runs, char_data, tmp_path, cap
     assert run_cli("runs", str(runs)) == 0
     table = capsys.readouterr().out.splitlines()
     header, rows = table[0], {line.split()[0]: line.split() for line in table[2:]}
-    for col in ["preset", "status", "steps", "tokens", "best val", "last loss", "wall", "tok/s",
-                "latest checkpoint"]:
+    for col in ["preset", "status", "steps", "tokens", "best val", "best bpb", "last loss", "wall",
+                "tok/s", "latest checkpoint"]:
         assert col in header
     assert rows["a"][1:4] == ["gpt2-tiny", "finished", "30"]
+    bpbs = [r["val_bpb"] for r in read_metrics(runs / "a" / "metrics.jsonl") if "val_bpb" in r]
+    assert rows["a"][6] == f"{min(bpbs):.4f}"  # best bpb: the lowest val_bpb
     assert rows["a"][-1] == "step_0000030"
     assert rows["b"][2:4] == ["finished", "20"]
     assert rows["c"][1:3] == ["gpt2-mini", "crashed"]

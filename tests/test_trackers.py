@@ -183,12 +183,13 @@ def test_hellaswag_and_every_number_reach_each_tracker_under_one_name(tmp_path, 
     cfg = tiny_cfg(char_data, *ALL, "train.run_name=hand")
     trackers = Trackers(cfg, tmp_path, saved={}, start_step=0, log=quiet)
     record = dict(step=3, loss=2.5, lr=1e-3, norm=0.5, dt_ms=4.0, tok_per_s=1e5, tokens=1024,
-                  val_loss=2.75, hellaswag_acc=0.25, hellaswag_acc_norm=0.3125)
+                  val_loss=2.75, val_bpb=1.125, hellaswag_acc=0.25, hellaswag_acc_norm=0.3125)
     trackers.log(**record)
     trackers.log(step=4, loss=float("nan"), val_loss="inf")  # not numbers: left out, as in plots
     trackers.close("finished")
     names = {k: tracker_key(k) for k in record if k != "step"}
     assert names["hellaswag_acc_norm"] == "hellaswag/acc_norm" and names["val_loss"] == "val/loss"
+    assert names["val_bpb"] == "val/bpb"
     client, runs = mlflow_runs(offline)
     assert runs[0].info.run_name == "hand"
     wb = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))

@@ -104,6 +104,12 @@ def test_metrics_and_log_lines_every_interval(char_data, tmp_path):
     assert {"step", "loss", "lr", "norm", "dt_ms", "tok_per_s"} <= set(records[0])
     assert [r["step"] for r in records if "val_loss" in r] == [9, 19, 24]
     assert result.val_loss is not None and math.isfinite(result.val_loss)
+    # bits per byte beside each val loss; Shakespeare's characters are ASCII, 1 byte a token
+    vals = [r for r in records if "val_loss" in r]
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-9) for r in vals)
+    val_lines = [l for l in lines if "val loss" in l]
+    assert val_lines[-1] == (f"step    24 | val loss: {vals[-1]['val_loss']:.6f} | "
+                             f"val bpb: {vals[-1]['val_bpb']:.6f}")
     assert result.step == 25 and result.tokens == 25 * 8 * 32
     assert (tmp_path / "run" / "config.toml").read_text().startswith("[model]")
     ckpt = load_checkpoint(tmp_path / "run")

@@ -380,7 +380,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH",
                    help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     p.add_argument("--task", default="loss", choices=["loss", "hellaswag"],
-                   help="loss: loss and perplexity of --data; hellaswag: HellaSwag, completion "
+                   help="loss: loss, bits per byte and perplexity of --data; hellaswag: HellaSwag, completion "
                         "style as llm.c and build-nanogpt score it (default: loss)")
     p.add_argument("--data", metavar="DIR|FILE",
                    help="prepared data directory (from gptforge prepare) or a UTF-8 text file; "
@@ -484,7 +484,7 @@ COMMANDS: tuple[Command, ...] = (
             "Write a checkpoint as a directory that transformers loads offline: "
             "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",
             (export_options,)),
-    Command("eval", cmd_eval, "loss and perplexity on a whole split or text file, or HellaSwag",
+    Command("eval", cmd_eval, "loss, bits per byte, perplexity on a split or text file, or HellaSwag",
             "Score every token of a prepared split or a text file (consecutive windows; not a "
             "sampled estimate), or, with --task hellaswag, HellaSwag's acc and acc_norm.",
             (eval_options, device_option, json_option)),

@@ -252,10 +252,10 @@ def is_finite_number(v: Any) -> bool:
 
 def tracker_key(key: str) -> str:
     """A metrics.jsonl key as every tracker names it, grouped into train/, val/ and hellaswag/
-    sections: ``loss`` -> ``train/loss``, ``val_loss`` -> ``val/loss``,
+    sections: ``loss`` -> ``train/loss``, ``val_loss`` -> ``val/loss``, ``val_bpb`` -> ``val/bpb``,
     ``hellaswag_acc_norm`` -> ``hellaswag/acc_norm``."""
-    if key == "val_loss":
-        return "val/loss"
+    if key.startswith("val_"):
+        return "val/" + key.removeprefix("val_")
     if key.startswith("hellaswag_"):
         return "hellaswag/" + key.removeprefix("hellaswag_")
     return "train/" + key
@@ -333,7 +333,8 @@ class TensorBoardLog(Tracker):
         # run logs those steps again
         self.writer = tb.SummaryWriter(log_dir=str(log_dir), purge_step=run.start_step or None)
         params = dotted_items(run.config)
-        metrics = {tracker_key(k): float("nan") for k in ("loss", "val_loss", "hellaswag_acc_norm")}
+        metrics = {tracker_key(k): float("nan") for k in ("loss", "val_loss", "val_bpb",
+                                                            "hellaswag_acc_norm")}
         for summary in hparams(params, metrics):  # experiment, session start and end
             self.writer.file_writer.add_summary(summary)
         self.state, self.where = {}, f"tensorboard --logdir {log_dir}"

@@ -16,8 +16,10 @@ from gptforge.errors import GptforgeError
 from gptforge.metrics import is_finite_number, read_metrics, read_run_record
 from gptforge.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE
 
-COLUMNS = ("run", "preset", "status", "steps", "tokens", "best val", "last loss", "hellaswag",
-           "wall", "tok/s", "latest checkpoint")
+# "best val" is nats per token, which depends on the tokenizer; "best bpb" (bits per byte of
+# the same validation) compares runs whatever their tokenizers
+COLUMNS = ("run", "preset", "status", "steps", "tokens", "best val", "best bpb", "last loss",
+           "hellaswag", "wall", "tok/s", "latest checkpoint")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -83,6 +85,7 @@ def describe_run(run: Path, root: Path, compact: bool = False) -> dict[str, str]
         metrics = []
     losses = [m for m in metrics if isinstance(m.get("loss"), (int, float))]
     vals = [m["val_loss"] for m in metrics if isinstance(m.get("val_loss"), (int, float))]
+    bpbs = [m["val_bpb"] for m in metrics if is_finite_number(m.get("val_bpb"))]
     # the last HellaSwag acc_norm (train.hellaswag_interval)
     hellaswag = [m["hellaswag_acc_norm"] for m in metrics
                  if isinstance(m.get("hellaswag_acc_norm"), (int, float))]
@@ -100,6 +103,7 @@ def describe_run(run: Path, root: Path, compact: bool = False) -> dict[str, str]
         "steps": _fmt_num(steps, ","),
         "tokens": _count(tokens, compact),
         "best val": _fmt_num(min(vals) if vals else None, ".4f"),
+        "best bpb": _fmt_num(min(bpbs) if bpbs else None, ".4f"),
         "last loss": _fmt_num(losses[-1]["loss"] if losses else None, ".4f"),
         "hellaswag": _fmt_num(hellaswag[-1] if hellaswag else None, ".4f"),
         "wall": _fmt_time(record.get("wall_s")),
@@ -144,16 +148,20 @@ class Panel:
 
 
 def plot_panels(series: list[tuple[str, list[dict[str, Any]]]]) -> tuple[list[Panel], list[Panel]]:
-    """The two rows of the plot: how the model learns (loss, validation, HellaSwag when a run has
-    it), then how the optimizer and the machine run (learning rate, gradient norm, tokens/s)."""
+    """The two rows of the plot: how the model learns (loss, validation, its bits per byte and
+    HellaSwag when a run has them), then how the optimizer and the machine run (learning rate,
+    gradient norm, tokens/s)."""
     has = {key: any(is_finite_number(r.get(key)) for _, records in series for r in records)
-           for key in ("val_loss", "hellaswag_acc_norm")}
+           for key in ("val_bpb", "hellaswag_acc_norm")}
     learning = [
         Panel("loss vs steps", "step", "loss", "loss", second="val_loss", loss=True),
         Panel("loss vs tokens", "tokens", "loss", "loss", second="val_loss", loss=True),
-        Panel("validation loss", "tokens", "val_loss", "loss", loss=True, sparse=True,
+        Panel("validation loss", "tokens", "val_loss", "nats per token", loss=True, sparse=True,
               empty="no validation loss in these runs:\nset train.eval_interval,\non data with a val split"),
     ]
+    if has["val_bpb"]:  # the one loss that runs with different tokenizers share
+        learning.append(Panel("validation bits per byte", "tokens", "val_bpb", "bits per byte",
+                              loss=True, sparse=True))
     if has["hellaswag_acc_norm"]:
         learning.append(Panel("HellaSwag acc_norm", "tokens", "hellaswag_acc_norm", "accuracy",
                               sparse=True))
@@ -202,15 +210,14 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = [colors[i % len(colors)] for i in range(len(series))]  # run i's colour
 
-    # 12 columns share out evenly between 3 or 4 panels a row; the table's height follows its rows
+    # each row shares its width evenly between its panels; the table's height follows its rows
     table_h = 0.45 + 0.3 * len(series)
     fig = plt.figure(figsize=(17, 1.0 + table_h + 2 * 4.2), layout="constrained")
-    grid = fig.add_gridspec(3, 12, height_ratios=[table_h, 4.2, 4.2])
-    width = {3: 4, 4: 3}
+    grid = fig.add_gridspec(3, 1, height_ratios=[table_h, 4.2, 4.2])
     axes = []
     for row, panels in ((1, learning), (2, running)):
-        w = width[len(panels)]
-        axes += [(fig.add_subplot(grid[row, i * w:(i + 1) * w]), p) for i, p in enumerate(panels)]
+        cells = grid[row].subgridspec(1, len(panels))
+        axes += [(fig.add_subplot(cells[0, i]), p) for i, p in enumerate(panels)]
 
     for ax, panel in axes:
         _draw_panel(ax, panel, series, color, log_loss)
@@ -223,7 +230,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, log_loss: bool = False) -
     loss_ax.legend(handles=styles + [Line2D([], [], color=color[i], linewidth=2.5, label=name)
                                      for i, (name, _) in enumerate(series)][:8], fontsize=8)
 
-    _draw_table(fig.add_subplot(grid[0, :]), runs, color)
+    _draw_table(fig.add_subplot(grid[0]), runs, color)
     title = ", ".join(name for name, _ in series)
     fig.suptitle("gptforge: " + (title if len(title) <= 100 else title[:97] + "..."), fontsize=14)
     out = Path(out)
@@ -289,8 +296,9 @@ def _draw_table(ax: Any, runs: list[str | Path], color: list[str]) -> None:
     """The runs table of ``gptforge runs``, compact, each run's name in its line colour."""
     columns = [c for c in COLUMNS if c != "latest checkpoint"]
     rows = [describe_run(Path(run).absolute(), Path(run).absolute().parent, compact=True) for run in runs]
-    if all(r["hellaswag"] == "-" for r in rows):
-        columns.remove("hellaswag")
+    for column in ("best bpb", "hellaswag"):  # left out where no run has them
+        if all(r[column] == "-" for r in rows):
+            columns.remove(column)
     ax.axis("off")
     table = ax.table(cellText=[["■ " + r["run"]] + [r[c] for c in columns[1:]] for r in rows],
                      colLabels=[{"hellaswag": "HellaSwag acc_norm"}.get(c, c) for c in columns],

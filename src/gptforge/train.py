@@ -77,7 +77,7 @@ from gptforge.distributed import (
     session,
     sum_over_ranks,
 )
-from gptforge.evaluate import heldout_loss
+from gptforge.evaluate import byte_table, heldout_loss
 from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
 from gptforge.metrics import (
@@ -187,6 +187,7 @@ class Evals:
 
     val_loss: float | None = None
     hellaswag: HellaSwagResult | None = None
+    val_bpb: float | None = None  # bits per byte of the same validation
 
     def any(self) -> bool:
         return self.val_loss is not None or self.hellaswag is not None
@@ -289,6 +290,7 @@ class Trainer:
         # every forward on every rank (the weights are gathered collectively), so all see all.
         self.eval_model = self.t.wrapped if tc.parallel == "fsdp" else self.t.model
         self.eval_shard = (env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1)
+        self.val_bytes = byte_table(start.meta["tokenizer"], cfg.data.path, device)  # for val bpb
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -341,11 +343,12 @@ class Trainer:
         return result
 
     def evaluate_due(self) -> Evals:
-        tc = self.cfg.train
-        val_loss = self.validate() if tc.eval_interval and self.step % tc.eval_interval == 0 else None
-        hs = (self.hellaswag() if tc.hellaswag_interval and self.step % tc.hellaswag_interval == 0
-              else None)
-        return Evals(val_loss, hs)
+        tc, evals = self.cfg.train, Evals()
+        if tc.eval_interval and self.step % tc.eval_interval == 0:
+            evals.val_loss, evals.val_bpb = self.validate()
+        if tc.hellaswag_interval and self.step % tc.hellaswag_interval == 0:
+            evals.hellaswag = self.hellaswag()
+        return evals
 
     def stop_due(self, result: StepResult, evals: Evals, signalled: StopFlag) -> Stop | None:
         """The recipe's stop rule looks at every step's loss (a host sync, only when asked for)."""
@@ -377,9 +380,7 @@ class Trainer:
             self.report.log(format_step(done, loss, lr, norm, dt * 1000, tok_per_s))
         fields: dict[str, Any] = dict(step=done, loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000,
                                       tok_per_s=tok_per_s, tokens=self.tokens)
-        if evals.val_loss is not None:
-            self.report.log(f"step {done:5d} | val loss: {evals.val_loss:.6f}")
-            fields["val_loss"] = evals.val_loss
+        fields.update(self.val_fields(done, evals))
         if evals.hellaswag is not None:
             fields.update(self.hellaswag_fields(done, evals.hellaswag))
         self.report.write(fields, self.step, self.best_val)
@@ -390,10 +391,9 @@ class Trainer:
         tc, done = self.cfg.train, self.step - 1
         self.stopped_by = stopped_by = self.stopped_by or "max_steps"
         if evals.val_loss is None and self.step > 0 and stopped_by in ("max_steps", "target_loss"):
-            evals.val_loss = self.validate()
+            evals.val_loss, evals.val_bpb = self.validate()
             if evals.val_loss is not None:
-                self.report.log(f"step {done:5d} | val loss: {evals.val_loss:.6f}")
-                self.report.write(dict(step=done, val_loss=evals.val_loss, tokens=self.tokens),
+                self.report.write(dict(step=done, **self.val_fields(done, evals), tokens=self.tokens),
                                   self.step, self.best_val)
         if tc.hellaswag_interval and evals.hellaswag is None and self.step > 0 and stopped_by in FINISHED:
             self.report.write(dict(step=done, tokens=self.tokens, **self.hellaswag_fields(done, self.hellaswag())),
@@ -402,16 +402,25 @@ class Trainer:
         if self.step != self.saved_step and self.step > 0:
             self.save(evals.val_loss)
 
-    def validate(self) -> float | None:
+    def validate(self) -> tuple[float | None, float | None]:
+        """(nats per token, bits per byte) on the val split; (None, None) without one."""
         tc, val = self.cfg.train, self.start.val_tokens
         if val is None or len(val) < tc.seq_len + 1:
-            return None
+            return None, None
         with eager(self.resolved.compile):
-            total, count = heldout_loss(
+            held = heldout_loss(
                 self.eval_model, iter_eval_batches(val, tc.batch_size, tc.seq_len), self.env.device,
                 self.t.precision.autocast, tc.eval_max_batches, shard=self.eval_shard,
-                reduce_sum=self._sum_over_ranks)
-        return total / count if count else float("nan")
+                reduce_sum=self._sum_over_ranks, token_bytes=self.val_bytes)
+        return held.loss, held.bits_per_byte
+
+    def val_fields(self, at_step: int, evals: Evals) -> dict[str, float]:
+        """The validation line of the log, and its metrics.jsonl fields (none if not due)."""
+        if evals.val_loss is None:
+            return {}
+        self.report.log(f"step {at_step:5d} | val loss: {evals.val_loss:.6f}"
+                        + (f" | val bpb: {evals.val_bpb:.6f}" if evals.val_bpb is not None else ""))
+        return {"val_loss": evals.val_loss, "val_bpb": evals.val_bpb}
 
     def hellaswag(self) -> HellaSwagResult:
         """As validate(): the uncompiled module; under DDP each rank a share of the batches, which
