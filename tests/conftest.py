@@ -4,6 +4,15 @@ from pathlib import Path
 import pytest
 from shared_data import SHAKESPEARE
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker, and for what the workers start: with one worker per core, torch's
+    # default of one thread per core oversubscribes the machine, and small models' busy-waiting
+    # threads then take minutes where seconds do (measured: a 550-step tiny run 184 s, not ~10).
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def shakespeare_text() -> str:
