@@ -26,6 +26,12 @@ from gptforge.config import (
     validate_run,
 )
 
+# The char speedrun's optimizer: Muon for the blocks' matrices, a higher AdamW lr for the
+# embeddings, warmup-stable-decay ending at the last step (shared by the main job's preset).
+SPEEDRUN_OPTIM: dict[str, Any] = dict(
+    name="muon", lr=1.2e-2, muon_lr=0.03, min_lr=0.0, warmup_steps=20, decay_steps=500,
+    schedule="wsd", cooldown_steps=250, beta1=0.9, beta2=0.99, weight_decay=0.0, grad_clip=1.0)
+
 # Run presets: the sections each one sets on top of the defaults above.
 RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The original notebook's recipe, exactly: GPT-2 124M on Tiny Shakespeare (GPT-2 BPE),
@@ -58,9 +64,7 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=0,
                       dropout=0.0, bias=False),
         "data": dict(loader="random"),
-        "optim": dict(name="muon", lr=1.2e-2, muon_lr=0.03, min_lr=0.0, warmup_steps=20,
-                      decay_steps=500, schedule="wsd", cooldown_steps=250,
-                      beta1=0.9, beta2=0.99, weight_decay=0.0, grad_clip=1.0),
+        "optim": dict(SPEEDRUN_OPTIM),
         "train": dict(batch_size=32, seq_len=64, total_batch_tokens=32 * 64, max_steps=500,
                       log_interval=50),
     },
@@ -72,9 +76,7 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(n_layer=3, n_head=4, n_embd=96, block_size=64, vocab_size=0,
                       dropout=0.0, bias=False),
         "data": dict(loader="random"),
-        "optim": dict(name="muon", lr=1.2e-2, muon_lr=0.03, min_lr=0.0, warmup_steps=20,
-                      decay_steps=900, schedule="wsd", cooldown_steps=450,
-                      beta1=0.9, beta2=0.99, weight_decay=0.0, grad_clip=1.0),
+        "optim": dict(SPEEDRUN_OPTIM, decay_steps=900, cooldown_steps=450),
         "train": dict(batch_size=32, seq_len=64, total_batch_tokens=32 * 64, max_steps=900,
                       log_interval=100),
     },
