@@ -34,3 +34,10 @@ def char_data(tmp_path_factory) -> Path:
     (d / "input.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
     prepare([str(d / "input.txt")], str(d / "char"), tokenizer="char", val_fraction=0.1, progress=False)
     return d / "char"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow run first (otherwise in collection order): pytest-xdist hands tests
+    out in this order, so the long ones start at once on every worker and the short ones fill the
+    gaps, instead of one long test keeping a worker busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

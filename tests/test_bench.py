@@ -82,6 +82,7 @@ def test_bench_pads_and_shapes_as_train_does_per_device():
     assert model_for("gpt2", "cuda", plain=True).padded_vocab_size == 50257
 
 
+@pytest.mark.slow
 def test_bench_under_ddp_reports_the_whole_job(tmp_path):
     import os
     import subprocess

@@ -91,6 +91,7 @@ def logged_steps(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_step_and_mid_save_then_resume_matches(char_data, tmp_path):
     steps = ["--set", "train.max_steps=30", "--set", "train.save_interval=1", "--set", "train.keep_last=2"]
     ref = spawn(char_data, tmp_path / "ref", *steps)

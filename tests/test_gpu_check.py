@@ -29,6 +29,7 @@ def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, Path]:
     return out, json.loads((tmp / "out" / "gpu_check.json").read_text()), tmp / "out"
 
 
+@pytest.mark.slow
 def test_every_step_runs_and_reports(smoke):
     out, doc, where = smoke
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

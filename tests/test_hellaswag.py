@@ -378,6 +378,7 @@ def test_training_logs_hellaswag_and_runs_and_plot_show_it(bpe_data, tmp_path, c
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
+@pytest.mark.slow
 def test_ddp_ranks_split_the_examples_and_sum_to_one_process(bpe_data, tmp_path):
     from test_distributed import gptforge
 

@@ -144,6 +144,7 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_gpt2_124m_takes_one_training_step():
     """The full-size preset builds, runs forward and backward, and AdamW updates it."""
     from gptforge.presets import run_preset

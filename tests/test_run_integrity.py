@@ -82,6 +82,7 @@ def reference(char_data, tmp_path_factory) -> Path:
 # One writer per run directory
 
 
+@pytest.mark.slow
 def test_a_second_train_into_a_live_run_exits_2_naming_the_holder(char_data, tmp_path):
     run = tmp_path / "run"
     first = spawn(char_data, run, "--set", "train.max_steps=100000", "--set", "train.save_interval=2")
@@ -466,6 +467,7 @@ def stderr_of(args: list[str], tty: bool, rows: int = 24, cols: int = 100) -> by
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_no_progress_bar_in_a_pipe(reference, char_data):
     args = ["eval", "--ckpt", str(reference), "--data", str(char_data)]
     assert b"\r" not in stderr_of(args, tty=False)
