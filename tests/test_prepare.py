@@ -38,6 +38,7 @@ from gptforge.tokenizer import GPT2Tokenizer
 
 P = importlib.import_module("gptforge.data.prepare")  # the module (data.prepare is the function)
 T = importlib.import_module("gptforge.data.tokenize")
+SOURCES = importlib.import_module("gptforge.data.sources")
 SP = importlib.import_module("gptforge.data.splits")
 SH = importlib.import_module("gptforge.data.shards")
 sources = importlib.import_module("gptforge.data.sources")
@@ -336,6 +337,34 @@ def test_validation_takes_whole_documents_by_seeded_hash(tmp_path, gpt2):
         assert 50 < meta["documents"]["val"] < 100
         picks[seed] = [i for i in range(300) if _is_val(i, seed, 0.25)]
     assert picks[0] != picks[1]
+
+
+@pytest.mark.parametrize("shard_tokens", [1500, 10**9])
+def test_batches_written_whole_or_piece_by_piece_give_the_same_splits(tmp_path, gpt2, monkeypatch,
+                                                                      shard_tokens):
+    """Where no shard fills within a batch, each split gets the batch in one append; where one
+    does, the pieces go one at a time. Both give the documented splits, empty documents, split
+    documents (long ones come in several pieces) and file changes included."""
+    monkeypatch.setattr(T, "BATCH_CHARS", 3000)  # many batches
+    monkeypatch.setattr(SOURCES, "PIECE_CHARS", 700)  # longer documents come in several pieces
+    docs = make_docs(160, seed=9, empty=(0, 5, 6, 90))
+    paths = [write_jsonl(tmp_path / "a.jsonl", docs[:70]), write_jsonl(tmp_path / "b.jsonl", docs[70:])]
+    one_at_a_time = []
+    write = SP.SplitWriter.write
+    monkeypatch.setattr(SP.SplitWriter, "write",
+                        lambda self, *a: one_at_a_time.append(1) or write(self, *a))
+    later_pieces = []
+    batches = SP.batches
+    monkeypatch.setattr(SP, "batches", lambda pieces: batches(
+        p for p in pieces if p[1].first or not later_pieces.append(p)))
+    meta = prepare(paths, tmp_path / "out", val_fraction=0.3, seed=2, shard_tokens=shard_tokens,
+                   workers=1, progress=False)
+    assert (len(one_at_a_time) > 0) == (shard_tokens == 1500) and len(later_pieces) > 20
+    val = [_is_val(i, 2, 0.3) for i in range(len(docs))]
+    assert tokens_of(tmp_path / "out", "train") == joined([d for d, v in zip(docs, val) if not v], gpt2)
+    assert tokens_of(tmp_path / "out", "val") == joined([d for d, v in zip(docs, val) if v], gpt2)
+    assert meta["documents"]["read"] == 160 and meta["documents"]["empty_skipped"] == 4
+    assert meta["documents"]["val"] == sum(1 for d, v in zip(docs, val) if v and d)
 
 
 def test_many_text_files_split_by_document(tmp_path, gpt2, monkeypatch):

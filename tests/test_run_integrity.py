@@ -504,3 +504,27 @@ def test_a_first_save_that_fails_points_to_resume_auto(char_data, tmp_path, refe
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     assert run_cli(*cmd, "--resume", "auto") == 0
     assert losses(run) == losses(reference)
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
+    """prepare's tokenizer processes are forked while it holds DIR's lock: when the parent is
+    killed, a child still alive for a moment must not keep DIR locked against the command run
+    again (the same command resumes at once)."""
+    code = (
+        "import os, sys, time\n"
+        "from gptforge.rundir import hold_run_lock\n"
+        "with hold_run_lock(sys.argv[1], what='prepare'):\n"
+        "    if os.fork() == 0:\n"
+        "        os.close(1), os.close(2)  # the test's pipes end with the parent\n"
+        "        time.sleep(10)\n"
+        "        os._exit(0)\n"
+        "    print('locked', flush=True)\n"
+        "    os._exit(0)  # dies holding the lock, as a SIGKILL would leave it\n"
+    )
+    out = tmp_path / "data"
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": SRC}, timeout=60)
+    assert result.stdout.strip() == "locked", result.stderr
+    from gptforge.rundir import check_not_locked
+
+    check_not_locked(out)  # the child lives on (10 s) without the lock

@@ -228,6 +228,25 @@ class RunLock:
 _HELD: dict[str, RunLock] = {}
 
 
+def _forget_locks_in_child() -> None:
+    """In a forked child (prepare's tokenizer processes): close the inherited descriptors of
+    the locks the parent holds. The lock stays the parent's (flock goes with the open file, and
+    the parent's descriptor stays open), but a child that outlives a killed parent for a moment
+    no longer keeps the directory locked against the command run again to resume."""
+    for lock in _HELD.values():
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 @contextlib.contextmanager
 def hold_run_lock(run_dir: str | Path, enabled: bool = True, create: bool = True,
                   what: str = "train") -> Iterator[None]:

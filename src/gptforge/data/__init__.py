@@ -7,10 +7,12 @@
 - ``loader``: training batches with a resumable cursor, and evaluation windows
 - ``named``: datasets known by name (``shakespeare``), fetched once and verified
 
-What the rest of gptforge uses is named here.
+What the rest of gptforge uses is named here. The loader's names (it needs torch) are imported
+on first use, so that ``prepare`` starts without torch (about a second of start-up).
 """
 
-from gptforge.data.loader import TokenLoader, count_eval_windows, iter_eval_batches
+from typing import Any
+
 from gptforge.data.named import (
     NAMED_DATASETS,
     NamedDataset,
@@ -28,6 +30,16 @@ from gptforge.data.shards import (
     write_shard,
 )
 from gptforge.data.sources import FORMATS
+
+_LOADER_NAMES = ("TokenLoader", "count_eval_windows", "iter_eval_batches")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOADER_NAMES:
+        import gptforge.data.loader as loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_SHARD_TOKENS",

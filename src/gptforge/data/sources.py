@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
+
 from gptforge.data.named import NAMED_DATASETS, fetch_named_dataset
 from gptforge.data.shards import file_sha256
 from gptforge.errors import GptforgeError
@@ -315,9 +317,10 @@ def cut_point(text: str, start: int = 0, end: int | None = None) -> int:
     return m.end() if m else 0
 
 
-def split_text(text: str, max_chars: int = PIECE_CHARS) -> Iterator[tuple[int, str]]:
-    """(offset, piece) for pieces of about max_chars, cut only at safe cuts (so a text with no
-    whitespace stays whole)."""
+def split_text(text: str, max_chars: int | None = None) -> Iterator[tuple[int, str]]:
+    """(offset, piece) for pieces of about max_chars (PIECE_CHARS), cut only at safe cuts (so a
+    text with no whitespace stays whole)."""
+    max_chars = PIECE_CHARS if max_chars is None else max_chars
     start = 0
     while len(text) - start > max_chars:
         cut = cut_point(text, start, start + max_chars)
@@ -409,6 +412,17 @@ def _pieces(text: str, doc: int, char: int, resume: tuple[int, ...], done: int) 
         yield Piece(part, doc, char + off == 0, resume + (char + off,), done)
 
 
+def _parse_json_line(line: bytes, errors: str) -> Any:
+    """The line's JSON value. orjson parses valid UTF-8 JSON ~2.5x faster than the standard
+    library, to the same objects; a line it refuses (invalid UTF-8, lone surrogates, NaN, a BOM,
+    not JSON) goes to ``json`` instead, which accepts what it always did and raises the errors
+    this reader reports."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line.decode("utf-8", errors))
+
+
 def read_jsonl(source: Source, opt: ReadOptions, resume: tuple[int, ...] | None = None
                ) -> Iterator[Piece]:
     """One document per line: the line's JSON object's ``text_field``. Blank lines are skipped.
@@ -425,20 +439,27 @@ def read_jsonl(source: Source, opt: ReadOptions, resume: tuple[int, ...] | None 
             line_no += 1
             if not line.strip():
                 continue
-            where = f"{source.name}: line {line_no}"
             try:
-                obj = json.loads(line.decode("utf-8", opt.errors))
+                obj = _parse_json_line(line, opt.errors)
             except UnicodeDecodeError as e:
                 raise GptforgeError(
-                    f"{where} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte offset "
-                    f"{start + e.start}{_in(source)}): convert the file to UTF-8, or pass "
+                    f"{source.name}: line {line_no} is not valid UTF-8 (byte "
+                    f"0x{e.object[e.start]:02x} at byte offset {start + e.start}{_in(source)}): "
+                    "convert the file to UTF-8, or pass "
                     "--errors replace to substitute U+FFFD"
                 ) from None
             except json.JSONDecodeError as e:
                 raise GptforgeError(
-                    f"{where} is not valid JSON ({e.msg} at column {e.colno}): fix or remove "
-                    "that line"
+                    f"{source.name}: line {line_no} is not valid JSON ({e.msg} at column "
+                    f"{e.colno}): fix or remove that line"
                 ) from None
+            text = obj.get(field) if isinstance(obj, dict) else None
+            if not char and isinstance(text, str) and len(text) <= PIECE_CHARS:
+                # the usual document: one piece, what _pieces would give, without its overhead
+                yield Piece(text, doc, True, (start, line_no - 1, doc, 0), raw.count)
+                doc += 1
+                continue
+            where = f"{source.name}: line {line_no}"
             if not isinstance(obj, dict):
                 raise GptforgeError(
                     f"{where} is {_json_type(obj)}, not a JSON object with a {field!r} field: "

@@ -126,22 +126,74 @@ class SplitWriter:
         publish(tmp, os.path.join(self.run.staging, entry["file"]), durable=True)
         split.start_next()
 
-    def write(self, i: int, piece: Piece, tokens: np.ndarray) -> bool:
-        """Add one piece's tokens; False once max_tokens is reached."""
-        if i != self.file:  # a new file: the one before was read to its end
-            for k in range(self.file, i):
-                self.hashes.append(self.sources[k].sha256)
-                self.file_start += self.sources[k].bytes
-            self.file = i
+    def _reach_file(self, i: int) -> None:
+        """Piece of file ``i`` next: the files before it were read to their end."""
+        for k in range(self.file, i):
+            self.hashes.append(self.sources[k].sha256)
+            self.file_start += self.sources[k].bytes
+        self.file = i
+
+    def _room_for(self, n: int) -> bool:
+        """Whether ``n`` more tokens go in without filling a shard of either split, without
+        reaching max_tokens, and with nothing to drop (a resumed run re-reading a shard)."""
+        if self.opt.max_tokens is not None and self.total() + n >= self.opt.max_tokens:
+            return False
+        return all(s.drop == 0 and s.writer is not None and s.writer.count + n < s.shard_tokens
+                   for s in self.splits.values())
+
+    def write_batch(self, batch: list[tuple[int, Piece]], tokens: np.ndarray, counts: np.ndarray
+                    ) -> bool:
+        """Add a batch of pieces (their tokens back to back, ``counts`` each); False once
+        max_tokens is reached. Where no shard can fill and max_tokens cannot be reached within
+        the batch (nearly always), each split gets one append for the whole batch; otherwise
+        the pieces go one at a time through ``write``, which checkpoints where a shard fills.
+        Either way the shards get the same tokens."""
+        if not self._room_for(len(tokens) + len(batch)):  # + one separator per piece at most
+            ends = np.cumsum(counts)
+            for (i, piece), end, count in zip(batch, ends, counts, strict=True):
+                if not self.write(i, piece, tokens[end - count : end]):
+                    return False
+            return True
+        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        offset = 0
+        for (i, piece), count in zip(batch, counts.tolist(), strict=True):
+            if i != self.file:
+                self._reach_file(i)
+            start, offset = offset, offset + count
+            split = self._split_of(piece)
+            if split is None:
+                continue
+            if piece.first:
+                if split.docs and self.eot is not None:
+                    parts[split.name].append(self.eot)
+                split.docs += 1
+                self.docs += 1
+            parts[split.name].append(tokens[start:offset])
+        for name, arrays in parts.items():
+            if arrays:
+                self.splits[name].append(np.concatenate(arrays), self._on_full)
+        return True
+
+    def _split_of(self, piece: Piece) -> SplitShards | None:
+        """The split a piece goes to; None for an empty document (counted here)."""
         if piece.first and not piece.text:
             self.empty += 1
             self.docs += 1
-            return True
+            return None
         position = self.docs if piece.first else self.docs - 1
-        self.piece_start = (i, piece.resume, self.docs, self.empty,
-                            [(s.tokens, s.docs) for s in self.splits.values()])
-        split = self.splits["val" if self.rule == "documents" and is_val(
+        return self.splits["val" if self.rule == "documents" and is_val(
             position, self.opt.seed, self.threshold) else "train"]
+
+    def write(self, i: int, piece: Piece, tokens: np.ndarray) -> bool:
+        """Add one piece's tokens; False once max_tokens is reached."""
+        if i != self.file:  # a new file: the one before was read to its end
+            self._reach_file(i)
+        start = (i, piece.resume, self.docs, self.empty,
+                 [(s.tokens, s.docs) for s in self.splits.values()])
+        split = self._split_of(piece)
+        if split is None:
+            return True
+        self.piece_start = start
         if piece.first:
             if split.docs and self.eot is not None:
                 tokens = np.concatenate([self.eot, tokens])
@@ -192,11 +244,7 @@ def tokenize_into_splits(run: Staging, sources: list[Source], tok: Tokenizer, op
     try:
         going = True
         for batch, (tokens, counts) in results:
-            ends = np.cumsum(counts)
-            for (i, piece), end, count in zip(batch, ends, counts, strict=True):
-                going = writer.write(i, piece, tokens[end - count : end])
-                if not going:
-                    break
+            going = writer.write_batch(batch, tokens, counts)
             i, piece = batch[-1]
             bar.update(writer.file_start + piece.done - bar.n)
             bar.set_postfix_str(f"{bar.format_sizeof(writer.total())} tokens, "
