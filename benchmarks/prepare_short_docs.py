@@ -13,7 +13,10 @@ Each repeat runs, one after the other:
 - ``python -m gptforge prepare FILE --out OUT`` at its default (one worker per core) and with
   ``--workers 1``, whole processes timed from start to exit;
 - with ``--src``, the same two prepares with another gptforge's src/ (e.g. a worktree of an older
-  commit), to compare two versions in one run; their shards are compared byte for byte.
+  commit), to compare two versions in one run; their shards are compared byte for byte;
+- with ``--bpe-vocab N``, ``prepare --tokenizer TOKENIZER.JSON`` at its default workers, reusing a
+  byte-level BPE of N tokens trained once before the repeats (``prepare --tokenizer bpe`` on
+  the first 20 MB of the corpus): the trained tokenizer's whole-process rate on the same text.
 
 Prints the median of each over the repeats and its ratio to the baseline, as Markdown.
 """
@@ -80,9 +83,9 @@ def baseline(path: Path) -> dict[str, float]:
     return {"wall": time.perf_counter() - t0, "encode": encode, "tokens": tokens}
 
 
-def prepare(path: Path, out: Path, src: Path, workers: int | None) -> float:
+def prepare(path: Path, out: Path, src: Path, workers: int | None, *extra: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "gptforge", "prepare", str(path), "--out", str(out)]
+    cmd = [sys.executable, "-m", "gptforge", "prepare", str(path), "--out", str(out), *extra]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -116,12 +119,22 @@ def main() -> None:
     p.add_argument("--mb", type=float, default=124.0, help="corpus size in MB (default: 124)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each (default: 3)")
     p.add_argument("--src", help="src/ of another gptforge, measured in the same run")
+    p.add_argument("--bpe-vocab", type=int, help="also a trained byte-level BPE of this size")
     a = p.parse_args()
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
     corpus = d / "short.jsonl"
     info = generate(corpus, a.mb)
     print(f"corpus: {info['bytes'] / 1e6:.1f} MB, {info['docs']:,} documents", flush=True)
+    bpe: list[str] = []
+    if a.bpe_vocab:
+        sample = d / "sample.jsonl"
+        with open(corpus, "rb") as f, open(sample, "wb") as g:
+            g.writelines(f.readlines(20_000_000))
+        seconds = prepare(sample, d / "bpe-trained", SRC, None, "--tokenizer", "bpe",
+                          "--vocab-size", str(a.bpe_vocab))
+        print(f"trained a {a.bpe_vocab:,}-token BPE on 20 MB: {seconds:.1f} s", flush=True)
+        bpe = ["--tokenizer", str(d / "bpe-trained" / "tokenizer.json")]
     rows: dict[str, list[float]] = {}
     trees = [("this gptforge", SRC)] + ([("--src gptforge", Path(a.src))] if a.src else [])
     tokens = 0.0
@@ -134,6 +147,9 @@ def main() -> None:
             for workers in (None, 1):
                 label = f"{name}: prepare " + ("(default workers)" if workers is None else "--workers 1")
                 rows.setdefault(label, []).append(prepare(corpus, d / f"out-{name[:4]}-{workers}", src, workers))
+        if bpe:
+            rows.setdefault(f"trained BPE {a.bpe_vocab:,}: prepare (default workers)", []).append(
+                prepare(corpus, d / "out-bpe", SRC, None, *bpe))
         print(f"repeat {r + 1}: " + ", ".join(f"{v[-1]:.2f}" for v in rows.values()), flush=True)
     if a.src:
         print("shards identical to --src:", same_shards(d / "out-this-None", d / "out---sr-None"))
