@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from prepare_speed import cpu_info  # the same machine line as the other prepare benchmark
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -98,18 +100,6 @@ def same_shards(a: Path, b: Path) -> bool:
     files = sorted(p.relative_to(a) for p in a.rglob("*.bin"))
     return files == sorted(p.relative_to(b) for p in b.rglob("*.bin")) and all(
         filecmp.cmp(a / f, b / f, shallow=False) for f in files)
-
-
-def cpu_info() -> str:
-    model, flags = platform.processor(), set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    shown = sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "amx", "avx2")))
-    return f"{model}, {os.cpu_count()} cores, flags: {', '.join(shown)}"
 
 
 def main() -> None:
