@@ -16,7 +16,8 @@ on the CPU in fp32 with a fixed seed, and then the two runs' outputs are compare
 Scenarios: prepare (char and GPT-2), a plain run with evaluation and saves, a run stopped and
 resumed, a 2-process DDP run (torchrun, gloo), and a Muon run. Differences are printed; the exit
 code is the number of scenarios that differ. ``--allow-log PATTERN`` (a regex, repeatable) names
-log lines that are expected to differ (a deliberate change in what train prints).
+log lines that are expected to differ (a deliberate change in what train prints), and
+``--new-field NAME`` a metrics.jsonl field that only the new tree writes.
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def keys_of_one_side(a: dict, b: dict) -> list[str]:
     return apart
 
 
-def compare_runs(a: Path, b: Path) -> list[str]:
+def compare_runs(a: Path, b: Path, new_fields: frozenset[str] = frozenset()) -> list[str]:
     problems = []
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     ma = [{k: v for k, v in r.items() if k not in TIMINGS} for r in ma]
-    mb = [{k: v for k, v in r.items() if k not in TIMINGS} for r in mb]
+    mb = [{k: v for k, v in r.items() if k not in TIMINGS | new_fields} for r in mb]
     if ma != mb:
         first = next((i for i, (x, y) in enumerate(zip(ma, mb)) if x != y), min(len(ma), len(mb)))
         problems.append(f"metrics.jsonl differs from record {first}: "
@@ -167,6 +168,9 @@ def main() -> int:
     ap.add_argument("--allow-log", action="append", default=[], metavar="REGEX",
                     help="log lines matching this are expected to differ (repeatable)")
     ap.add_argument("--only", action="append", default=[], help="run only these scenarios")
+    ap.add_argument("--new-field", action="append", default=[], metavar="NAME",
+                    help="a metrics.jsonl field only the new tree writes (a deliberate addition): "
+                         "left out of the comparison (repeatable)")
     args = ap.parse_args()
     allow = [re.compile(p) for p in args.allow_log]
     shutil.rmtree(args.out, ignore_errors=True)
@@ -200,7 +204,8 @@ def main() -> int:
             for cmd in commands:
                 text += gptforge(src, *[c.replace("{run}", str(run)) for c in cmd], cwd=args.out / tree)
             out[tree] = masked(text, allow, args.out / tree)
-        problems = compare_runs(args.out / "base" / name, args.out / "new" / name)
+        problems = compare_runs(args.out / "base" / name, args.out / "new" / name,
+                                frozenset(args.new_field))
         if out["base"] != out["new"]:
             diff = [f"- {x}" for x in out["base"] if x not in out["new"]] + \
                    [f"+ {x}" for x in out["new"] if x not in out["base"]]
