@@ -175,7 +175,8 @@ class TrainResult:
         lines = [f"done ({self.stopped_by}): {self.step:,} steps, {self.tokens:,} tokens in "
                  f"{self.wall_s:.1f}s; last train loss {self.last_loss:.4f}"
                  + (f", val loss {self.val_loss:.4f}" if self.val_loss is not None else "")
-                 + (f", best val loss {self.best_val_loss:.4f}" if self.best_val_loss is not None else "")]
+                 + (f", best checkpoint's val loss {self.best_val_loss:.4f}"
+                    if self.best_val_loss is not None else "")]
         if self.checkpoint is not None:
             lines.append(f"checkpoint: {self.checkpoint}")
         return lines + [f"metrics:    {Path(run) / METRICS_FILE}", f"sample:     gptforge sample --ckpt {run}"]
