@@ -367,6 +367,20 @@ def test_batches_written_whole_or_piece_by_piece_give_the_same_splits(tmp_path, 
     assert meta["documents"]["val"] == sum(1 for d, v in zip(docs, val) if v and d)
 
 
+def test_json_lines_read_as_the_standard_library_reads_them(tmp_path):
+    """orjson parses the lines; a line it refuses (a lone surrogate, NaN, an infinite number, an
+    integer beyond 64 bits) goes to json, so every line reads exactly as json.loads reads it."""
+    lines = ['{"text": "a", "text": "b"}', '{"text": "x \\ud800 y"}', '{"n": NaN, "text": "c"}',
+             '{"n": 123456789012345678901234567890, "text": "d"}', '{"text": "\\ud83d\\ude00 e"}',
+             '{"n": 1e400, "text": "f\\u0000"}', '{"text": "g\\n\\t h"}']
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (source,) = SOURCES.expand_inputs([str(path)])
+    got = [p.text for p in SOURCES.read_jsonl(source, SOURCES.ReadOptions())]
+    assert got == [json.loads(line)["text"] for line in lines]
+    assert "\ud800" in got[1] and got[4] == "\U0001f600 e"
+
+
 def test_many_text_files_split_by_document(tmp_path, gpt2, monkeypatch):
     monkeypatch.setattr(SP, "DOC_SPLIT_MIN_FILES", 5)  # 100 in real use
     docs = make_docs(8, seed=6, empty=())

@@ -439,27 +439,20 @@ def read_jsonl(source: Source, opt: ReadOptions, resume: tuple[int, ...] | None 
             line_no += 1
             if not line.strip():
                 continue
+            where = f"{source.name}: line {line_no}"
             try:
                 obj = _parse_json_line(line, opt.errors)
             except UnicodeDecodeError as e:
                 raise GptforgeError(
-                    f"{source.name}: line {line_no} is not valid UTF-8 (byte "
-                    f"0x{e.object[e.start]:02x} at byte offset {start + e.start}{_in(source)}): "
-                    "convert the file to UTF-8, or pass "
+                    f"{where} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte offset "
+                    f"{start + e.start}{_in(source)}): convert the file to UTF-8, or pass "
                     "--errors replace to substitute U+FFFD"
                 ) from None
             except json.JSONDecodeError as e:
                 raise GptforgeError(
-                    f"{source.name}: line {line_no} is not valid JSON ({e.msg} at column "
-                    f"{e.colno}): fix or remove that line"
+                    f"{where} is not valid JSON ({e.msg} at column {e.colno}): fix or remove "
+                    "that line"
                 ) from None
-            text = obj.get(field) if isinstance(obj, dict) else None
-            if not char and isinstance(text, str) and len(text) <= PIECE_CHARS:
-                # the usual document: one piece, what _pieces would give, without its overhead
-                yield Piece(text, doc, True, (start, line_no - 1, doc, 0), raw.count)
-                doc += 1
-                continue
-            where = f"{source.name}: line {line_no}"
             if not isinstance(obj, dict):
                 raise GptforgeError(
                     f"{where} is {_json_type(obj)}, not a JSON object with a {field!r} field: "

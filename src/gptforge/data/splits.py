@@ -163,16 +163,23 @@ class SplitWriter:
             split = self._split_of(piece)
             if split is None:
                 continue
-            if piece.first:
-                if split.docs and self.eot is not None:
-                    parts[split.name].append(self.eot)
-                split.docs += 1
-                self.docs += 1
+            if self._opens_document(split, piece):
+                parts[split.name].append(self.eot)
             parts[split.name].append(tokens[start:offset])
         for name, arrays in parts.items():
             if arrays:
                 self.splits[name].append(np.concatenate(arrays), self._on_full)
         return True
+
+    def _opens_document(self, split: SplitShards, piece: Piece) -> bool:
+        """Count the document a first piece opens; True if a separator goes before it (one
+        between consecutive documents of a split, where the tokenizer has one)."""
+        if not piece.first:
+            return False
+        separate = bool(split.docs) and self.eot is not None
+        split.docs += 1
+        self.docs += 1
+        return separate
 
     def _split_of(self, piece: Piece) -> SplitShards | None:
         """The split a piece goes to; None for an empty document (counted here)."""
@@ -194,11 +201,8 @@ class SplitWriter:
         if split is None:
             return True
         self.piece_start = start
-        if piece.first:
-            if split.docs and self.eot is not None:
-                tokens = np.concatenate([self.eot, tokens])
-            split.docs += 1
-            self.docs += 1
+        if self._opens_document(split, piece):
+            tokens = np.concatenate([self.eot, tokens])
         room = None if self.opt.max_tokens is None else self.opt.max_tokens - self.total()
         if room is not None and len(tokens) >= room:
             split.append(tokens[:room], self._on_full)
