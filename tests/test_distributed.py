@@ -147,13 +147,36 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+# Imported by every process of the probed run (PYTHONPATH): with automatic garbage collection
+# off, whatever train() leaves in a reference cycle stays alive; at exit each rank says how many
+# DDP models are still alive.
+TEARDOWN_PROBE = """
+import atexit, gc, os, sys
+gc.disable()
+def _report():
+    from torch.nn.parallel import DistributedDataParallel
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    sys.stderr.write(f"probe: rank {os.environ['RANK']} exits with {alive} DDP models alive\\n")
+if "RANK" in os.environ:
+    atexit.register(_report)
+"""
+
+
 @pytest.mark.slow
 def test_muon_under_ddp_equals_one_process(char_data, tmp_path):
-    """Every rank orthogonalizes the same all-reduced gradients, so DDP == one process."""
+    """Every rank orthogonalizes the same all-reduced gradients, so DDP == one process. And each
+    rank has released its DDP model (which holds the process group) by the time train()
+    returns: one left to the interpreter's exit tears gloo down there, where a rank sometimes
+    aborted ("terminate called without an active exception") after a finished run."""
     d = ["--data", str(char_data), *COMMON, "--set", "train.max_steps=6", "--set", "optim.name=muon"]
     gptforge("--out", str(tmp_path / "one"), *d)
-    gptforge("--out", str(tmp_path / "ddp"), *d, nproc=2)
+    hooks = tmp_path / "probe-hook"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(TEARDOWN_PROBE)
+    out = gptforge("--out", str(tmp_path / "ddp"), *d, nproc=2, env={"PYTHONPATH": f"{hooks}:{SRC}"})
     assert_close_runs(tmp_path / "one", tmp_path / "ddp")
+    probes = sorted(line for line in out.stderr.splitlines() if line.startswith("probe: "))
+    assert probes == [f"probe: rank {r} exits with 0 DDP models alive" for r in (0, 1)], out.stderr[-2000:]
 
 
 def children(pid: int) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,8 +105,16 @@ def shutdown(env: DistEnv, clean: bool = True) -> None:
     """Leave the process group. After a clean run all ranks meet first: a rank that tears gloo
     down while a peer is still finishing its last collective can abort the peer ("terminate
     called without an active exception", seen in about 1 of 6 FSDP runs here). After an error
-    there is no meeting: the other ranks may never arrive, and torchrun stops them."""
+    there is no meeting: the other ranks may never arrive, and torchrun stops them.
+
+    First, garbage is collected: torch's first lazy import, made while the caller built its
+    model, leaves a reference cycle through the frames then on the stack, which keeps the
+    DDP/FSDP model, a holder of the group, alive until some later collection, often the
+    interpreter's exit, where gloo's teardown still aborted a rank now and then (once in five
+    runs of the test suite). Collected here, the group goes when it is destroyed. The caller
+    drops its own references first (train's Trainer)."""
     if env.distributed and dist.is_initialized():
+        gc.collect()
         if clean:
             dist.barrier()
         dist.destroy_process_group()

@@ -239,6 +239,8 @@ def train(
                 if problem is None:
                     raise
                 raise problem from None
+            finally:
+                trainer = None  # released before the session ends: see distributed.shutdown
 
 
 # ----------------------------------------------------------------------------------------------
