@@ -225,7 +225,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     cfg = model_for(preset, dev.type, plain)
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
-    precision = Precision(dev, None) if plain else Precision.pick(dev, dtype)
+    precision = Precision(dev, None) if plain else Precision.pick(dev, dtype, cfg.n_embd)
     if compile is None:  # train's own rule for train.compile=auto
         compile = resolve_for(RunConfig(), dev.type).compile
     compile = compile and not plain

@@ -177,7 +177,7 @@ class TrainConfig:
     device: str = "auto"
     "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
     dtype: str = "auto"
-    "auto (bf16 autocast where the hardware supports it, else fp32), float32, bfloat16 or float16"
+    "auto (bf16 autocast where the hardware supports it, on a CPU only for models 128 wide or more; else fp32), float32, bfloat16 or float16"
     seed: int = 1337
     "seed for model initialisation, data order and dropout"
     compile: bool | str = AUTO

@@ -63,23 +63,32 @@ def cpu_has_native_bf16() -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def dtype_name(name: str, device_type: str, present: bool = True) -> str:
-    """train.dtype on ``device_type``. ``auto``: bf16 where the hardware computes it natively;
-    for a CUDA device that is not here (planning a run elsewhere), bf16: every data-centre GPU
-    since Ampere (A100, H100) has it."""
+# On a CPU with bf16 in hardware, autocast pays only for matmuls big enough to outweigh its casts.
+# Measured on an Intel Xeon with AMX (BENCHMARKS.md, "bf16 autocast on the CPU"): at width 96 (the
+# main job's model) fp32 trains 1.48x faster than bf16 autocast; at 128 (gpt2-mini) bf16 is 1.12x
+# faster, at 768 (GPT-2 124M) 2.3x.
+CPU_BF16_MIN_WIDTH = 128
+
+
+def dtype_name(name: str, device_type: str, present: bool = True, width: int | None = None) -> str:
+    """train.dtype on ``device_type`` for a model of ``width`` (n_embd; None: wide enough).
+    ``auto``: bf16 where the hardware computes it natively, and on the CPU only from
+    CPU_BF16_MIN_WIDTH up; for a CUDA device that is not here (planning a run elsewhere), bf16:
+    every data-centre GPU since Ampere (A100, H100) has it."""
     if name == AUTO:
         if device_type == "cuda":
             name = "bfloat16" if not present or torch.cuda.is_bf16_supported() else "float32"
         else:
-            name = "bfloat16" if device_type == "cpu" and cpu_has_native_bf16() else "float32"
+            wide = width is None or width >= CPU_BF16_MIN_WIDTH
+            name = "bfloat16" if device_type == "cpu" and wide and cpu_has_native_bf16() else "float32"
     if name == "float16" and device_type == "cpu":
         raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
     return name
 
 
-def pick_autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. ``auto``: bf16 where the hardware has it."""
-    name = dtype_name(name, device.type)
+def pick_autocast_dtype(device: torch.device, name: str, width: int | None = None) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32 (see ``dtype_name``)."""
+    name = dtype_name(name, device.type, width=width)
     return None if name == "float32" else DTYPES[name]
 
 
@@ -91,9 +100,10 @@ class Precision:
     dtype: torch.dtype | None  # the autocast dtype; None: plain fp32
 
     @classmethod
-    def pick(cls, device: torch.device, name: str) -> "Precision":
-        """train.dtype (or bench's --dtype) on ``device``; see ``dtype_name``."""
-        return cls(device, pick_autocast_dtype(device, name))
+    def pick(cls, device: torch.device, name: str, width: int | None = None) -> "Precision":
+        """train.dtype (or bench's --dtype) on ``device`` for a model of ``width``; see
+        ``dtype_name``."""
+        return cls(device, pick_autocast_dtype(device, name, width))
 
     @property
     def label(self) -> str:
@@ -155,7 +165,7 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
     if pad == AUTO:
         pad = 64 if device_type in ("cuda", "mps") else 1
     compile_ = t.compile if t.compile != AUTO else device_type == "cuda"
-    dtype = dtype_name(t.dtype, device_type, present)
+    dtype = dtype_name(t.dtype, device_type, present, m.n_embd)
     padded = (m.vocab_size + pad - 1) // pad * pad
     accum: int | str
     batch = ""

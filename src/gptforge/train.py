@@ -262,7 +262,7 @@ class Trainer:
             tc.hellaswag_data or None, start.meta["tokenizer"], cfg.model.block_size,
             what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
         )[0] if tc.hellaswag_interval else []
-        precision = Precision.pick(device, tc.dtype)
+        precision = Precision.pick(device, tc.dtype, cfg.model.n_embd)
         configure_backends(device)
         if tc.batch_size == AUTO:  # a number from here on, kept in the run's config
             tc.batch_size, self.batch_note = fit_micro_batch(cfg, env, precision, start.preset)
