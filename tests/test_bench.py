@@ -17,6 +17,20 @@ def test_flops_per_token_is_6n_plus_attention():
     assert model_for("gpt2-shakespeare").n_layer == 12
 
 
+def test_bench_on_data_builds_the_model_train_would_build(char_data):
+    """With --data the model takes that data's vocabulary, as train does: a trained 8,192 BPE or
+    a char set measured as GPT-2's 50,257 would time a different model."""
+    from gptforge import GPT
+    from gptforge.data import load_meta
+
+    vocab = load_meta(char_data)["vocab_size"]
+    r = bench("gpt2-tiny", batch_size=4, seq_len=16, steps=1, warmup=1, device="cpu",
+              dtype="float32", peak_seconds=0.1, data=str(char_data))
+    want = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=vocab)).num_params()
+    assert r.params == want and vocab < 100
+    assert model_for("gpt2-mini", vocab_size=8192).vocab_size == 8192
+
+
 def test_bench_reports_consistent_numbers():
     r = bench("gpt2-tiny", batch_size=4, seq_len=16, steps=2, warmup=1, device="cpu",
               dtype="float32", peak_seconds=0.2)

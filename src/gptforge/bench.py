@@ -98,13 +98,17 @@ class BenchResult:
     measured_peak_tflops: float = 0.0  # the matmul measured here (== peak_tflops but on CUDA)
 
 
-def model_for(preset: str, device_type: str = "cpu", plain: bool = False) -> GPTConfig:
+def model_for(preset: str, device_type: str = "cpu", plain: bool = False,
+              vocab_size: int | None = None) -> GPTConfig:
     """A model shape from a model preset (gpt2, gpt2-medium, ...) or a run preset, its vocabulary
-    padded as train pads it on ``device_type`` (never for the plain baseline). Run presets that
-    take the vocabulary from the data get GPT-2's, or 65 symbols for char-level ones."""
+    padded as train pads it on ``device_type`` (never for the plain baseline). The vocabulary is
+    ``vocab_size`` where given (that of --data, as train takes it from its data); else run presets
+    that take it from the data get GPT-2's, or 65 symbols for char-level ones."""
     run = RunConfig()
     run.model = GPTConfig.preset(preset, pad_vocab_multiple=AUTO) if preset in MODEL_PRESETS else run_preset(preset).model
-    if run.model.vocab_size == 0:
+    if vocab_size:
+        run.model.vocab_size = vocab_size
+    elif run.model.vocab_size == 0:
         run.model.vocab_size = 65 if "char" in preset else 50257
     run.model.pad_vocab_multiple = 1 if plain else resolve_for(run, device_type).pad_vocab_multiple
     return run.model
@@ -222,7 +226,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     seq_len = seq_len or (1024 if cuda else 64)
     if steps < 1 or warmup < 0 or batch_size < 1 or seq_len < 1:
         raise GptforgeError("--steps, --batch-size and --seq-len must be >= 1, --warmup >= 0")
-    cfg = model_for(preset, dev.type, plain)
+    cfg = model_for(preset, dev.type, plain, load_meta(data)["vocab_size"] if data else None)
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
     precision = Precision(dev, None) if plain else Precision.pick(dev, dtype, cfg.n_embd)

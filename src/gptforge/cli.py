@@ -421,7 +421,8 @@ def bench_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the step (default: as train.compile=auto, on CUDA only)")
     p.add_argument("--data", metavar="DIR", default=None,
-                   help="batches from this prepared directory's train split (default: random tokens)")
+                   help="batches from this prepared directory's train split, and the model takes its "
+                        "vocabulary, as train does (default: random tokens)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="benchmark DDP with N processes on this machine (launches torchrun)")
     p.add_argument("--ddp-bucket-mb", type=int, default=25, metavar="MB",
