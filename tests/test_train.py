@@ -247,6 +247,29 @@ def test_cli_missing_data_and_checkpoint(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+RELEASE_PROBE = """
+import gc, sys
+gc.disable()  # only what train() itself lets go of is freed
+from gptforge.model import GPT
+from gptforge.presets import resolve
+from gptforge.train import train
+cfg = resolve("gpt2-tiny", None, [f"data.path={sys.argv[1]}", "train.device=cpu", "train.max_steps=2"])
+train(cfg, sys.argv[2], log=lambda line: None)
+print(sum(isinstance(o, GPT) for o in gc.get_objects()))
+"""
+
+
+def test_train_lets_go_of_its_model_when_it_returns(char_data, tmp_path):
+    """In a fresh process (the first optimizer imports torch._dynamo, whose import pinned the
+    stack's frames in a reference cycle), a finished train() leaves no model alive without
+    waiting for a garbage collection: a notebook's second run does not hold the first's."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE, str(char_data), str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0", out.stdout
+
+
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(char_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
            "PYTHONUNBUFFERED": "1"}

@@ -107,12 +107,14 @@ def shutdown(env: DistEnv, clean: bool = True) -> None:
     called without an active exception", seen in about 1 of 6 FSDP runs here). After an error
     there is no meeting: the other ranks may never arrive, and torchrun stops them.
 
-    First, garbage is collected: torch's first lazy import, made while the caller built its
-    model, leaves a reference cycle through the frames then on the stack, which keeps the
-    DDP/FSDP model, a holder of the group, alive until some later collection, often the
-    interpreter's exit, where gloo's teardown still aborted a rank now and then (once in five
-    runs of the test suite). Collected here, the group goes when it is destroyed. The caller
-    drops its own references first (train's Trainer)."""
+    First, garbage is collected: torch's lazy import of torch._dynamo, made under the first
+    optimizer's construction, leaves a reference cycle through the frames then on the stack (the
+    caller's, holding its model), which keeps the DDP/FSDP model, a holder of the group, alive
+    until some later collection, often the interpreter's exit, where gloo's teardown still
+    aborted a rank now and then (once in five runs of the test suite). gptforge.train imports
+    torch._dynamo up front for that reason; bench, and any other such cycle, rely on this
+    collection. Collected here, the group goes when it is destroyed. The caller drops its own
+    references first (train's Trainer)."""
     if env.distributed and dist.is_initialized():
         gc.collect()
         if clean:

@@ -34,6 +34,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+# Imported here, not where torch would import it: lazily, under the first optimizer's construction
+# (torch.optim's dynamo guard). During that import torch.fx.wrap leaves a frame that refers to
+# itself, which keeps every frame then on the stack, the Trainer's with the model and optimizer in
+# its locals, alive after train() returns, until a garbage collection.
+import torch._dynamo
 
 from gptforge.atomic import write_text
 from gptforge.checkpoint import (
