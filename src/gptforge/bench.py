@@ -157,11 +157,9 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _token_source(data: str | None, vocab_size: int, n_tokens: int) -> Any:
-    """The train split of a prepared directory, or uniform random ids (what the step computes
-    does not depend on them)."""
+    """The train split of a prepared directory (whose vocabulary the model has: see model_for),
+    or uniform random ids (what the step computes does not depend on them)."""
     if data:
-        if load_meta(data)["vocab_size"] > vocab_size:
-            raise GptforgeError(f"--data {data} has a larger vocabulary than the preset's model")
         return load_split(data, "train")
     gen = np.random.default_rng(0)
     return gen.integers(0, vocab_size, size=n_tokens, dtype=np.uint16 if vocab_size <= 1 << 16 else np.uint32)
