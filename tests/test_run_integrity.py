@@ -52,9 +52,14 @@ def train_cmd(char_data: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(char_data), "--out", str(run), *TRAIN_ARGS, *extra]
 
 
+# The CLI in a process of its own that says, last, whether it imported torch.
+CLI_SAYING_TORCH = ("import sys\nfrom gptforge.cli import main\ntry:\n    main(sys.argv[1:])\n"
+                    "finally:\n    print('torch imported:', 'torch' in sys.modules)")
+
+
 def gptforge_proc(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run([sys.executable, "-m", "gptforge", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-c", CLI_SAYING_TORCH, *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
 
@@ -103,6 +108,8 @@ def test_a_second_train_into_a_live_run_exits_2_naming_the_holder(char_data, tmp
             assert f"is being written by another gptforge train, pid {first.pid} on " \
                    f"{socket.gethostname()} (this host), started " in err, (what, err)
             assert "launching: torchrun" not in out.stdout
+            # refused before the seconds that importing torch takes
+            assert out.stdout.splitlines()[-1] == "torch imported: False", (what, out.stdout)
         assert first.poll() is None  # the live run was not disturbed
     finally:
         first.send_signal(signal.SIGKILL)
@@ -528,3 +535,17 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
     from gptforge.rundir import check_not_locked
 
     check_not_locked(out)  # the child lives on (10 s) without the lock
+
+
+def test_the_early_lock_check_lets_the_holder_through(char_data, tmp_path):
+    """`train` checks RUN's lock before importing torch; a process that holds the lock itself (a
+    notebook or script calling the CLI inside ``hold_run_lock``) is not refused by that check
+    (flock refuses a second open of the lock file even within one process)."""
+    from gptforge.rundir import check_not_locked, hold_run_lock
+
+    run = tmp_path / "run"
+    assert run_cli(*train_cmd(char_data, run, "--set", "train.max_steps=2")) == 0
+    with hold_run_lock(run):
+        check_not_locked(run)
+        assert run_cli("train", "--out", str(run), "--resume", "--set", "train.max_steps=3") == 0
+    assert load_checkpoint(run).step == 3

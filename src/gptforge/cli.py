@@ -56,11 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None:  # this process only launches and waits: it needs no torch
         check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
         return launch(args.nproc, args.argv, run_dir=args.out)
-    from gptforge.distributed import launch_rank
+    from gptforge.launch import launch_rank
+
+    writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
+    if writer:  # a live run is refused at once, not after the seconds that importing torch takes
+        check_not_locked(args.out)
     from gptforge.metrics import say
     from gptforge.resume import FINISHED, plan_run
     from gptforge.train import train
-    writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
     # The lock first: a live run is reported before anything of it is read or written.
     with hold_run_lock(args.out, enabled=writer, create=args.resume != ""):
         plan = plan_run(args.out, args.resume, args.preset, args.config, args.set, args.data,

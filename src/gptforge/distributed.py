@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from gptforge.config import ConfigError
 from gptforge.device import pick_device
 from gptforge.errors import GptforgeError
+from gptforge.launch import launched_by_torchrun
 
 
 @dataclass
@@ -49,16 +50,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def launch_rank() -> int:
-    """This process's global rank as torchrun set it (0 when run alone), known before the process
-    group exists: rank 0 is the process that writes the run."""
-    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
 def init_distributed(device_name: str, timeout_s: int) -> DistEnv:

@@ -19,6 +19,16 @@ from dataclasses import dataclass
 from gptforge.errors import GptforgeError
 
 
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def launch_rank() -> int:
+    """This process's global rank as torchrun set it (0 when run alone), known before the process
+    group exists: rank 0 is the process that writes the run."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
 @dataclass
 class LaunchFailure:
     """The first process of a launched job that failed: its rank and how it ended."""

@@ -271,9 +271,10 @@ def hold_run_lock(run_dir: str | Path, enabled: bool = True, create: bool = True
 
 def check_not_locked(run_dir: str | Path) -> None:
     """Raise RunLocked if a live process holds RUN's lock; creates nothing. For launchers, which
-    start the process that takes the lock and should fail fast instead."""
+    start the process that takes the lock, and for a command that should fail before its slow
+    imports. A lock this process holds (``hold_run_lock``) is no obstacle."""
     path = Path(run_dir) / LOCK_FILE
-    if fcntl is None or not path.is_file():
+    if fcntl is None or not path.is_file() or os.path.realpath(run_dir) in _HELD:
         return
     try:
         fd = os.open(path, os.O_RDWR)  # NFS emulates flock with byte-range locks: needs write

@@ -76,7 +76,6 @@ from gptforge.distributed import (
     full_model_state,
     full_optimizer_state,
     gather_objects,
-    launch_rank,
     load_optimizer_state,
     peer_lost,
     session,
@@ -85,6 +84,7 @@ from gptforge.distributed import (
 from gptforge.evaluate import byte_table, heldout_loss
 from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
+from gptforge.launch import launch_rank
 from gptforge.metrics import (
     RunReport,
     format_step,
