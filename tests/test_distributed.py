@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_checkpoint import weights
+from test_train import run_cli
 
 from gptforge.checkpoint import load_checkpoint
 from gptforge.metrics import read_metrics
@@ -35,6 +36,11 @@ def gptforge(*args: str, nproc: int = 1, timeout: int = 180, env: dict | None = 
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def one_process(*args: str) -> None:
+    """``gptforge train ARGS`` in one process: this one, which has imported torch already."""
+    assert run_cli("train", *args) == 0
 
 
 def losses(run: Path) -> list[tuple[int, float, float | None]]:
@@ -97,7 +103,7 @@ def assert_only_rank_0_wrote(log: Path) -> None:
 def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tmp_path, monkeypatch):
     d = ["--data", str(char_data)]
     # reference: one process, 2 accumulation steps per optimizer step
-    gptforge("--out", str(tmp_path / "one"), *d, *COMMON, "--set", "train.max_steps=8")
+    one_process("--out", str(tmp_path / "one"), *d, *COMMON, "--set", "train.max_steps=8")
     # DDP: 2 processes, 1 accumulation step each, the same global batch; only rank 0 writes, and
     # only rank 0 logs to the trackers (W&B offline and MLflow write inside the audited RUN here)
     env, log = audited(tmp_path, tmp_path / "ddp")
@@ -134,8 +140,8 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
              "--set", "train.parallel=fsdp", nproc=2, env=env)
     assert_only_rank_0_wrote(log)
     # ... and an FSDP checkpoint resumes in one process,
-    gptforge("--out", str(tmp_path / "fsdp"), "--resume", "--set", "train.max_steps=8",
-             "--set", "train.parallel=ddp")
+    one_process("--out", str(tmp_path / "fsdp"), "--resume", "--set", "train.max_steps=8",
+                "--set", "train.parallel=ddp")
     assert_close_runs(tmp_path / "one", tmp_path / "fsdp")
     # ... and a one-process checkpoint resumes under FSDP (with activation checkpointing).
     step4 = tmp_path / "one" / "checkpoints" / "step_0000004"
@@ -169,7 +175,7 @@ def test_muon_under_ddp_equals_one_process(char_data, tmp_path):
     returns: one left to the interpreter's exit tears gloo down there, where a rank sometimes
     aborted ("terminate called without an active exception") after a finished run."""
     d = ["--data", str(char_data), *COMMON, "--set", "train.max_steps=6", "--set", "optim.name=muon"]
-    gptforge("--out", str(tmp_path / "one"), *d)
+    one_process("--out", str(tmp_path / "one"), *d)
     hooks = tmp_path / "probe-hook"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(TEARDOWN_PROBE)
@@ -230,12 +236,15 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
 # Gradient sync: once per optimizer step, not once per micro-step
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo processes, started once for both tests below (each start imports torch
+    again): the DDP micro-steps, then the sharded Muon steps."""
     from gptforge.distributed import DistEnv, shutdown
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     env = DistEnv(rank=rank, world_size=world)
     _two_ddp_steps(env, out_dir)
+    torch.save(_muon_steps(shard=(rank, world)), f"{out_dir}/muon{rank}.pt")
     # As train() does: the DDP module is gone (it holds the process group) and the ranks meet
     # before the group is torn down; otherwise gloo can abort a rank at exit.
     shutdown(env)
@@ -275,13 +284,21 @@ def _two_ddp_steps(env, out_dir: str) -> None:
                f"{out_dir}/rank{env.rank}.pt")
 
 
-def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
+@pytest.fixture(scope="module")
+def gloo_ranks(tmp_path_factory) -> Path:
+    """Where two gloo processes, spawned once for the module, left their results."""
     import torch.multiprocessing as mp
 
+    out = tmp_path_factory.mktemp("gloo-ranks")
+    mp.spawn(_gloo_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.xdist_group("gloo-ranks")  # one worker, one spawn of the two ranks
+def test_ddp_all_reduces_once_per_optimizer_step(gloo_ranks):
     from gptforge import GPT, GPTConfig
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(gloo_ranks / f"rank{r}.pt") for r in range(2)]
     for res in results:
         for buckets in res["per_step"]:
             # every bucket exactly once per step; all-reducing on each micro-step would double it
@@ -294,15 +311,6 @@ def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
     for name, p in model.named_parameters():
         for res in results:
             torch.testing.assert_close(res["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def _muon_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    from gptforge.distributed import DistEnv, shutdown
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    env = DistEnv(rank=rank, world_size=world)
-    torch.save(_muon_steps(shard=(rank, world)), f"{out_dir}/muon{rank}.pt")
-    shutdown(env)
 
 
 def _muon_steps(shard: tuple[int, int]) -> dict:
@@ -333,12 +341,10 @@ def _muon_steps(shard: tuple[int, int]) -> dict:
     return {"weights": model.state_dict(), "matrices": sum(done)}
 
 
-def test_muon_ranks_share_the_orthogonalization(tmp_path):
-    import torch.multiprocessing as mp
-
+@pytest.mark.xdist_group("gloo-ranks")  # one worker, one spawn of the two ranks
+def test_muon_ranks_share_the_orthogonalization(gloo_ranks):
     alone = _muon_steps(shard=(0, 1))
-    mp.spawn(_muon_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"muon{r}.pt") for r in range(2)]
+    ranks = [torch.load(gloo_ranks / f"muon{r}.pt") for r in range(2)]
     # 3 blocks x 4 matrices of 4 shapes: 3 of each shape per step alone, 2 per rank (rank 1: 1 + padding)
     assert alone["matrices"] == 2 * 12 and all(r["matrices"] == 2 * 8 for r in ranks)
     for r in ranks:

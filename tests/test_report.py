@@ -157,15 +157,14 @@ def test_progress_bar_on_a_terminal_never_garbles_log_lines(char_data, tmp_path)
     assert all(pattern.match(line.strip()) for line in steps), steps
 
 
-def test_no_bar_when_output_is_not_a_terminal(char_data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    out = subprocess.run(
-        [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out", str(tmp_path / "run"),
-         "--preset", "gpt2-tiny", "--set", "train.max_steps=20", "--set", "train.device=cpu"],
-        capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 0
-    assert "\r" not in out.stdout + out.stderr and "/20 [" not in out.stderr
-    assert out.stdout.count("| loss:") == 3  # steps 0, 10 and the last
+def test_no_bar_when_output_is_not_a_terminal(char_data, tmp_path, capsys):
+    """In this process, whose stdout and stderr pytest captures: not terminals, as a pipe is not."""
+    assert not sys.stderr.isatty()
+    assert run_cli("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--preset", "gpt2-tiny",
+                   "--set", "train.max_steps=20", "--set", "train.device=cpu") == 0
+    out = capsys.readouterr()
+    assert "\r" not in out.out + out.err and "/20 [" not in out.err
+    assert out.out.count("| loss:") == 3  # steps 0, 10 and the last
 
 
 def test_train_help_lists_every_config_key_with_default_and_meaning(capsys):
