@@ -6,6 +6,8 @@ reports a failed job's first failure to the launching command instead of printin
 ChildFailedError traceback, and the command ends with one line naming the rank and how it ended.
 
 This module imports no torch (the agent does, once it runs): the launching command only waits.
+It also says, from torchrun's environment alone, whether this process is one of such a job's
+workers and which rank, so that `train` can check its run's lock before importing torch.
 """
 
 from __future__ import annotations
