@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import quiet, run_cli, shakespeare_head, tiny_cfg
+from test_train import as_from_a_terminal, ended_with_the_test, quiet, run_cli, shakespeare_head, tiny_cfg
 
 from gptforge.checkpoint import (
     CheckpointError,
@@ -83,7 +83,8 @@ def spawn(char_data: Path, run: Path, *extra: str, resume: bool = False) -> subp
     else:
         args += ["--data", str(char_data), *TRAIN_ARGS, *extra]
     env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=as_from_a_terminal)
 
 
 def logged_steps(run: Path) -> int:
@@ -133,12 +134,12 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches(char_data, tmp_path):
 
 
 def test_sigterm_finishes_the_step_and_saves(char_data, tmp_path):
-    proc = spawn(char_data, tmp_path / "run", "--set", "train.max_steps=100000")
-    deadline = time.time() + 60
-    while logged_steps(tmp_path / "run") < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    with ended_with_the_test(spawn(char_data, tmp_path / "run", "--set", "train.max_steps=100000")) as proc:
+        deadline = time.time() + 60
+        while logged_steps(tmp_path / "run") < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err  # saved and stopped, not complete
     assert "SIGTERM received" in out
     last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_checkpoint import weights
-from test_train import run_cli
+from test_train import ended_with_the_test, run_cli
 
 from gptforge.checkpoint import load_checkpoint
 from gptforge.metrics import read_metrics
@@ -206,16 +206,17 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
         [sys.executable, "-m", "gptforge", "train", "--out", str(run), "--data", str(char_data), *COMMON,
          "--set", "train.max_steps=100000", "--set", "train.save_interval=2",
          "--set", "train.dist_timeout_s=30", "--nproc", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 90
-    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
-        time.sleep(0.2)
-    assert (run / "checkpoints" / "latest").exists(), "the job did not start"
-    workers = [w for t in children(proc.pid) for w in children(t)]
-    assert len(workers) == 2, workers
-    os.kill(workers[1], signal.SIGKILL)
-    started = time.time()
-    out, err = proc.communicate(timeout=120)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    with ended_with_the_test(proc, group=True):
+        deadline = time.time() + 90
+        while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
+            time.sleep(0.2)
+        assert (run / "checkpoints" / "latest").exists(), "the job did not start"
+        workers = [w for t in children(proc.pid) for w in children(t)]
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        started = time.time()
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert time.time() - started < 60  # taken down, not hanging until a timeout
     assert "Signals.SIGKILL" in err or "SIGKILL" in err or "exitcode" in err, err[-2000:]

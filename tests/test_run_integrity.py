@@ -26,7 +26,7 @@ from test_checkpoint import (
     spawn,
     tree_digest,
 )
-from test_train import run_cli
+from test_train import as_from_a_terminal, ended_with_the_test, run_cli
 
 from gptforge import checkpoint, metrics
 from gptforge.checkpoint import (
@@ -138,7 +138,7 @@ def test_resume_auto_same_command_starts_continues_and_completes(char_data, tmp_
             "--resume", "auto"]
     # 1. absent RUN: a new run, preempted (SIGTERM: it saves) part-way
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", *auto], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal,
                             env={**os.environ, "PYTHONPATH": str(SRC)})
     wait_for(lambda: logged_steps(run) >= 4)
     proc.send_signal(signal.SIGTERM)
@@ -163,10 +163,10 @@ def test_resume_auto_same_command_starts_continues_and_completes(char_data, tmp_
 
 def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(char_data, tmp_path, reference, capsys):
     run = tmp_path / "run"
-    proc = spawn(char_data, run, "--set", "train.max_steps=100000")  # saves only at the end
-    wait_for(lambda: logged_steps(run) >= 3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    with ended_with_the_test(spawn(char_data, run, "--set", "train.max_steps=100000")) as proc:  # saves only at the end
+        wait_for(lambda: logged_steps(run) >= 3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").exists()
     auto = [*train_cmd(char_data, run, *SAVING),
             "--resume", "auto"]
@@ -436,10 +436,10 @@ def test_enospc_from_the_writer_without_a_small_disk(char_data, tmp_path, refere
 
 def test_sighup_saves_and_stops_like_sigterm(char_data, tmp_path):
     run = tmp_path / "run"
-    proc = spawn(char_data, run, "--set", "train.max_steps=100000")
-    wait_for(lambda: logged_steps(run) >= 3)
-    proc.send_signal(signal.SIGHUP)
-    out, err = proc.communicate(timeout=60)
+    with ended_with_the_test(spawn(char_data, run, "--set", "train.max_steps=100000")) as proc:
+        wait_for(lambda: logged_steps(run) >= 3)
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGHUP, err
     assert "SIGHUP received" in out
     last = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r][-1]

@@ -192,6 +192,30 @@ def run_cli(*args: str) -> int:
     return e.value.code
 
 
+def as_from_a_terminal() -> None:
+    """A child's ``preexec_fn``: the stop signals at their defaults, as a command typed at a
+    terminal has them, whatever started pytest (``nohup`` ignores SIGHUP, a background job SIGINT,
+    and a child inherits that; gptforge rightly keeps a signal it was started ignoring ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def ended_with_the_test(proc: subprocess.Popen, group: bool = False):
+    """A run started for 100,000 steps must not outlive a test that failed before stopping it.
+    ``group``: PROC was started in a session of its own (``start_new_session``), and what it
+    started (a torchrun job) goes too."""
+    try:
+        yield proc
+    finally:
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_cli_prepare_train_sample_end_to_end(tmp_path, capsys):
     src = tmp_path / "input.txt"
     src.write_text(shakespeare_head(30_000), encoding="utf-8")
@@ -277,16 +301,14 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(char_data, tmp_path):
         [sys.executable, "-m", "gptforge", "train", "--data", str(char_data), "--out",
          str(tmp_path / "run"), "--preset", "gpt2-tiny", "--set", "train.max_steps=100000",
          "--set", "train.log_interval=1", "--set", "train.device=cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        # as from a terminal, whatever started pytest (a background job or a test worker may
-        # have SIGINT ignored, and a child inherits that)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 60
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_from_a_terminal)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    with ended_with_the_test(proc):
+        deadline = time.time() + 60
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err  # as a shell reports Ctrl-C, after a clean save
     assert "SIGINT received" in out
     ckpt = load_checkpoint(tmp_path / "run")
