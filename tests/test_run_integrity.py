@@ -26,6 +26,7 @@ from test_checkpoint import (
     spawn,
     tree_digest,
 )
+from test_layers import CLI_SAYING_TORCH
 from test_train import as_from_a_terminal, ended_with_the_test, run_cli
 
 from gptforge import checkpoint, metrics
@@ -50,11 +51,6 @@ SAVING = ("--set", "train.max_steps=12", "--set", "train.save_interval=2")  # as
 
 def train_cmd(char_data: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(char_data), "--out", str(run), *TRAIN_ARGS, *extra]
-
-
-# The CLI in a process of its own that says, last, whether it imported torch.
-CLI_SAYING_TORCH = ("import sys\nfrom gptforge.cli import main\ntry:\n    main(sys.argv[1:])\n"
-                    "finally:\n    print('torch imported:', 'torch' in sys.modules)")
 
 
 def gptforge_proc(*args: str) -> subprocess.CompletedProcess:

@@ -51,16 +51,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gptforge.launch import launch_rank
     from gptforge.rundir import check_not_locked, hold_run_lock
 
-    if args.nproc is not None:  # this process only launches and waits: it needs no torch
-        check_not_locked(args.out)  # fail here, in one line, rather than inside torchrun
-        return launch(args.nproc, args.argv, run_dir=args.out)
-    from gptforge.launch import launch_rank
-
     writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
-    if writer:  # a live run is refused at once, not after the seconds that importing torch takes
+    if writer:  # a live run is refused at once: not inside torchrun, nor after importing torch
         check_not_locked(args.out)
+    if args.nproc is not None:  # this process only launches and waits: it needs no torch
+        return launch(args.nproc, args.argv, run_dir=args.out)
     from gptforge.metrics import say
     from gptforge.resume import FINISHED, plan_run
     from gptforge.train import train
