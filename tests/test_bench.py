@@ -103,15 +103,18 @@ def test_bench_under_ddp_reports_the_whole_job(tmp_path):
     import sys
     from pathlib import Path
 
+    from test_layers import CLI_SAYING_TORCH
+
     src = Path(__file__).resolve().parents[1] / "src"
-    out = subprocess.run(
-        [sys.executable, "-m", "gptforge", "bench", "--preset", "gpt2-tiny", "--batch-size", "2",
+    out = subprocess.run(  # the launching process needs no torch: it says whether it imported it
+        [sys.executable, "-c", CLI_SAYING_TORCH, "bench", "--preset", "gpt2-tiny", "--batch-size", "2",
          "--seq-len", "16", "--steps", "2", "--warmup", "1", "--device", "cpu", "--dtype", "float32",
          "--peak-seconds", "0.1", "--nproc", "2", "--json", str(tmp_path / "b.json")],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "micro-batch 2 x 16 x 2 processes (DDP)" in out.stdout
+    assert out.stdout.splitlines()[-1] == "torch imported: False"
     (row,) = json.loads((tmp_path / "b.json").read_text())
     assert row["processes"] == 2
     assert row["tokens_per_s"] == pytest.approx(2 * 2 * 16 / (row["step_ms"] / 1000))

@@ -138,14 +138,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.nproc is not None:  # this process only launches and waits: it needs no torch
+        if args.compare:
+            raise GptforgeError("--compare runs one process: leave out --nproc for it")
+        return launch(args.nproc, args.argv)
     import json
 
     from gptforge.bench import bench, compare_with_plain, format_results, result_dict
 
-    if args.nproc is not None:
-        if args.compare:
-            raise GptforgeError("--compare runs one process: leave out --nproc for it")
-        return launch(args.nproc, args.argv)
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
                    args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
                    args.ddp_bucket_mb, args.activation_checkpointing)
