@@ -100,7 +100,7 @@ def test_the_preset_costs_in_help_are_the_presets():
     import torch
 
     from gptforge.model import GPT
-    from gptforge.presets import PRESET_COSTS
+    from gptforge.presets import COST_MACHINES, PRESET_COSTS
 
     assert set(PRESET_COSTS) == set(RUN_PRESETS)
     for name, (tokenizer, params, tokens, seconds) in PRESET_COSTS.items():
@@ -109,8 +109,28 @@ def test_the_preset_costs_in_help_are_the_presets():
         with torch.device("meta"):  # the shapes without the memory
             model = GPT(dataclasses.replace(cfg.model, pad_vocab_multiple=1))  # as on a CPU
         assert (model.num_params(), tokens) == (params, cfg.train.total_batch_tokens), name
-        assert seconds > 0
+        assert len(seconds) == len(COST_MACHINES) and all(s > 0 for s in seconds), name
     assert all(name in keys_help() for name in RUN_PRESETS)
+
+def test_the_readmes_preset_table_is_the_one_in_help():
+    """README's table of presets: a row per preset, with --help's parameters, tokens per step
+    and, per machine, the same time (to the README's rounding)."""
+    import re
+    from pathlib import Path
+
+    from gptforge.presets import COST_MACHINES, PRESET_COSTS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = {m.group(1): m.group(2).split(" | ") for m in re.finditer(r"^\| `([a-z0-9-]+)`[^|]* \| (.*) \|$",
+                                                                      readme, re.M)}
+    unit = {"s": 1, "min": 60, "h": 3600}
+    for name, (tokenizer, params, tokens, seconds) in PRESET_COSTS.items():
+        cells = rows[name][-(2 + len(COST_MACHINES)):]
+        assert [int(c.replace(",", "")) for c in cells[:2]] == [params, tokens], name
+        for cell, measured in zip(cells[2:], seconds):
+            value, u = re.match(r"~?([\d.,]+) (s|min|h)\b", cell).groups()
+            assert float(value.replace(",", "")) * unit[u] == pytest.approx(measured, rel=0.06), (name, cell)
+
 
 def test_dotted_overrides_are_typed_by_field():
     cfg = resolve("gpt2-tiny", None, ["optim.lr=3e-4", "train.max_steps=7", "model.bias=false",

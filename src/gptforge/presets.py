@@ -113,18 +113,24 @@ DEFAULT_PRESET = "gpt2-shakespeare"
 
 # What each preset costs, measured by benchmarks/preset_costs.py on Tiny Shakespeare prepared with
 # the tokenizer the preset is meant for: parameters, tokens per optimizer step, and seconds per
-# 100 steps on the CPU named below (tests/test_config.py checks the first two against the presets,
-# so the table cannot silently go stale). GPU figures join it once measured (gpu_check.py).
-COSTS_MEASURED_ON = "CPU, 2 cores of an AMD EPYC with AVX2 (no AVX-512), fp32, 2026-12-05"
-PRESET_COSTS: dict[str, tuple[str, int, int, float]] = {  # tokenizer, parameters, tokens/step, s/100
-    "gpt2-shakespeare": ("gpt2", 124_439_808, 4_096, 10_270.0),
-    "shakespeare-char": ("char", 804_096, 768, 13.5),
-    "shakespeare-char-speedrun": ("char", 106_880, 2_048, 8.3),
-    "shakespeare-char-quick": ("char", 344_832, 2_048, 16.6),
-    # its 64 x 1024 micro-batch does not fit in 24 GB: 124M's measured rate at 8 x 1024 (BENCHMARKS.md)
-    "gpt2-fineweb": ("gpt2", 124_439_808, 524_288, 851_000.0),
-    "gpt2-tiny": ("char", 29_600, 256, 1.5),
-    "gpt2-mini": ("gpt2", 7_259_008, 2_048, 213.2),
+# 100 steps on each CPU named below, in train.dtype=auto (tests/test_config.py checks the first two
+# against the presets, so the table cannot silently go stale). GPU figures join it once measured
+# (gpu_check.py).
+COST_MACHINES = (  # (column, what it is): one column of seconds each, in this order
+    ("EPYC", "2 cores of an AMD EPYC with AVX2 only (so fp32), shared with other jobs: upper bounds"),
+    ("Xeon", "2 cores of an idle Intel Xeon with AVX-512 and AMX (bf16 from 128 wide)"),
+)
+COSTS_MEASURED = "2026-12-05, torch 2.13"
+PRESET_COSTS: dict[str, tuple[str, int, int, tuple[float, float]]] = {  # tokenizer, parameters, tokens/step, s/100
+    "gpt2-shakespeare": ("gpt2", 124_439_808, 4_096, (10_270.0, 530.3)),
+    "shakespeare-char": ("char", 804_096, 768, (13.5, 3.9)),
+    "shakespeare-char-speedrun": ("char", 106_880, 2_048, (8.3, 1.7)),
+    "shakespeare-char-quick": ("char", 344_832, 2_048, (16.6, 4.1)),
+    # its 64 x 1024 micro-batch does not fit in 24 GB: Xeon timed steps of 2 x 8 x 1024 tokens, x 32
+    # (preset_costs.py); EPYC is from 124M's measured rate at 8 x 1024 (BENCHMARKS.md)
+    "gpt2-fineweb": ("gpt2", 124_439_808, 524_288, (851_000.0, 94_927.0)),
+    "gpt2-tiny": ("char", 29_600, 256, (1.5, 0.3)),
+    "gpt2-mini": ("gpt2", 7_259_008, 2_048, (213.2, 41.8)),
 }
 
 
@@ -168,18 +174,24 @@ def keys_help() -> str:
             if helps.get(f.name):
                 lines.append(f"      {helps[f.name]}")
     lines.append("")
-    lines.append(f"presets (measured cost: {COSTS_MEASURED_ON}; no GPU measured yet):")
-    lines.append(f"  {'preset':<26} {'data':<5} {'parameters':>12} {'tokens/step':>12} {'per 100 steps':>14}")
+    lines.append(f"presets, with the CPU time of 100 steps measured on each machine ({COSTS_MEASURED};")
+    lines.append("no GPU measured yet):")
+    lines += [f"  {column}: {what}" for column, what in COST_MACHINES]
+    lines.append(f"  {'preset':<26} {'data':<5} {'parameters':>12} {'tokens/step':>12}"
+                 + "".join(f" {column:>8}" for column, _ in COST_MACHINES))
     for name in RUN_PRESETS:
         if name not in PRESET_COSTS:  # tests/test_config.py keeps every preset in the table
             lines.append(f"  {name:<26} (not measured)")
             continue
         tok, params, tokens, seconds = PRESET_COSTS[name]
-        lines.append(f"  {name:<26} {tok:<5} {params:>12,} {tokens:>12,} {_duration(seconds):>14}")
+        lines.append(f"  {name:<26} {tok:<5} {params:>12,} {tokens:>12,}"
+                     + "".join(f" {_duration(s):>8}" for s in seconds))
     return "\n".join(lines)
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 2 * 3600:
