@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu  # the CPU line every benchmark prints
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -58,8 +58,7 @@ def main() -> None:
         runs = [("shakespeare-char-speedrun", s) for s in args.seeds]
         if not args.no_standard:
             runs.append(("shakespeare-char", args.seeds[0]))
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        print(f"{cpu()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
         print("| preset | seed | wall (whole process) | val loss (whole val split) | under target |")
         print("|---|---|---|---|---|")
         for i, (preset, seed) in enumerate(runs):

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from prepare_speed import cpu_info  # the same machine line as the other prepare benchmark
+from machine import cpu  # the CPU line every benchmark prints
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -144,7 +144,7 @@ def main() -> None:
     if a.src:
         print("shards identical to --src:", same_shards(d / "out-this-None", d / "out---sr-None"))
     base = statistics.median(next(iter(rows.values())))
-    print(f"\n{time.strftime('%Y-%m-%d')}; {cpu_info()}; Python {platform.python_version()}; "
+    print(f"\n{time.strftime('%Y-%m-%d')}; {cpu()}; Python {platform.python_version()}; "
           f"{info['bytes'] / 1e6:.1f} MB, {info['docs']:,} documents, {tokens:,.0f} tokens; "
           f"median of {a.repeats}\n")
     print("| what | wall s (median) | runs | MB/s | vs single-threaded tiktoken |")

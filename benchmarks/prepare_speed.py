@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu  # the CPU line every benchmark prints
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SRC = Path(__file__).resolve().parents[1] / "src"
 FILE_BYTES = 256 * 1024 * 1024
@@ -195,18 +197,6 @@ def tiktoken_baseline(path: Path) -> dict:
             "bytes": os.path.getsize(path)}
 
 
-def cpu_info() -> str:
-    model, flags = "?", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    avx = ", ".join(sorted(f for f in flags if f.startswith(("avx512", "amx")))) or "none"
-    return f"{model}, {os.cpu_count()} cores, avx512/amx flags: {avx}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,7 +211,7 @@ def main() -> None:
     import pyarrow
     import tiktoken
 
-    print(f"machine: {cpu_info()}; Python {platform.python_version()}, tiktoken "
+    print(f"machine: {cpu()}; Python {platform.python_version()}, tiktoken "
           f"{tiktoken.__version__}, pyarrow {pyarrow.__version__}\n")
     try:
         t = time.perf_counter()

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu  # the CPU line every benchmark prints
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The data each preset is meant for: the tokenizer prepare uses for it.
@@ -45,18 +46,6 @@ def gptforge(*args: str, env: dict | None = None) -> str:
     if out.returncode != 0:
         raise SystemExit(f"gptforge {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return out.stdout
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(wanted)}), {os.cpu_count()} cores"
 
 
 def measure(preset: str, data: Path, out: Path, steps: int) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import platform
 import re
 import statistics
@@ -32,27 +31,13 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu  # the CPU line every benchmark prints
 
 from gptforge import GPT, GPTConfig
 from gptforge.hf import write_hf_dir
 from gptforge.tokenizer import GPT2Tokenizer
 
 PROMPT = "The history of the city begins with a small village on the river, where the"
-
-
-def cpu() -> str:
-    model, flags = "?", set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("Flags:"):
-            flags = set(line.split(":", 1)[1].split())
-    simd = ", ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))) or "none"
-    return f"{model}, {os.cpu_count()} cores, flags: {simd}"
 
 
 def start(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, int]:

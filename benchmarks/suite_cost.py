@@ -74,15 +74,6 @@ def machine_cpu_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_name() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-                platform.processor())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
-
-
 def one_run(repo: Path, log: Path | None) -> tuple[float, float, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "benchmarks"), str(repo / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -124,9 +115,13 @@ def main() -> None:
     repo = args.repo.resolve()
     if not (repo / "tests").is_dir() or not (repo / "src" / "gptforge").is_dir():
         p.error(f"--repo {args.repo}: not a gptforge checkout (no tests/ and src/gptforge/ there)")
+    from machine import (
+        cpu,  # the CPU line every benchmark prints (not needed by the plugin)
+    )
+
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                           check=False)
-    print(f"suite of {repo} ({head.stdout.strip() or 'not a git checkout'}); machine: {cpu_name()}; "
+    print(f"suite of {repo} ({head.stdout.strip() or 'not a git checkout'}); machine: {cpu()}; "
           f"python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "per-test.tsv" if args.per_test else None

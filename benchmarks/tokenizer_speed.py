@@ -41,20 +41,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from machine import cpu  # the CPU line every benchmark prints
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def cpu_info() -> str:
-    model, flags = "?", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    avx = ", ".join(sorted(f for f in flags if f.startswith(("avx512", "amx")))) or "none"
-    return f"{model}, {os.cpu_count()} cores, avx512/amx flags: {avx}"
 
 
 def rss_mb() -> float:
@@ -276,7 +266,7 @@ def main() -> None:
 
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {cpu_info()}; Python {platform.python_version()}, tokenizers "
+    print(f"machine: {cpu()}; Python {platform.python_version()}, tokenizers "
           f"{tokenizers.__version__}, tiktoken {tiktoken.__version__}; "
           f"{time.strftime('%Y-%m-%d')}\n")
     corpus = d / "corpus.jsonl"
