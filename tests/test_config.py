@@ -122,7 +122,7 @@ def test_the_readmes_preset_table_is_the_one_in_help():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     rows = {m.group(1): m.group(2).split(" | ") for m in re.finditer(r"^\| `([a-z0-9-]+)`[^|]* \| (.*) \|$",
-                                                                      readme, re.M)}
+                                                                      readme, re.MULTILINE)}
     unit = {"s": 1, "min": 60, "h": 3600}
     for name, (tokenizer, params, tokens, seconds) in PRESET_COSTS.items():
         cells = rows[name][-(2 + len(COST_MACHINES)):]

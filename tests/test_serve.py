@@ -413,13 +413,13 @@ def test_a_full_queue_answers_503_at_once(run_dir):
     from gptforge.serve.app import build_app
     from gptforge.serve.engine import Job, Params
     from gptforge.serve.options import ServeOptions
-    from gptforge.serve.server import load
+    from gptforge.serve.server import build_engine, model_info
 
-    engine, info, tok = load(ServeOptions(ckpt=str(run_dir), device="cpu", max_batch=1,
-                                          max_queue=2))
+    opts = ServeOptions(ckpt=str(run_dir), device="cpu", max_batch=1, max_queue=2)
+    engine = build_engine(opts)
     for _ in range(2):
         engine.submit(Job([[0]], 1, Params(max_tokens=1), lambda e: None))
-    client = TestClient(build_app(engine, info, tok, BODY_LIMIT))
+    client = TestClient(build_app(engine, model_info(engine, opts), engine.tok, BODY_LIMIT))
     r = client.post("/v1/completions", json={"prompt": "ROMEO:"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert "2 requests are already waiting" in r.json()["error"]["message"]

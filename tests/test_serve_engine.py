@@ -189,3 +189,42 @@ def test_drain_lets_jobs_finish_then_aborts_what_is_left(char_model):
     engine.step()
     assert running_out.aborts == [Abort("the server is shutting down: the request was cancelled", 503)]
     assert queued_out.aborts == running_out.aborts and engine.running == engine.waiting == 0
+
+
+def test_launch_computes_on_the_engines_own_thread_only(char_model):
+    """Engine.launch builds the engine, warms it up and runs it on one thread of its own: the
+    model never computes on the caller's thread (an OpenMP team left there slowed every decode
+    step on 2 cores). A request then completes; an error while building reaches the caller."""
+    import threading
+
+    from gptforge.errors import GptforgeError
+
+    tok = CharTokenizer(CHARS)
+    computed_on: set[str] = set()
+    hook = char_model.register_forward_pre_hook(
+        lambda *_: computed_on.add(threading.current_thread().name))
+    built_on = []
+
+    def build() -> Engine:
+        built_on.append(threading.current_thread().name)
+        return Engine(char_model, tok, torch.device("cpu"), max_batch=2, max_queue=2)
+
+    try:
+        engine = Engine.launch(build)
+        assert built_on == ["gptforge-engine"] and computed_on == {"gptforge-engine"}  # warmed up
+        done = threading.Event()
+        events = []
+        engine.submit(Job([tok.encode("AB")], 1, Params(max_tokens=6, top_k=1),
+                          lambda e: (events.append(e), isinstance(e, End) and done.set())))
+        assert done.wait(timeout=60)
+        engine.stop()
+    finally:
+        hook.remove()
+    assert computed_on == {"gptforge-engine"} and events[-1] == End(0, "length", 6)
+    assert engine._thread is not None and not engine._thread.is_alive()
+
+    def broken() -> Engine:
+        raise GptforgeError("checkpoint damaged")
+
+    with pytest.raises(GptforgeError, match="checkpoint damaged"):
+        Engine.launch(broken)

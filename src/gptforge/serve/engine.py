@@ -198,9 +198,39 @@ class Engine:
                 self._deadline = time.monotonic() + grace_s
             self._cond.notify()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="gptforge-engine", daemon=True)
-        self._thread.start()
+    @staticmethod
+    def launch(build: Callable[[], Engine]) -> Engine:
+        """Build an engine on a thread of its own, warm it up there and leave that thread running
+        its loop; return the engine once it is warm, or raise here what building it raised.
+
+        Everything the model computes runs on that one thread. OpenMP (torch's CPU threads) keeps
+        a team of worker threads for each thread that has run a parallel region, and once there
+        are more of them than cores its workers stop spinning between regions. A model loaded
+        and warmed up on the caller's thread left such a team behind: on 2 cores every decode
+        step (hundreds of small regions) then ran about 2.5x slower on the engine's thread
+        (BENCHMARKS.md, "Serving")."""
+        built: list[Engine | BaseException] = []
+        ready = threading.Event()
+
+        def main() -> None:
+            try:
+                engine = build()
+                engine.warm_up()
+            except BaseException as e:  # handed to the caller, which reports it
+                built.append(e)
+                ready.set()
+                return
+            built.append(engine)
+            ready.set()
+            engine._loop()
+
+        thread = threading.Thread(target=main, name="gptforge-engine", daemon=True)
+        thread.start()
+        ready.wait()
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        built[0]._thread = thread
+        return built[0]
 
     def stop(self) -> None:
         """End the engine thread; jobs still queued or running are aborted."""

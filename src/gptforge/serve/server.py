@@ -77,12 +77,11 @@ def default_name(ckpt: str) -> str:
     return p.name or "gptforge"
 
 
-def load(opts: ServeOptions):  # noqa: ANN201 - (Engine, ModelInfo, Tokenizer)
-    """The engine, the model's description and its tokenizer; GptforgeError when unusable."""
+def build_engine(opts: ServeOptions):  # noqa: ANN201 - an Engine (imported lazily)
+    """The engine with the checkpoint's model and tokenizer; GptforgeError when unusable."""
     from gptforge.checkpoint import load_model
     from gptforge.device import pick_device
     from gptforge.serve.engine import Engine
-    from gptforge.serve.protocol import ModelInfo
     from gptforge.tokenizer import tokenizer_from_dict
 
     try:
@@ -92,14 +91,19 @@ def load(opts: ServeOptions):  # noqa: ANN201 - (Engine, ModelInfo, Tokenizer)
     except OSError as e:  # unreadable (permissions, I/O error) rather than damaged
         raise GptforgeError(f"cannot read {opts.ckpt}: {e.strerror or e}: check the path and "
                             "its permissions") from None
-    tok = tokenizer_from_dict(tok_dict)
     device = pick_device(opts.device)
-    engine = Engine(model.to(device), tok, device, opts.max_batch, opts.max_queue)
-    info = ModelInfo(name=opts.model_name or default_name(opts.ckpt),
+    return Engine(model.to(device), tokenizer_from_dict(tok_dict), device, opts.max_batch,
+                  opts.max_queue)
+
+
+def model_info(engine, opts: ServeOptions):  # noqa: ANN001, ANN201 - (Engine) -> ModelInfo
+    from gptforge.serve.protocol import ModelInfo
+
+    model, tok = engine.model, engine.tok
+    return ModelInfo(name=opts.model_name or default_name(opts.ckpt),
                      parameters=model.num_params(), context_length=model.config.block_size,
-                     tokenizer=tok.name, vocab_size=tok.vocab_size, device=str(device),
+                     tokenizer=tok.name, vocab_size=tok.vocab_size, device=str(engine.device),
                      created=int(time.time()))
-    return engine, info, tok
 
 
 def run(opts: ServeOptions) -> int:
@@ -107,20 +111,20 @@ def run(opts: ServeOptions) -> int:
     validate_options(opts)
     uvicorn = _web_stack()
     from gptforge.serve.app import build_app
+    from gptforge.serve.engine import Engine
 
     sock = bind(opts.host, opts.port)
-    try:
-        engine, info, tok = load(opts)
-        engine.warm_up()
+    try:  # loaded, warmed up and run on the engine's own thread (Engine.launch says why)
+        engine = Engine.launch(lambda: build_engine(opts))
     except BaseException:
         sock.close()
         raise
-    app = build_app(engine, info, tok, opts.max_body_bytes)
+    info = model_info(engine, opts)
+    app = build_app(engine, info, engine.tok, opts.max_body_bytes)
     config = uvicorn.Config(app, log_level="info" if opts.access_log else "warning",
                             access_log=opts.access_log, lifespan="off",
                             timeout_graceful_shutdown=opts.grace_s + 5)
     server = _server_class(uvicorn)(config, engine, opts, info)
-    engine.start()
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
