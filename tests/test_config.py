@@ -112,6 +112,7 @@ def test_the_preset_costs_in_help_are_the_presets():
         assert len(seconds) == len(COST_MACHINES) and all(s > 0 for s in seconds), name
     assert all(name in keys_help() for name in RUN_PRESETS)
 
+
 def test_the_readmes_preset_table_is_the_one_in_help():
     """README's table of presets: a row per preset, with --help's parameters, tokens per step
     and, per machine, the same time (to the README's rounding)."""
