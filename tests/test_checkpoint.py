@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import as_from_a_terminal, ended_with_the_test, quiet, run_cli, shakespeare_head, tiny_cfg
+from test_train import (
+    as_from_a_terminal,
+    ended_with_the_test,
+    quiet,
+    run_cli,
+    shakespeare_head,
+    tiny_cfg,
+    wait_for,
+)
 
 from gptforge.checkpoint import (
     CheckpointError,
@@ -101,9 +109,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches(char_data, tmp_path):
     run = tmp_path / "killed"
     # 1. killed at an arbitrary moment of training
     proc = spawn(char_data, run, *steps)
-    deadline = time.time() + 60
-    while logged_steps(run) < 8 and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: logged_steps(run) >= 8, "8 logged steps", poll=0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # 2. resumed, then killed while a checkpoint is being written
@@ -135,9 +141,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches(char_data, tmp_path):
 
 def test_sigterm_finishes_the_step_and_saves(char_data, tmp_path):
     with ended_with_the_test(spawn(char_data, tmp_path / "run", "--set", "train.max_steps=100000")) as proc:
-        deadline = time.time() + 60
-        while logged_steps(tmp_path / "run") < 3 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: logged_steps(tmp_path / "run") >= 3, "3 logged steps")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err  # saved and stopped, not complete

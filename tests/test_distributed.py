@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_checkpoint import weights
-from test_train import ended_with_the_test, run_cli
+from test_train import ended_with_the_test, run_cli, wait_for
 
 from gptforge.checkpoint import load_checkpoint
 from gptforge.metrics import read_metrics
@@ -208,10 +208,7 @@ def test_a_dead_rank_stops_the_job_and_the_run_resumes(char_data, tmp_path):
          "--set", "train.dist_timeout_s=30", "--nproc", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     with ended_with_the_test(proc, group=True):
-        deadline = time.time() + 90
-        while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
-            time.sleep(0.2)
-        assert (run / "checkpoints" / "latest").exists(), "the job did not start"
+        wait_for((run / "checkpoints" / "latest").exists, "the job to start and save", timeout=90, poll=0.2)
         workers = [w for t in children(proc.pid) for w in children(t)]
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)

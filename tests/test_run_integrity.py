@@ -27,7 +27,7 @@ from test_checkpoint import (
     tree_digest,
 )
 from test_layers import CLI_SAYING_TORCH
-from test_train import as_from_a_terminal, ended_with_the_test, run_cli
+from test_train import as_from_a_terminal, ended_with_the_test, run_cli, wait_for
 
 from gptforge import checkpoint, metrics
 from gptforge.checkpoint import (
@@ -37,14 +37,6 @@ from gptforge.checkpoint import (
     load_checkpoint,
 )
 from gptforge.metrics import read_metrics, read_run_record
-
-
-def wait_for(pred, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not pred():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
 
 SAVING = ("--set", "train.max_steps=12", "--set", "train.save_interval=2")  # as the reference run
 

@@ -4,6 +4,7 @@ The model is a tiny char-level GPT with random weights (its text is gibberish, w
 tests need) and a context of 1,024, so that a long generation outlasts a disconnect.
 """
 
+import functools
 import http.client
 import json
 import os
@@ -14,12 +15,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import wait_for as wait_until
 
 from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import save_checkpoint
@@ -28,6 +29,8 @@ from gptforge.config import RunConfig
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+wait_for = functools.partial(wait_until, timeout=20, poll=0.02)  # a server answers within seconds
 
 # Tiny Shakespeare's 65 characters: the vocabulary of the test model.
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -317,16 +320,6 @@ def test_the_official_openai_client_works_unchanged(server):
 
 # ----------------------------------------------------------------------------------------------
 # Batching under load, disconnects, the queue
-
-
-def wait_for(predicate, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_client_that_disconnects_frees_its_row(server):

@@ -200,6 +200,16 @@ def as_from_a_terminal() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def wait_for(predicate, what: str = "the condition", timeout: float = 60, poll: float = 0.05):
+    """Poll ``predicate`` until it returns something true, and return that; fail, naming
+    ``what``, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+    return value
+
+
 @contextlib.contextmanager
 def ended_with_the_test(proc: subprocess.Popen, group: bool = False):
     """A run started for 100,000 steps must not outlive a test that failed before stopping it.
@@ -304,9 +314,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(char_data, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_from_a_terminal)
     metrics = tmp_path / "run" / "metrics.jsonl"
     with ended_with_the_test(proc):
-        deadline = time.time() + 60
-        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-            time.sleep(0.1)
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, "3 logged steps")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err  # as a shell reports Ctrl-C, after a clean save
