@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 from machine import cpu  # the CPU line every benchmark prints
+from gptforge.data.named import bundled_path
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(bundled_path("shakespeare"))  # the copy that ships in the package
 
 
 def gptforge(*args: str) -> list[str]:

@@ -4,7 +4,7 @@
 
 The case of a web corpus: about 124 MB of JSON lines holding about 146,000 documents of ~850
 bytes of text each (lengths drawn from a log-normal distribution; the text is contiguous runs of
-Tiny Shakespeare lines, from ../shared), each line with FineWeb's metadata fields beside "text".
+Tiny Shakespeare lines, the copy that ships in the package), each line with FineWeb's metadata fields beside "text".
 
 Each repeat runs, one after the other:
 - the baseline: one process reads the file line by line, parses each line with ``json.loads``
@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 from machine import cpu  # the CPU line every benchmark prints
+from gptforge.data.named import bundled_path
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(bundled_path("shakespeare"))  # the copy that ships in the package
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

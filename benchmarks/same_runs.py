@@ -31,7 +31,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from gptforge.data.named import bundled_path
+
+SHAKESPEARE = Path(bundled_path("shakespeare"))  # the copy that ships in the package
 TIMINGS = {"dt_ms", "tok_per_s"}
 COMMON = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.dtype=float32",
           "--set", "train.log_interval=1", "--set", "train.eval_interval=5",

@@ -14,7 +14,7 @@ started and killed) is counted where it was reaped, or not at all.
     python benchmarks/suite_cost.py --repeats 3          # three runs, for the spread
 
 To compare two revisions, alternate runs of each on the same idle machine: ``--repo DIR`` runs
-the suite of another checkout (beside ``../shared`` too, as the tests expect), with its own
+the suite of another checkout (which needs nothing beside it), with its own
 ``src`` first on the path:
 
     for r in ../base ../main ../base ../main; do python benchmarks/suite_cost.py --repo $r; done

@@ -42,8 +42,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from machine import cpu  # the CPU line every benchmark prints
+from gptforge.data.named import bundled_path
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(bundled_path("shakespeare"))  # the copy that ships in the package
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

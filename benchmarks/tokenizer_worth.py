@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/tokenizer_worth.py --corpus shakespeare --steps 400
     PYTHONPATH=src python benchmarks/tokenizer_worth.py --corpus /work/corpora/quantangshi.jsonl --steps 400
 
-For one corpus (``shakespeare``: Tiny Shakespeare from ../shared, one text file, so the held-out
+For one corpus (``shakespeare``: Tiny Shakespeare as it ships in the package, one text file, so the held-out
 part is the last 10% of each tokenizer's tokens; or a JSON lines file, whose held-out part is
 the same 10% of documents for both, by prepare's seeded hash), this script:
 
@@ -32,9 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
+from gptforge.data.named import bundled_path  # noqa: E402 (after src is on the path)
+
+SHAKESPEARE = Path(bundled_path("shakespeare"))  # the copy that ships in the package
 
 
 def gptforge(*args: str) -> tuple[float, str]:

@@ -2,7 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
-from shared_data import SHAKESPEARE
+from corpus import SHAKESPEARE
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per worker, and for what the workers start: with one worker per core, torch's
@@ -16,15 +16,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(scope="module")
 def shakespeare_text() -> str:
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"Tiny Shakespeare is not at {SHAKESPEARE}")
     with open(SHAKESPEARE, encoding="utf-8") as f:
         return f.read()
 
 
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> Path:
-    """20,000 characters of Shakespeare (or filler text), prepared char-level, 10% val: shared by
+    """20,000 characters of Shakespeare, prepared char-level, 10% val: shared by
     every test that trains a tiny model and only reads its data."""
     from test_train import shakespeare_head
 

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from shared_data import SHAKESPEARE
+from corpus import SHAKESPEARE
 
 from gptforge import data
 from gptforge.data import (
@@ -29,9 +29,6 @@ from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
 
 sources = importlib.import_module("gptforge.data.sources")  # (data.prepare is the function)
 
-needs_shakespeare = pytest.mark.skipif(
-    not os.path.isfile(SHAKESPEARE), reason="Tiny Shakespeare is not here"
-)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +74,6 @@ def split_tokens(out, split) -> list[int]:
     return load_split(out, split)[:].tolist()
 
 
-@needs_shakespeare
 def test_prepare_shakespeare_round_trip(shakespeare_gpt2, shakespeare_text, gpt2):
     train = read_shard(os.path.join(shakespeare_gpt2, "train-000000.bin"))
     val = read_shard(os.path.join(shakespeare_gpt2, "val-000000.bin"))
@@ -112,7 +108,6 @@ def test_prepare_shakespeare_round_trip(shakespeare_gpt2, shakespeare_text, gpt2
     assert sorted(os.listdir(shakespeare_gpt2)) == ["meta.json", "train-000000.bin", "val-000000.bin"]
 
 
-@needs_shakespeare
 def test_chunked_prepare_equals_whole_encoding(tmp_path, monkeypatch, shakespeare_gpt2):
     monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # ~270 chunks, each cut at a safe boundary
     prepare([SHAKESPEARE], str(tmp_path / "out"), progress=False)
@@ -172,7 +167,6 @@ def test_char_files_are_concatenated(tmp_path):
     assert train + val == [0, 1, 2, 2, 0, 1] and len(val) == 3
 
 
-@needs_shakespeare
 def test_char_prepare_shakespeare(tmp_path, shakespeare_text):
     meta = prepare([SHAKESPEARE], str(tmp_path / "out"), tokenizer="char", progress=False)
     assert meta["vocab_size"] == 65 and len(meta["tokenizer"]["chars"]) == 65
@@ -371,7 +365,6 @@ def offline_env(tmp_path, monkeypatch):
     monkeypatch.delenv("GPTFORGE_SHAKESPEARE_URL", raising=False)
 
 
-@needs_shakespeare
 def test_download_verify_and_reuse_cache(tmp_path, offline_env):
     served = tmp_path / "www"
     served.mkdir()

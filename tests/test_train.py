@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_data import SHAKESPEARE as _SHAKESPEARE
+from corpus import SHAKESPEARE as _SHAKESPEARE
 
 from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import (
@@ -30,16 +30,10 @@ from gptforge.step import TrainingDiverged, train_step
 from gptforge.train import train
 
 SHAKESPEARE = Path(_SHAKESPEARE)
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="Tiny Shakespeare not found")
 
 
 def shakespeare_head(n_chars: int) -> str:
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
-    # Enough varied text for the tests that only need some text.
-    return ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 400)[:n_chars]
-
-
+    return SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
 
 
 def tiny_cfg(data: Path, *extra: str):
@@ -326,7 +320,6 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(char_data, tmp_path):
     assert (record["status"], record["stopped_by"], record["step"]) == ("stopped", "SIGINT", ckpt.step)
 
 
-@needs_shakespeare
 @pytest.mark.slow
 def test_the_original_result_in_miniature(tmp_path, capsys):
     """The original recipe's optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0, warmup then cosine, the

@@ -56,6 +56,13 @@ def bundled_copy(ds: NamedDataset) -> str:
     return path
 
 
+def bundled_path(name: str) -> str:
+    """The verified path of the copy of a named dataset that ships with gptforge (Tiny
+    Shakespeare: ``bundled_path("shakespeare")``), whatever mirror the environment names: what the
+    tests and benchmarks read, so that nothing outside the installed package is needed."""
+    return bundled_copy(NAMED_DATASETS[name])
+
+
 def default_cache_dir() -> str:
     if os.environ.get("GPTFORGE_CACHE"):
         return os.environ["GPTFORGE_CACHE"]
