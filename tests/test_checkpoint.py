@@ -24,6 +24,7 @@ from test_train import (
     wait_for,
 )
 
+from gptforge import checkpoint
 from gptforge.checkpoint import (
     CheckpointError,
     build_model,
@@ -34,6 +35,7 @@ from gptforge.checkpoint import (
 from gptforge.data import prepare
 from gptforge.metrics import read_metrics, read_run_record
 from gptforge.model import GPT
+from gptforge.rundir import DiskWriteError
 from gptforge.train import TrainingDiverged, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -241,17 +243,67 @@ def test_a_pickle_payload_is_refused_without_running(char_data, tmp_path):
     assert not marker.exists()
 
 
-def test_keep_last_and_best(char_data, tmp_path):
-    cfg = tiny_cfg(char_data, "train.max_steps=12", "train.save_interval=2", "train.eval_interval=2",
-                   "train.keep_last=3")
+@pytest.fixture(scope="module", params=["char", "gpt2", "bpe"])
+def any_data(request, char_data, tmp_path_factory) -> Path:
+    """The same text under each kind of vocabulary: char, GPT-2's BPE, and a trained BPE (whose
+    checkpoints carry a file of their own, tokenizer.json)."""
+    if request.param == "char":
+        return char_data
+    d = tmp_path_factory.mktemp(f"{request.param}-data")
+    (d / "in.txt").write_text(shakespeare_head(20_000), encoding="utf-8")
+    extra = {"vocab_size": 300} if request.param == "bpe" else {}
+    prepare([str(d / "in.txt")], d / "data", tokenizer=request.param, progress=False, **extra)
+    return d / "data"
+
+
+def short_run(data: Path, *extra: str):
+    return tiny_cfg(data, "train.seq_len=16", "train.total_batch_tokens=128",
+                    "train.log_interval=100", *extra)
+
+
+def test_keep_last_latest_and_best(any_data, tmp_path):
+    cfg = short_run(any_data, "train.max_steps=12", "train.save_interval=2",
+                    "train.eval_interval=2", "train.keep_last=3")
     result = train(cfg, tmp_path / "run", log=quiet)
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
         "step_0000008", "step_0000010", "step_0000012"]
-    assert (root / "latest").read_text().strip() == "step_0000012"
+    assert (root / "latest").read_text() == "step_0000012\n"  # a step directory, nothing else
     vals = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     best = load_checkpoint(root / "best")
     assert best.trainer["best_val_loss"] == min(vals) == result.best_val_loss
+    assert sorted(p.name for p in (root / "best").iterdir()) == sorted(
+        p.name for p in (root / "step_0000012").iterdir())  # whole, tokenizer file included
+
+
+def test_a_short_disk_never_deletes_what_latest_names(any_data, tmp_path, monkeypatch):
+    """keep_last=1 on a disk too full for the next save: making room deletes every older
+    checkpoint but the one ``latest`` names, which must be the last save, so that the run can
+    still be resumed from it."""
+    saves = {"n": 0}
+
+    def full_after_the_first_save(path):
+        saves["n"] += 1  # call 1: the start's warn_if_disk_is_short; call 2: the first save
+        return 10**12 if saves["n"] <= 2 else 0
+
+    monkeypatch.setattr(checkpoint, "disk_free", full_after_the_first_save)
+    cfg = short_run(any_data, "train.max_steps=4", "train.save_interval=2", "train.keep_last=1")
+    with pytest.raises(DiskWriteError, match="not enough space for the checkpoint"):
+        train(cfg, tmp_path / "run", log=quiet)
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step_0000002\n"
+    assert load_checkpoint(tmp_path / "run").step == 2
+
+
+def test_a_latest_that_names_no_checkpoint_is_said(char_data, tmp_path):
+    train(short_run(char_data, "train.max_steps=4", "train.save_interval=2"), tmp_path / "run",
+          log=quiet)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    for wrong in ("tokenizer.json\n", "step_0000009\n"):  # a file; a step never saved
+        latest.write_text(wrong)
+        with pytest.warns(UserWarning, match=f"names no complete checkpoint .*{wrong.strip()}.*"
+                                             "using the newest complete one, step_0000004"):
+            assert find_checkpoint(tmp_path / "run").name == "step_0000004"
 
 
 def test_bad_checkpoints_and_resumes_are_one_line_exit_2(char_data, tmp_path, capsys):

@@ -200,8 +200,8 @@ def save_checkpoint(
                 "config": config.to_dict(),
                 "tokenizer": tokenizer,
             }), encoding="utf-8")
-            for name, data in _tokenizer_files(tokenizer).items():
-                (tmp / name).write_bytes(data)
+            for file_name, data in _tokenizer_files(tokenizer).items():
+                (tmp / file_name).write_bytes(data)
             if optimizer_state is not None:
                 save_file(optim_tensors, str(tmp / OPTIMIZER_FILE))
             (tmp / STATE_FILE).write_text(_json_text(
@@ -267,6 +267,7 @@ def _make_room(root: Path, need: int, keep_last: int, name: str, fix: str) -> No
 
 
 def _point_latest(root: Path, name: str) -> None:
+    assert _is_step_name(name), name  # latest names a step directory, never one of its files
     write_text(root / LATEST, name + "\n", durable=True, tmp=root / f".tmp-{LATEST}-{os.getpid()}")
 
 
@@ -282,12 +283,15 @@ def _is_complete(ckpt_dir: Path) -> bool:
     return (ckpt_dir / MANIFEST_FILE).is_file() or (ckpt_dir / STATE_FILE).is_file()
 
 
+def _is_step_name(name: str) -> bool:
+    return name.startswith("step_") and name[5:].isdigit()
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and p.name[5:].isdigit() and _is_complete(p)]
+    dirs = [p for p in root.iterdir() if p.is_dir() and _is_step_name(p.name) and _is_complete(p)]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -365,10 +369,13 @@ def find_checkpoint(path: str | Path) -> Path:
     for stale in sorted(root.glob(".tmp-*")) if root.is_dir() else []:
         warnings.warn(f"ignoring incomplete checkpoint {stale} (a save was interrupted)")
     latest = _latest_name(root)
-    if latest and _is_complete(root / latest):
+    if latest and _is_step_name(latest) and _is_complete(root / latest):
         return root / latest
     dirs = _step_dirs(root)
     if dirs:
+        if (root / LATEST).exists():  # a run that never saved has no latest: nothing to say
+            warnings.warn(f"{root / LATEST} names no complete checkpoint ({latest!r}): using the "
+                          f"newest complete one, {dirs[-1].name}")
         return dirs[-1]
     raise CheckpointError(
         f"no complete checkpoint in {p}: train first (gptforge train ... --out {p}) "
