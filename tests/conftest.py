@@ -14,6 +14,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory) -> Path:
+    """gptforge's cache directory for the whole session, shared by the xdist workers (their base
+    temporary directories sit side by side): what train.dtype=auto measures on this CPU is
+    measured once for the suite, not once per worker or per test, and ~/.cache is never written."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "gptforge-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["GPTFORGE_CACHE"] = str(cache)  # the processes tests start inherit it
+    return cache
+
+
 @pytest.fixture(scope="module")
 def shakespeare_text() -> str:
     with open(SHAKESPEARE, encoding="utf-8") as f:

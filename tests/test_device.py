@@ -10,46 +10,36 @@ from test_train import run_cli
 from gptforge import device as device_module
 from gptforge.config import RESOLVED, load_toml
 from gptforge.presets import resolve, run_preset
-from gptforge.device import BatchFeeder, StepTimer, resolve_for
+from gptforge.device import MEASURED, BatchFeeder, StepTimer, resolve_for
+from gptforge.probe import DtypeChoice, ProbeShape
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_settings_per_device_type(monkeypatch, native_bf16):
-    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native_bf16)
+@pytest.mark.parametrize("cached", ["bfloat16", "float32", None])
+def test_auto_settings_per_device_type(monkeypatch, cached):
+    """On a CPU, train.dtype=auto is what the probe measured for the run's shape on this machine
+    (test_probe.py), if that is cached, else measured at start-up; CUDA and MPS keep their rules."""
+    measured = None if cached is None else DtypeChoice(cached, 1.5 if cached == "bfloat16" else 0.9,
+                                                       1.0, "2026-12-07T00:00:00+00:00", 1.0)
+    seen = []
+    monkeypatch.setattr(device_module, "cached_choice", lambda shape: seen.append(shape) or measured)
     cfg = run_preset("gpt2-shakespeare")
     cuda = resolve_for(cfg, "cuda", present=False)
     assert (cuda.compile, cuda.pad_vocab_multiple, cuda.padded_vocab_size, cuda.dtype) == (
         True, 64, 50304, "bfloat16")
     mps = resolve_for(cfg, "mps", present=False)
     assert (mps.compile, mps.pad_vocab_multiple, mps.dtype) == (False, 64, "float32")
-    cpu = resolve_for(cfg, "cpu")  # today's measured CPU defaults: eager, unpadded
+    assert not seen  # neither looks at the CPU's cache
+    cpu = resolve_for(cfg, "cpu")  # eager and unpadded on a CPU
     assert (cpu.compile, cpu.pad_vocab_multiple, cpu.padded_vocab_size) == (False, 1, 50257)
-    assert cpu.dtype == ("bfloat16" if native_bf16 else "float32")
+    assert cpu.dtype == (cached or MEASURED)
+    assert seen == [ProbeShape(n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=16, seq_len=64,
+                               accum=4)]  # the recipe's own shapes
     assert (cpu.grad_accum_steps, cpu.tokens_per_step) == (4, 4096)
     assert resolve_for(cfg, "cpu", world_size=4).grad_accum_steps == 1
-
-
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_on_a_cpu_keeps_narrow_models_in_fp32(monkeypatch, native_bf16):
-    """bf16 autocast's casts outweigh its faster matmuls for a narrow model (the main job's, 96
-    wide, trains 1.48x faster in fp32 on a CPU with AMX): ``auto`` picks bf16 on a CPU only from
-    CPU_BF16_MIN_WIDTH, and train's precision agrees with what ``config`` shows."""
-    from gptforge.device import CPU_BF16_MIN_WIDTH, Precision
-
-    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native_bf16)
-    cpu = torch.device("cpu")
-    for width, want in ((CPU_BF16_MIN_WIDTH - 32, "float32"), (CPU_BF16_MIN_WIDTH, "bfloat16"),
-                        (768, "bfloat16")):
-        want = want if native_bf16 else "float32"
-        cfg = resolve("shakespeare-char-quick", None, [f"model.n_embd={width}", "model.vocab_size=65"])
-        assert resolve_for(cfg, "cpu").dtype == want, width
-        assert Precision.pick(cpu, "auto", width).label.startswith(want), width
-        # an explicit choice is kept whatever the width
-        assert resolve_for(resolve("shakespeare-char-quick", None, [
-            f"model.n_embd={width}", "model.vocab_size=65", "train.dtype=bfloat16"]), "cpu").dtype == "bfloat16"
-    # on CUDA the width does not matter
-    cfg = resolve("shakespeare-char-quick", None, ["model.vocab_size=65"])
-    assert resolve_for(cfg, "cuda", present=False).dtype == "bfloat16"
+    # an explicit choice is kept, and nothing is looked up for it
+    seen.clear()
+    assert resolve_for(resolve("gpt2-shakespeare", None, ["train.dtype=float32"]), "cpu").dtype == "float32"
+    assert not seen
 
 
 def test_explicit_settings_win_over_auto():
@@ -83,10 +73,21 @@ def test_config_prints_every_key_and_resolves_for_an_absent_device(capsys, tmp_p
     assert config_out(capsys, "--config", str(toml), "--nproc", "8") == out
 
 
-def test_config_round_trips_on_this_machine_and_train_logs_the_same_values(capsys, tmp_path, char_data):
+def test_config_round_trips_on_this_machine_and_train_logs_the_same_values(capsys, tmp_path, char_data,
+                                                                           monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
     args = ["--preset", "gpt2-tiny", "--set", f"data.path={char_data}", "--set", "train.max_steps=2",
             "--set", "train.device=cpu"]
+    assert 'dtype = "measured at start-up"' in config_out(capsys, *args)
+    measured = config_out(capsys, *args, "--measure")  # measured now, and cached for train
     out = config_out(capsys, *args)
+    assert "train.dtype=auto -> " in measured and "(measured now in " in measured
+    assert "(cached, measured " in out
+
+    def how_found(text: str) -> str:
+        return re.sub(r"\((cached, measured [0-9-]+|measured now in [0-9.]+s)\)", "(...)", text)
+
+    assert how_found(out) == how_found(measured)  # the same answer, read back
     (tmp_path / "c.toml").write_text(out)
     assert config_out(capsys, "--config", str(tmp_path / "c.toml")) == out
     resolved = dict(re.findall(r"^(\w+) = (.+)$", out[out.index(f"[{RESOLVED}]"):], re.M))

@@ -243,6 +243,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     env = DistEnv(rank=rank, world_size=world)
     _two_ddp_steps(env, out_dir)
     torch.save(_muon_steps(shard=(rank, world)), f"{out_dir}/muon{rank}.pt")
+    _settle_dtype(env, out_dir)
     # As train() does: the DDP module is gone (it holds the process group) and the ranks meet
     # before the group is torn down; otherwise gloo can abort a rank at exit.
     shutdown(env)
@@ -280,6 +281,27 @@ def _two_ddp_steps(env, out_dir: str) -> None:
     torch.save({"per_step": per_step, "batches": batches,
                 "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
                f"{out_dir}/rank{env.rank}.pt")
+
+
+def _settle_dtype(env, out_dir: str) -> None:
+    """train.dtype=auto with each rank's cache saying something else: rank 0's bf16, rank 1's fp32."""
+    import json
+
+    from gptforge.device import probe_shape
+    from gptforge.presets import resolve
+    from gptforge.probe import probe_key
+    from gptforge.step import settle_dtype
+
+    cfg = resolve("gpt2-tiny", None, ["model.vocab_size=50"])
+    cache = Path(out_dir) / f"cache{env.rank}"
+    cache.mkdir()
+    said = "bfloat16" if env.rank == 0 else "float32"
+    entry = {"dtype": said, "fp32_s": 1.0, "bf16_s": 1.0, "measured": "2026-12-07T00:00:00+00:00",
+             "probe_s": 1.0}
+    (cache / "probes.json").write_text(json.dumps(
+        {"format": 1, "entries": {probe_key(probe_shape(cfg, env.world_size)): entry}}))
+    os.environ["GPTFORGE_CACHE"] = str(cache)
+    torch.save(settle_dtype(cfg, env), f"{out_dir}/dtype{env.rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +370,10 @@ def test_muon_ranks_share_the_orthogonalization(gloo_ranks):
     for r in ranks:
         for k, v in alone["weights"].items():
             torch.testing.assert_close(r["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.xdist_group("gloo-ranks")  # one worker, one spawn of the two ranks
+def test_rank_0_settles_the_dtype_and_every_rank_follows(gloo_ranks):
+    settled = [torch.load(gloo_ranks / f"dtype{r}.pt", weights_only=False) for r in range(2)]
+    assert [dtype for dtype, _ in settled] == ["bfloat16", "bfloat16"]
+    assert settled[0][1] == settled[1][1] and settled[1][1].cached  # rank 0's cached answer

@@ -10,14 +10,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 # Lower layers first. A module may import gptforge modules of strictly lower rank only.
 RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
+    "cachedir": 0,  # gptforge's cache directory (named datasets, the CPU's measured dtype)
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
     "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
-    "data": 3, "model": 3, "device": 3,
-    "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
+    "model": 2,  # pure: torch and its config alone
+    "data": 3,
+    "probe": 3,  # what train.dtype=auto becomes on a CPU: the model's block timed, cached
+    "device": 4,
+    "optim": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
+    "distributed": 5,  # process groups and wrapping: under device, which picks the device
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
-    "step": 5,  # one optimizer step and what it runs on, for train and bench
+    "step": 6,  # one optimizer step and what it runs on, for train and bench
     "evaluate": 6,  # the held-out loss (train's validation too) and `gptforge eval`
     "resume": 6,  # planning a run and resuming it
     "generate": 6, "report": 6, "export": 6,

@@ -40,15 +40,17 @@ from gptforge.device import (
     BatchFeeder,
     Precision,
     configure_backends,
+    cpu_auto_dtype,
     is_out_of_memory,
     keep_freed_memory,
     memory_line,
     resolve_for,
 )
-from gptforge.distributed import DistEnv, session
+from gptforge.distributed import DistEnv, gather_objects, session
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, param_groups
+from gptforge.probe import ProbeShape
 from gptforge.step import Stepper, build_trainable
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s): (a fragment of
@@ -96,6 +98,7 @@ class BenchResult:
     card: str = ""  # the CUDA card, with its form factor
     activation_checkpointing: bool = False
     measured_peak_tflops: float = 0.0  # the matmul measured here (== peak_tflops but on CUDA)
+    dtype_auto: str = ""  # how --dtype auto decided, on a CPU
 
 
 def model_for(preset: str, device_type: str = "cpu", plain: bool = False,
@@ -227,7 +230,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     cfg = model_for(preset, dev.type, plain, load_meta(data)["vocab_size"] if data else None)
     if seq_len > cfg.block_size:
         raise GptforgeError(f"--seq-len {seq_len} exceeds the preset's context ({cfg.block_size})")
-    precision = Precision(dev, None) if plain else Precision.pick(dev, dtype, cfg.n_embd)
+    precision, dtype_auto = _precision(env, cfg, dtype, plain, batch_size, seq_len, checkpointing)
     if compile is None:  # train's own rule for train.compile=auto
         compile = resolve_for(RunConfig(), dev.type).compile
     compile = compile and not plain
@@ -255,8 +258,23 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
         return None
     result = _result(env, preset, cfg, precision, compile, plain, batch_size, seq_len, step_s,
                      startup, steps, optimizer, peak_seconds)
-    result.activation_checkpointing = checkpointing
+    result.activation_checkpointing, result.dtype_auto = checkpointing, dtype_auto
     return result
+
+
+def _precision(env: DistEnv, cfg: GPTConfig, dtype: str, plain: bool, batch_size: int, seq_len: int,
+               checkpointing: bool) -> tuple[Precision, str]:
+    """--dtype on this device, as train decides it (on a CPU, ``auto`` is what rank 0 measures
+    for this shape, probe.py), and the line saying how ``auto`` decided, if it did."""
+    if plain:
+        return Precision(env.device, None), ""
+    if dtype != AUTO or env.device.type != "cpu":
+        return Precision.pick(env.device, dtype), ""
+    shape = ProbeShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                       vocab=cfg.padded_vocab_size, batch=batch_size, seq_len=seq_len, accum=1,
+                       checkpointing=checkpointing)
+    choice = gather_objects(cpu_auto_dtype(shape) if env.is_main else None, env)[0]
+    return Precision.pick(env.device, choice.dtype), choice.line().replace("train.dtype", "--dtype")
 
 
 def _result(env: Any, preset: str, cfg: GPTConfig, precision: Precision, compile: bool, plain: bool,
@@ -318,7 +336,7 @@ def format_results(results: list[BenchResult]) -> str:
             f"{first.seq_len}{procs}, {first.flops_per_token / 1e9:.3f} GFLOP/token, device "
             f"{first.card or first.device}")
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [r.dtype_auto for r in results if r.dtype_auto])
 
 
 def result_dict(r: BenchResult) -> dict:

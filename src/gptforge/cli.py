@@ -117,7 +117,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = resolve(args.preset, args.config, overrides)
     if cfg.model.vocab_size == 0 and cfg.data.path:
         resolve_model_vocab(cfg, load_meta(cfg.data.path))
-    resolved, note = resolve_here_or_not(cfg, args.nproc or 1, args.preset)
+    resolved, note = resolve_here_or_not(cfg, args.nproc or 1, args.preset, measure=args.measure)
     print(format_config(cfg, resolved.table(), note).rstrip())
     return 0
 
@@ -404,6 +404,10 @@ def config_cmd_options(p: argparse.ArgumentParser) -> None:
                         "train.device, where auto is what this machine has)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="resolve for N processes (accumulation steps) (default: 1)")
+    p.add_argument("--measure", action="store_true",
+                   help="on a CPU, measure now what train.dtype=auto becomes for this model and "
+                        "micro-batch (a few seconds: fp32 and bf16 autocast timed on the run's "
+                        "shapes), again where an answer is cached; it is cached for train")
 
 
 def bench_shape_options(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ batches to the device without host-side widening (``BatchFeeder``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import resource
 import time
@@ -21,6 +22,7 @@ import torch
 from gptforge.config import AUTO, ConfigError, RunConfig, TrainConfig, grad_accum_steps
 from gptforge.errors import GptforgeError
 from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, run_preset
+from gptforge.probe import DtypeChoice, ProbeShape, cached_choice, measured_choice
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,52 +45,53 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16).
-
-    Without it oneDNN emulates bf16 and autocast is slower than fp32, so ``auto`` stays in fp32.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set()
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEASURED = "measured at start-up"  # what train.dtype=auto is on a CPU whose answer is not cached
 
 
-# On a CPU with bf16 in hardware, autocast pays only for matmuls big enough to outweigh its casts.
-# Measured on an Intel Xeon with AMX (BENCHMARKS.md, "bf16 autocast on the CPU"): at width 96 (the
-# main job's model) fp32 trains 1.48x faster than bf16 autocast; at 128 (gpt2-mini) bf16 is 1.12x
-# faster, at 768 (GPT-2 124M) 2.3x.
-CPU_BF16_MIN_WIDTH = 128
-
-
-def dtype_name(name: str, device_type: str, present: bool = True, width: int | None = None) -> str:
-    """train.dtype on ``device_type`` for a model of ``width`` (n_embd; None: wide enough).
-    ``auto``: bf16 where the hardware computes it natively, and on the CPU only from
-    CPU_BF16_MIN_WIDTH up; for a CUDA device that is not here (planning a run elsewhere), bf16:
-    every data-centre GPU since Ampere (A100, H100) has it."""
+def dtype_name(name: str, device_type: str, present: bool = True,
+               shape: ProbeShape | None = None) -> str:
+    """train.dtype on ``device_type``. ``auto``: on CUDA bf16 where the device has it (for a CUDA
+    device that is not here, planning a run elsewhere, bf16: every data-centre GPU since Ampere
+    has it); on MPS fp32; on a CPU what the probe measured for ``shape`` on this machine, if it
+    is cached (probe.py), else ``MEASURED``: train measures it when it starts."""
     if name == AUTO:
         if device_type == "cuda":
             name = "bfloat16" if not present or torch.cuda.is_bf16_supported() else "float32"
+        elif device_type == "cpu":
+            choice = cached_choice(shape) if shape is not None and present else None
+            name = choice.dtype if choice is not None else MEASURED
         else:
-            wide = width is None or width >= CPU_BF16_MIN_WIDTH
-            name = "bfloat16" if device_type == "cpu" and wide and cpu_has_native_bf16() else "float32"
+            name = "float32"
     if name == "float16" and device_type == "cpu":
         raise ConfigError("train.dtype=float16 is not supported on the CPU: use bfloat16 or float32")
     return name
 
 
-def pick_autocast_dtype(device: torch.device, name: str, width: int | None = None) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32 (see ``dtype_name``)."""
-    name = dtype_name(name, device.type, width=width)
+def probe_shape(cfg: RunConfig, world_size: int = 1, preset: str | None = None) -> ProbeShape:
+    """What the CPU's dtype probe times for ``cfg`` (its vocabulary known) on a CPU: the model's
+    shape and the micro-batch's (``train.batch_size=auto`` is ``preset``'s there)."""
+    m, t = cfg.model, cfg.train
+    batch_size = int(t.batch_size if t.batch_size != AUTO else preset_micro_batch(t, world_size, preset))
+    accum = max(1, t.total_batch_tokens // (batch_size * t.seq_len * world_size))
+    pad = m.pad_vocab_multiple if isinstance(m.pad_vocab_multiple, int) else 1
+    return ProbeShape(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                      vocab=(m.vocab_size + pad - 1) // pad * pad, batch=batch_size,
+                      seq_len=t.seq_len, accum=accum, checkpointing=t.activation_checkpointing)
+
+
+def cpu_auto_dtype(shape: ProbeShape, again: bool = False) -> DtypeChoice:
+    """train.dtype=auto on this CPU for ``shape``: the cached answer, or measured now (probe.py);
+    ``again`` measures even where an answer is cached."""
+    return measured_choice(shape, again=again)
+
+
+def pick_autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32 (see ``dtype_name``). On a CPU, ``auto`` must
+    have been measured first (``cpu_auto_dtype``): it depends on the model's shape."""
+    name = dtype_name(name, device.type)
+    if name == MEASURED:
+        raise ValueError("train.dtype=auto on a CPU: measure it first (device.cpu_auto_dtype)")
     return None if name == "float32" else DTYPES[name]
 
 
@@ -100,10 +103,9 @@ class Precision:
     dtype: torch.dtype | None  # the autocast dtype; None: plain fp32
 
     @classmethod
-    def pick(cls, device: torch.device, name: str, width: int | None = None) -> "Precision":
-        """train.dtype (or bench's --dtype) on ``device`` for a model of ``width``; see
-        ``dtype_name``."""
-        return cls(device, pick_autocast_dtype(device, name, width))
+    def pick(cls, device: torch.device, name: str) -> "Precision":
+        """train.dtype (or bench's --dtype) on ``device``; see ``pick_autocast_dtype``."""
+        return cls(device, pick_autocast_dtype(device, name))
 
     @property
     def label(self) -> str:
@@ -165,10 +167,11 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
     if pad == AUTO:
         pad = 64 if device_type in ("cuda", "mps") else 1
     compile_ = t.compile if t.compile != AUTO else device_type == "cuda"
-    dtype = dtype_name(t.dtype, device_type, present, m.n_embd)
     padded = (m.vocab_size + pad - 1) // pad * pad
     accum: int | str
     batch = ""
+    shape = probe_shape(cfg, world_size, preset) if device_type == "cpu" and m.vocab_size else None
+    dtype = dtype_name(t.dtype, device_type, present, shape)
     if t.batch_size != AUTO:
         accum = grad_accum_steps(t, world_size)
     elif device_type == "cuda":
@@ -189,17 +192,31 @@ def resolve_for(cfg: RunConfig, device_type: str, world_size: int = 1, present: 
                     pad_vocab_multiple=pad, batch_size=batch)
 
 
-def resolve_here_or_not(cfg: RunConfig, world_size: int, preset: str | None = None) -> tuple[Resolved, str]:
+def resolve_here_or_not(cfg: RunConfig, world_size: int, preset: str | None = None,
+                        measure: bool = False) -> tuple[Resolved, str]:
     """``resolve_for`` on the device type ``train.device`` names (auto: this machine's), whether or
-    not this machine has one, and a note saying which it is (`gptforge config`'s [resolved])."""
+    not this machine has one, and a note saying which it is (`gptforge config`'s [resolved]).
+    On a CPU, ``measure`` measures train.dtype=auto now (again, where it is cached)."""
     device = device_type_of(cfg.train.device)
     present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(
         device, lambda: True)()
+    auto_cpu = device == "cpu" and cfg.train.dtype == AUTO
+    if measure and not (auto_cpu and cfg.model.vocab_size):
+        raise ConfigError("--measure measures train.dtype=auto on a CPU for a known vocabulary: "
+                          "leave train.dtype at auto, use the CPU, and set data.path")
+    choice = cpu_auto_dtype(probe_shape(cfg, world_size, preset), again=True) if measure else None
     resolved = resolve_for(cfg, device, world_size, present=present, preset=preset)
     note = (f"what the sections give on {device}{'' if present else ' (not on this machine)'}"
             f" with {world_size} process{'es' if world_size > 1 else ''}; derived, ignored when read back")
     if cfg.model.vocab_size == 0:
         note += "; padded_vocab_size 0: the vocabulary comes from the data (set data.path)"
+    if auto_cpu and cfg.model.vocab_size:
+        choice = choice or cached_choice(probe_shape(cfg, world_size, preset))
+        if choice is not None:  # (what was measured, where the cache could not keep it)
+            resolved = dataclasses.replace(resolved, dtype=choice.dtype)
+        note += "; " + (choice.line() if choice else "train.dtype=auto: not measured on this CPU "
+                        "for this shape yet: train measures it at start-up, `gptforge config "
+                        "--measure` now")
     return resolved, note
 
 

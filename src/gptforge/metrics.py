@@ -216,7 +216,8 @@ class RunRecord:
             "sessions": old.get("sessions", 0) + 1,
             "wall_s_before": old.get("wall_s", 0.0),
             # the tracker run ids too: a kill while a tracker starts must not lose them
-            **{k: v for k, v in old.items() if k in ("preset", "command", "trackers")},
+            # ... and how train.dtype=auto was decided, which a resumed run keeps
+            **{k: v for k, v in old.items() if k in ("preset", "command", "trackers", "dtype_auto")},
             **fields,
             "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "session_started": now, "updated": now,

@@ -264,6 +264,8 @@ def plan_run(
             wanted.model.pad_vocab_multiple = cfg.model.pad_vocab_multiple
         if wanted.train.batch_size == AUTO:  # likewise: the run's config holds what it chose
             wanted.train.batch_size = started_batch
+        if wanted.train.dtype == AUTO:  # and the precision it measured or chose
+            wanted.train.dtype = cfg.train.dtype
         _check_same_run(ckpt, cfg, wanted, skip_model=init_from is not None)
         for key in RESUMABLE_KEYS:
             section, name = key.split(".")

@@ -8,6 +8,7 @@
   each step set from the schedule.
 - ``DivergenceWatch``: a non-finite loss or norm, noticed without waiting for the GPU.
 - ``fit_micro_batch``: what ``train.batch_size=auto`` becomes, by trial steps on CUDA.
+- ``settle_dtype``: what ``train.dtype=auto`` becomes, measured on a CPU (probe.py).
 
 Why a step is its own module: the loop in train.py only says *when* to step; *what* a step does
 (the arithmetic the seed's recipe fixes: accumulation, clipping at 1.0, AdamW) is tested here on
@@ -27,20 +28,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gptforge.config import GPTConfig, OptimConfig, RunConfig
+from gptforge.config import AUTO, GPTConfig, OptimConfig, RunConfig
 from gptforge.device import (
     MemoryTrial,
     Precision,
+    cpu_auto_dtype,
+    dtype_name,
     largest_that_fits,
     memory_line,
     micro_batch_candidates,
     preset_micro_batch,
+    probe_shape,
     release_memory,
     resolve_for,
 )
 from gptforge.distributed import (
     DistEnv,
     checkpoint_blocks,
+    gather_objects,
     grad_sync,
     local_tensor,
     mean_over_ranks,
@@ -52,6 +57,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr, skips_on_device
 from gptforge.presets import DEFAULT_PRESET
+from gptforge.probe import DtypeChoice
 
 Batches = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -285,3 +291,14 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
     trials = ", ".join(f"{b} {'fits' if ok else 'does not'}" for b, ok in tried)
     ranks = f"; the smallest over {env.world_size} processes" if env.distributed else ""
     return chosen, f"{chosen}, the largest that fits (trials: {trials}{ranks})"
+
+
+def settle_dtype(cfg: RunConfig, env: DistEnv, preset: str | None = None) -> tuple[str, DtypeChoice | None]:
+    """What ``train.dtype=auto`` becomes for this run (kept in its config from then on, so that a
+    resumed run keeps it), and, on a CPU, the measurement it was decided on: rank 0 measures (or
+    reads its cache, probe.py) and every rank follows. CUDA and MPS keep their rules."""
+    if env.device.type != "cpu":
+        return dtype_name(AUTO, env.device.type), None
+    choice = cpu_auto_dtype(probe_shape(cfg, env.world_size, preset)) if env.is_main else None
+    choice = gather_objects(choice, env)[0]
+    return choice.dtype, choice

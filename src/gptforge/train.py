@@ -95,6 +95,7 @@ from gptforge.metrics import (
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, optimizer_state_bytes
 from gptforge.presets import config_line
+from gptforge.probe import DtypeChoice
 from gptforge.resume import (
     epochs_warning,
     FINISHED,
@@ -120,6 +121,7 @@ from gptforge.step import (
     TrainingDiverged,
     build_trainable,
     fit_micro_batch,
+    settle_dtype,
 )
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
@@ -256,6 +258,7 @@ class Trainer:
     """One run on one rank: ``Trainer(...)`` sets it up, ``run()`` trains it to its end."""
 
     batch_note: str | None = None  # how train.batch_size=auto chose, where it did
+    dtype_choice: DtypeChoice | None = None  # what train.dtype=auto measured, where it did
 
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, start: Start,
                  log: Callable[[str], None], t_start: float):
@@ -267,7 +270,9 @@ class Trainer:
             tc.hellaswag_data or None, start.meta["tokenizer"], cfg.model.block_size,
             what=f"the data in {cfg.data.path}", option="train.hellaswag_data",
         )[0] if tc.hellaswag_interval else []
-        precision = Precision.pick(device, tc.dtype, cfg.model.n_embd)
+        if tc.dtype == AUTO:  # a dtype from here on, kept in the run's config
+            tc.dtype, self.dtype_choice = settle_dtype(cfg, env, start.preset)
+        precision = Precision.pick(device, tc.dtype)
         configure_backends(device)
         if tc.batch_size == AUTO:  # a number from here on, kept in the run's config
             tc.batch_size, self.batch_note = fit_micro_batch(cfg, env, precision, start.preset)
@@ -537,6 +542,8 @@ class Trainer:
             info["preset"] = start.preset
         if start.init_from is not None:
             info["init_from"] = str(start.init_from)
+        if self.dtype_choice is not None:
+            info["dtype_auto"] = self.dtype_choice.record()
         # Trackers log the settings that ran: compile and dtype as resolved on this device.
         tracked = copy.deepcopy(cfg)
         tracked.train.compile, tracked.train.dtype = self.resolved.compile, self.resolved.dtype
@@ -564,6 +571,8 @@ class Trainer:
             f"{tc.total_batch_tokens:,} tokens per step")
         if self.batch_note:
             log(f"train.batch_size=auto: {self.batch_note}")
+        if self.dtype_choice is not None:
+            log(self.dtype_choice.line())
         log("resolved: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.resolved.table().items()))
         if start.resume is not None:
             log(f"resuming from {start.resume.path} at step {self.step}")

@@ -11,6 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from gptforge.atomic import file_sha256, replacing
+from gptforge.cachedir import default_cache_dir
 from gptforge.errors import GptforgeError
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -61,13 +62,6 @@ def bundled_path(name: str) -> str:
     Shakespeare: ``bundled_path("shakespeare")``), whatever mirror the environment names: what the
     tests and benchmarks read, so that nothing outside the installed package is needed."""
     return bundled_copy(NAMED_DATASETS[name])
-
-
-def default_cache_dir() -> str:
-    if os.environ.get("GPTFORGE_CACHE"):
-        return os.environ["GPTFORGE_CACHE"]
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "gptforge")
 
 
 def fetch_named_dataset(

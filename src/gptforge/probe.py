@@ -1,0 +1,298 @@
+"""What ``train.dtype=auto`` becomes on a CPU, measured on the CPU at hand instead of guessed.
+
+Whether bf16 autocast beats fp32 on a CPU depends on more than its flags: an Intel Xeon with AMX
+trains GPT-2 124M 2.3x faster in bf16, while one with AVX512-BF16 and no AMX ran it at 0.62x of
+fp32 (issue 30), and on either a narrow model loses to the casts autocast adds. So the first time
+a combination is met (the CPU's model and flags, the torch version, the threads, the model's
+shape and the micro-batch's), a probe of a few seconds times the run's own shapes both ways:
+
+- one transformer block, forward and backward, on the micro-batch (at most ``PROBE_TOKENS`` of
+  its tokens; the time scales with the rest), with activation checkpointing if the run uses it;
+- the head: final LayerNorm, the tied output matrix over the whole vocabulary, cross-entropy,
+  forward and backward, on ``HEAD_ROWS`` positions;
+- the optimizer's update (fp32 in both: the same cost, which dilutes the difference).
+
+A step's estimate is ``accum x (n_layer x block + head) + update``, each part scaled to the full
+micro-batch. bf16 is chosen only if it is faster by ``BF16_MARGIN``, so that noise cannot flip the
+choice. The answer is cached in gptforge's cache directory (``probes.json`` beside the named
+datasets), keyed by that combination; ``gptforge config --measure`` measures again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gptforge.atomic import write_text
+from gptforge.cachedir import default_cache_dir
+from gptforge.config import GPTConfig
+from gptforge.model import Block
+
+BF16_MARGIN = 1.10  # bf16 autocast must make a step at least this much faster to be chosen
+PROBE_TOKENS = 1024  # a block is timed on at most this many tokens of the micro-batch (>= 1 row)
+HEAD_ROWS = 256  # the head is timed on this many positions
+REPEATS = 2  # timed rounds at the least (each times every part in each dtype); the fastest counts
+WARMUP_S, TIMED_S, MAX_ROUNDS = 0.3, 0.5, 50  # see _fastest
+CACHE_FILE = "probes.json"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ProbeShape:
+    """What a step's cost depends on, besides the machine."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab: int  # rows of the output matrix (the padded vocabulary)
+    batch: int  # micro-batch rows
+    seq_len: int
+    accum: int  # micro-batches per optimizer step
+    checkpointing: bool = False
+
+    @property
+    def label(self) -> str:
+        ac = ", activation checkpointing" if self.checkpointing else ""
+        return (f"{self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads, vocabulary "
+                f"{self.vocab:,}, micro-batch {self.batch} x {self.seq_len} x {self.accum}{ac}")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """A measured answer: which dtype, and the times it was decided on."""
+
+    dtype: str  # "bfloat16" or "float32"
+    fp32_s: float  # the estimated optimizer step in fp32, seconds
+    bf16_s: float  # ... in bf16 autocast
+    measured: str  # when (UTC, ISO 8601)
+    probe_s: float  # what the probe itself took
+    cached: bool = False  # read from the cache rather than measured by this process
+    note: str = ""  # why it was not cached, where it could not be
+
+    @property
+    def speedup(self) -> float:
+        """How much faster bf16 autocast made a step (below 1: slower)."""
+        return self.fp32_s / self.bf16_s
+
+    def line(self) -> str:
+        """Why, in one line (train's start-up log, `gptforge config`)."""
+        how = (f"cached, measured {self.measured[:10]}" if self.cached
+               else f"measured now in {self.probe_s:.1f}s")
+        verdict = ("bf16 autocast is chosen" if self.dtype == "bfloat16"
+                   else f"fp32 is kept (bf16 must be {BF16_MARGIN:.2f}x)")
+        note = f"; {self.note}" if self.note else ""
+        return (f"train.dtype=auto -> {self.dtype}: on this CPU bf16 autocast made a step "
+                f"{self.speedup:.2f}x as fast as fp32, so {verdict} ({how}{note})")
+
+    def record(self) -> dict:
+        """What run.json keeps of the decision."""
+        return {"dtype": self.dtype, "bf16_speedup": round(self.speedup, 3),
+                "margin": BF16_MARGIN, "fp32_step_s": round(self.fp32_s, 4),
+                "bf16_step_s": round(self.bf16_s, 4), "measured": self.measured,
+                "cached": self.cached}
+
+
+# ----------------------------------------------------------------------------------------------
+# The combination a measurement holds for
+
+
+def cpu_identity() -> tuple[str, str]:
+    """(the CPU's model name, a digest of its feature flags), from /proc/cpuinfo where there is
+    one (Linux); elsewhere what the platform module says, and no flags."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "CPU part") and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    return model, hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def probe_key(shape: ProbeShape) -> str:
+    model, flags = cpu_identity()
+    s = shape
+    return (f"{model} | flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} "
+            f"threads | L{s.n_layer} C{s.n_embd} H{s.n_head} V{s.vocab} | {s.batch}x{s.seq_len}"
+            f"x{s.accum}{' ac' if s.checkpointing else ''}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_path() -> str:
+    return os.path.join(default_cache_dir(), CACHE_FILE)
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measured again and rewritten
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return entries if data.get("format") == CACHE_FORMAT and isinstance(entries, dict) else {}
+
+
+def _from_entry(entry: object) -> DtypeChoice | None:
+    try:
+        return DtypeChoice(**{**entry, "cached": True, "note": ""})  # type: ignore[arg-type]
+    except TypeError:
+        return None  # an entry of another version's shape: measured again
+
+
+def cached_choice(shape: ProbeShape) -> DtypeChoice | None:
+    """The cached answer for ``shape`` on this machine, or None (never measured here)."""
+    return _from_entry(_read_cache(cache_path()).get(probe_key(shape)))
+
+
+@contextlib.contextmanager
+def _cache_lock(path: str) -> Iterator[str]:
+    """Hold the cache's lock (so that processes starting together, test workers or the ranks of
+    several runs, measure once and the others read), or yield a reason it cannot be written."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        yield (f"not cached: {os.path.dirname(path)} is not writable ({e.strerror}); set "
+               "GPTFORGE_CACHE to a writable directory")
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield ""
+    finally:
+        os.close(fd)
+
+
+def measured_choice(shape: ProbeShape, again: bool = False) -> DtypeChoice:
+    """The cached answer for ``shape``, or (none, or ``again``) a new measurement, cached."""
+    path = cache_path()
+    with _cache_lock(path) as problem:
+        entries = {} if problem else _read_cache(path)
+        key = probe_key(shape)
+        found = None if again else _from_entry(entries.get(key))
+        if found is not None:
+            return found
+        choice = measure(shape)
+        if problem:
+            return DtypeChoice(**{**asdict(choice), "note": problem})
+        entries[key] = {k: v for k, v in asdict(choice).items() if k not in ("cached", "note")}
+        try:
+            write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
+        except OSError as e:
+            return DtypeChoice(**{**asdict(choice), "note": f"not cached: {e.strerror}"})
+        return choice
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement
+
+
+def _fastest(passes: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Each pass's fastest timed run. Untimed rounds first, for at least ``WARMUP_S`` (oneDNN
+    builds its kernels and the thread pool wakes on first use: the first passes in a process ran
+    up to 10x slower here); then at least ``REPEATS`` timed rounds, more while they add up to
+    less than ``TIMED_S``. The passes alternate, so that a change in the machine's load or clock
+    affects every pass alike."""
+    t0 = time.perf_counter()
+    for n in range(MAX_ROUNDS):
+        for run in passes.values():
+            run()
+        if time.perf_counter() - t0 >= WARMUP_S:
+            break
+    best = {name: float("inf") for name in passes}
+    t0 = time.perf_counter()
+    for n in range(MAX_ROUNDS):
+        for name, run in passes.items():
+            t = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t)
+        if n + 1 >= REPEATS and time.perf_counter() - t0 >= TIMED_S:
+            break
+    return best
+
+
+def _parts(shape: ProbeShape, bf16: bool, g: torch.Generator) -> dict[str, Callable[[], None]]:
+    """The block and head passes of ``shape`` in one dtype, on the CPU."""
+    cfg = GPTConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                    block_size=shape.seq_len, vocab_size=shape.vocab)
+    block = Block(cfg)
+    rows = max(1, min(shape.batch, PROBE_TOKENS // shape.seq_len))
+    x = torch.randn(rows, shape.seq_len, shape.n_embd, generator=g, requires_grad=True)
+    ln_f = torch.nn.LayerNorm(shape.n_embd)
+    head = torch.randn(shape.vocab, shape.n_embd, generator=g).mul_(0.02).requires_grad_()
+    h = torch.randn(HEAD_ROWS, shape.n_embd, generator=g, requires_grad=True)
+    targets = torch.randint(0, shape.vocab, (HEAD_ROWS,), generator=g)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def block_pass() -> None:
+        with cast:
+            y = checkpoint(block, x, use_reentrant=False) if shape.checkpointing else block(x)
+        y.float().sum().backward()
+
+    def head_pass() -> None:
+        with cast:
+            logits = F.linear(ln_f(h), head)
+        F.cross_entropy(logits.float(), targets).backward()
+
+    return {"block": block_pass, "head": head_pass}
+
+
+def _update_s(shape: ProbeShape, g: torch.Generator) -> float:
+    """One AdamW update of a whole model of ``shape`` (a block's parameters times n_layer, and
+    the output matrix), which costs the same in either dtype."""
+    cfg = GPTConfig(n_layer=1, n_head=shape.n_head, n_embd=shape.n_embd, vocab_size=shape.vocab)
+    times = []
+    for params in (list(Block(cfg).parameters()),
+                   [torch.randn(shape.vocab, shape.n_embd, generator=g, requires_grad=True)]):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        times.append(_fastest({"update": opt.step})["update"])
+    return shape.n_layer * times[0] + times[1]
+
+
+def measure(shape: ProbeShape) -> DtypeChoice:
+    """Time ``shape``'s step both ways on the CPU, here and now (see the module's docstring)."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # a run's own random numbers stay as they were
+        torch.manual_seed(0)
+        fp32, bf16 = _parts(shape, False, g), _parts(shape, True, g)
+        best = _fastest({"block32": fp32["block"], "block16": bf16["block"],
+                         "head32": fp32["head"], "head16": bf16["head"]})
+        update = _update_s(shape, g)
+    rows = max(1, min(shape.batch, PROBE_TOKENS // shape.seq_len))
+    block_scale = shape.n_layer * shape.batch / rows
+    head_scale = shape.batch * shape.seq_len / HEAD_ROWS
+
+    def step(d: str) -> float:
+        return shape.accum * (block_scale * best[f"block{d}"] + head_scale * best[f"head{d}"]) + update
+
+    fp32_s, bf16_s = step("32"), step("16")
+    return DtypeChoice(
+        dtype="bfloat16" if fp32_s >= BF16_MARGIN * bf16_s else "float32",
+        fp32_s=fp32_s, bf16_s=bf16_s, probe_s=time.perf_counter() - t0,
+        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
