@@ -80,7 +80,9 @@ def test_the_answer_is_cached_per_shape_and_measured_again_when_asked(cache, mea
     assert len(json.loads(cache.read_text())["entries"]) == 2
 
 
-def test_the_key_names_the_cpu_torch_threads_and_shapes():
+def test_the_key_names_the_cpu_torch_threads_and_shapes(monkeypatch):
+    for var in probe.ISA_SETTINGS:
+        monkeypatch.delenv(var, raising=False)
     key = probe_key(SHAPE)
     assert torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
     assert "L2 C32 H2 V65 | 4x16x2" in key and "flags " in key
@@ -90,6 +92,8 @@ def test_the_key_names_the_cpu_torch_threads_and_shapes():
         assert probe_key(SHAPE) != key
     finally:
         torch.set_num_threads(threads)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a CPU held to fewer instructions
+    assert probe_key(SHAPE) == key.replace(" | torch", " | ONEDNN_MAX_CPU_ISA=AVX2 | torch")
 
 
 def test_an_unwritable_or_damaged_cache_costs_a_measurement_not_the_run(tmp_path, monkeypatch, measures):

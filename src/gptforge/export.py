@@ -32,7 +32,7 @@ turned into ids by hand. {tokfile} holds the vocabulary: its "chars" string list
 in id order (token id i is chars[i]), e.g.
 
     import json
-    chars = json.load(open("{tokfile}"))["chars"]
+    chars = json.load(open("{tokfile}", encoding="utf-8"))["chars"]
     ids = [chars.index(c) for c in "some text"]
     text = "".join(chars[i] for i in ids)
 

@@ -129,12 +129,18 @@ def cpu_identity() -> tuple[str, str]:
     return model, hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
+# Settings that hold torch's, oneDNN's or MKL's kernels to fewer instructions than the CPU has:
+# what is fast under them is another question (BENCHMARKS.md uses them as stand-ins for slower CPUs).
+ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def probe_key(shape: ProbeShape) -> str:
     model, flags = cpu_identity()
     s = shape
-    return (f"{model} | flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} "
-            f"threads | L{s.n_layer} C{s.n_embd} H{s.n_head} V{s.vocab} | {s.batch}x{s.seq_len}"
-            f"x{s.accum}{' ac' if s.checkpointing else ''}")
+    held = "".join(f" | {k}={os.environ[k]}" for k in ISA_SETTINGS if os.environ.get(k))
+    return (f"{model} | flags {flags}{held} | torch {torch.__version__} | "
+            f"{torch.get_num_threads()} threads | L{s.n_layer} C{s.n_embd} H{s.n_head} V{s.vocab} | "
+            f"{s.batch}x{s.seq_len}x{s.accum}{' ac' if s.checkpointing else ''}")
 
 
 # ----------------------------------------------------------------------------------------------
