@@ -13,7 +13,9 @@ RANK = {
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
     "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
-    "data": 3, "model": 3, "device": 3,
+    "memory": 2,  # the micro-batch search and its trials, out-of-memory lines, the allocator
+    "data": 3, "model": 3,
+    "device": 3,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
