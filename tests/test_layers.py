@@ -12,8 +12,11 @@ RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
-    "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
+    "console": 1,  # say, progress bars, the ETA: what every command prints (data's bars too)
+    "tokenizer": 2, "presets": 2,  # presets: named run configs, and resolving one
+    "trackers": 2,  # TensorBoard, W&B, MLflow
     "memory": 2,  # the micro-batch search and its trials, out-of-memory lines, the allocator
+    "metrics": 3,  # metrics.jsonl, run.json and RunReport, which feeds the trackers
     "data": 3, "model": 3,
     "device": 3,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
     "optim": 4, "distributed": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it

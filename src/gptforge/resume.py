@@ -43,7 +43,6 @@ from gptforge.data import load_meta, load_split
 from gptforge.distributed import DistEnv, rank_seed
 from gptforge.errors import GptforgeError
 from gptforge.memory import out_of_memory
-from gptforge.metrics import TRACKERS, wanted_trackers
 from gptforge.presets import resolve
 from gptforge.rundir import (
     CHECKPOINT_DIR,
@@ -53,6 +52,7 @@ from gptforge.rundir import (
     RUN_FILE,
 )
 from gptforge.tokenizer import describe
+from gptforge.trackers import TRACKERS, wanted_trackers
 
 # Why a run ends when it is complete; otherwise a signal stopped it (its name), to be resumed.
 FINISHED = ("max_steps", "target_loss", "target_val_loss")

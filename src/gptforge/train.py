@@ -58,6 +58,7 @@ from gptforge.config import (
     format_config,
     grad_accum_steps,
 )
+from gptforge.console import say
 from gptforge.data import BatchFeeder, TokenLoader, iter_eval_batches
 from gptforge.device import Precision, configure_backends, eager, resolve_for
 from gptforge.distributed import (
@@ -77,13 +78,7 @@ from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
 from gptforge.launch import launch_rank
 from gptforge.memory import is_out_of_memory, keep_freed_memory
-from gptforge.metrics import (
-    RunReport,
-    format_step,
-    read_run_record,
-    say,
-    truncate_metrics,
-)
+from gptforge.metrics import RunReport, format_step, read_run_record, truncate_metrics
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, optimizer_state_bytes
 from gptforge.presets import config_line
