@@ -17,7 +17,7 @@ import torch
 
 from gptforge import GPT, GPTConfig
 from gptforge.config import OptimConfig
-from gptforge.device import keep_freed_memory
+from gptforge.memory import keep_freed_memory
 from gptforge.optim import build_optimizer
 
 keep, preset, B, T, n = sys.argv[1] == "1", sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])

@@ -42,7 +42,10 @@ MASKS = [(re.compile(r"dt: [0-9.]+ms \| tok/sec: [0-9.]+"), "dt: Xms | tok/sec: 
          (re.compile(r"in [0-9.]+s"), "in Xs"), (re.compile(r"\([0-9.]+s\)"), "(Xs)"),
          (re.compile(r"pid \d+"), "pid P"),
          (re.compile(r"[0-9.]+ MB/s"), "X MB/s"), (re.compile(r"[0-9.]+ s,"), "X s,"),
-         (re.compile(r"first step took [0-9.]+s"), "first step took Xs")]
+         (re.compile(r"first step took [0-9.]+s"), "first step took Xs"),
+         # the wall-time estimate (console.Eta): seconds per step, the total and the clock time
+         (re.compile(r"[0-9.e+-]+ s per step"), "X s per step"),
+         (re.compile(r"take about \S+ \(until about [0-9: -]+\)"), "take about X (until about X)")]
 
 
 def gptforge(src: Path, *args: str, cwd: Path) -> str:

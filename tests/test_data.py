@@ -15,6 +15,7 @@ from corpus import SHAKESPEARE
 
 from gptforge import data
 from gptforge.data import (
+    BatchFeeder,
     TokenLoader,
     count_eval_windows,
     iter_eval_batches,
@@ -582,6 +583,23 @@ def test_eval_batches_cover_the_split(tokens):
     assert xs.tolist() == tokens[: n * T].tolist()
     assert ys.tolist() == tokens[1 : n * T + 1].tolist()
     assert list(iter_eval_batches(tokens[:16], B, T)) == []
+
+
+def test_batch_feeder_stages_through_reused_buffers_and_widens_on_the_device():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 50257, (4, 8), generator=gen, dtype=torch.int32),
+                torch.randint(0, 50257, (4, 8), generator=gen, dtype=torch.int32)) for _ in range(7)]
+    it = iter(batches)
+    feeder = BatchFeeder(lambda: next(it), torch.device("cpu"), slots=3, stage=True)
+    seen = set()
+    for x, y in batches:
+        dx, dy = feeder()
+        assert dx.dtype == dy.dtype == torch.int64
+        assert torch.equal(dx, x.long()) and torch.equal(dy, y.long())
+        seen.update(id(t) for buf in feeder._buffers if buf is not None for t in buf)
+    assert len(seen) == 6  # three pairs of staging buffers, reused, never more
+    plain = BatchFeeder(lambda: batches[0], torch.device("cpu"))
+    assert not plain.stage and torch.equal(plain()[0], batches[0][0].long())
 
 
 def test_shakespeare_ships_with_the_package_and_needs_no_network(tmp_path, offline_env, monkeypatch):

@@ -1,4 +1,4 @@
-"""What "auto" becomes on each device type, `gptforge config`, and batches on their way to a device."""
+"""What "auto" becomes on each device type, and `gptforge config`."""
 
 import json
 import re
@@ -10,7 +10,7 @@ from test_train import run_cli
 from gptforge import device as device_module
 from gptforge.config import RESOLVED, load_toml
 from gptforge.presets import resolve, run_preset
-from gptforge.device import MEASURED, BatchFeeder, StepTimer, resolve_for
+from gptforge.device import MEASURED, resolve_for
 from gptforge.probe import DtypeChoice, ProbeShape
 
 
@@ -105,32 +105,3 @@ def test_config_errors_are_one_line(capsys):
     assert "not a multiple of train.batch_size x train.seq_len x 3 processes" in err and err.count("\n") == 1
     assert run_cli("config", "--set", "model.pad_vocab_multiple=lots") == 2
     assert 'model.pad_vocab_multiple must be int or "auto"' in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches and timing
-
-
-def test_batch_feeder_stages_through_reused_buffers_and_widens_on_the_device():
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 50257, (4, 8), generator=gen, dtype=torch.int32),
-                torch.randint(0, 50257, (4, 8), generator=gen, dtype=torch.int32)) for _ in range(7)]
-    it = iter(batches)
-    feeder = BatchFeeder(lambda: next(it), torch.device("cpu"), slots=3, stage=True)
-    seen = set()
-    for x, y in batches:
-        dx, dy = feeder()
-        assert dx.dtype == dy.dtype == torch.int64
-        assert torch.equal(dx, x.long()) and torch.equal(dy, y.long())
-        seen.update(id(t) for buf in feeder._buffers if buf is not None for t in buf)
-    assert len(seen) == 6  # three pairs of staging buffers, reused, never more
-    plain = BatchFeeder(lambda: batches[0], torch.device("cpu"))
-    assert not plain.stage and torch.equal(plain()[0], batches[0][0].long())
-
-
-def test_step_timer_measures_the_step():
-    timer = StepTimer(torch.device("cpu"))
-    timer.start()
-    sum(range(100_000))
-    timer.stop()
-    assert 0 < timer.seconds() < 10

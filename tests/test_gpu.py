@@ -145,7 +145,7 @@ def test_activation_checkpointing_saves_memory_and_runs_compiled_on_cuda(char_da
 
 
 def test_batch_size_auto_searches_on_cuda_and_restores_the_random_state():
-    from gptforge import device as device_module
+    from gptforge import memory
     from gptforge.device import Precision
     from gptforge.distributed import DistEnv
     from gptforge.presets import resolve
@@ -158,13 +158,13 @@ def test_batch_size_auto_searches_on_cuda_and_restores_the_random_state():
     size, note = fit_micro_batch(cfg, env, precision, "gpt2-tiny")
     assert size == 8 and note.startswith("8, the largest that fits (trials:")  # 256 tokens: 8 x 32 at most
     assert torch.equal(torch.cuda.get_rng_state(), before)
-    old = device_module.HEADROOM
-    device_module.HEADROOM = 1e-9  # every trial is "over the headroom"
+    old = memory.HEADROOM
+    memory.HEADROOM = 1e-9  # every trial is "over the headroom"
     try:
         with pytest.raises(Exception, match="not even a micro-batch of 1 x 32 tokens fits on cuda"):
             fit_micro_batch(cfg, env, precision, "gpt2-tiny")
     finally:
-        device_module.HEADROOM = old
+        memory.HEADROOM = old
 
 
 def test_a_real_out_of_memory_is_one_line(char_data, tmp_path):

@@ -13,11 +13,15 @@ RANK = {
     "cachedir": 0,  # gptforge's cache directory (named datasets, the CPU's measured dtype)
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
-    "tokenizer": 2, "metrics": 2, "presets": 2,  # presets: named run configs, and resolving one
+    "console": 1,  # say, progress bars, the ETA: what every command prints (data's bars too)
+    "tokenizer": 2, "presets": 2,  # presets: named run configs, and resolving one
+    "trackers": 2,  # TensorBoard, W&B, MLflow
+    "memory": 2,  # the micro-batch search and its trials, out-of-memory lines, the allocator
     "model": 2,  # pure: torch and its config alone
+    "metrics": 3,  # metrics.jsonl, run.json and RunReport, which feeds the trackers
     "data": 3,
     "probe": 3,  # what train.dtype=auto becomes on a CPU: the model's block timed, cached
-    "device": 4,
+    "device": 4,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
     "optim": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "distributed": 5,  # process groups and wrapping: under device, which picks the device
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)

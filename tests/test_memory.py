@@ -13,14 +13,9 @@ from test_train import run_cli
 from gptforge import GPT, GPTConfig
 from gptforge.checkpoint import build_model, load_checkpoint
 from gptforge.config import ConfigError, TrainConfig
-from gptforge.device import (
-    Precision,
-    largest_that_fits,
-    micro_batch_candidates,
-    preset_micro_batch,
-    resolve_for,
-)
+from gptforge.device import Precision, preset_micro_batch, resolve_for
 from gptforge.distributed import DistEnv, checkpoint_blocks
+from gptforge.memory import largest_that_fits, micro_batch_candidates
 from gptforge.metrics import read_metrics, read_run_record
 from gptforge.model import MLP
 from gptforge.presets import resolve

@@ -1,4 +1,5 @@
-"""One optimizer step's arithmetic (step.py): accumulation, the norm, clipping, the update."""
+"""One optimizer step's arithmetic (step.py): accumulation, the norm, clipping, the update; and
+its timer."""
 
 import contextlib
 
@@ -10,7 +11,7 @@ from gptforge.config import OptimConfig
 from gptforge.device import Precision
 from gptforge.distributed import DistEnv
 from gptforge.optim import lr_at
-from gptforge.step import Stepper, build_trainable, train_step
+from gptforge.step import Stepper, StepTimer, build_trainable, train_step
 
 
 def tiny_model(seed: int = 0) -> GPT:
@@ -139,3 +140,11 @@ def test_build_trainable_is_seeded_and_loads_before_wrapping():
     zeroed = build_trainable(cfg, DistEnv(), cpu, seed=7, load=lambda m: torch.nn.init.zeros_(m.lm_head.weight))
     assert not zeroed.model.lm_head.weight.any() and zeroed.wrapped is zeroed.model
     assert zeroed.scaler is None and Precision(torch.device("cpu"), torch.float16).grad_scaler() is not None
+
+
+def test_step_timer_measures_the_step():
+    timer = StepTimer(torch.device("cpu"))
+    timer.start()
+    sum(range(100_000))
+    timer.stop()
+    assert 0 < timer.seconds() < 10

@@ -15,13 +15,8 @@ import pytest
 from test_train import quiet, run_cli, tiny_cfg
 
 from gptforge.config import dotted_items
-from gptforge.metrics import (
-    TRACKERS,
-    Trackers,
-    read_metrics,
-    read_run_record,
-    tracker_key,
-)
+from gptforge.metrics import read_metrics, read_run_record
+from gptforge.trackers import TRACKERS, Trackers, tracker_key
 from gptforge.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"

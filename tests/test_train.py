@@ -466,13 +466,13 @@ def test_divergence_on_a_step_that_does_not_log_is_reported_at_the_next_check(ch
 def test_an_early_estimate_of_the_wall_time_and_a_warning_before_memorizing(tmp_path, monkeypatch):
     """After its first few steps the run says how long it will take, once; a run that will read
     its data more than ~20 times without a target loss to stop it is warned at the start."""
-    from gptforge import metrics
+    from gptforge import console
     from gptforge.data import prepare
 
     (tmp_path / "small.txt").write_text(shakespeare_head(2_200), encoding="utf-8")
     data = tmp_path / "small"
     prepare([str(tmp_path / "small.txt")], str(data), tokenizer="char", progress=False)  # 1,980 train tokens
-    monkeypatch.setattr(metrics.Eta, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(console.Eta, "MIN_SECONDS", 0.0)
     lines: list[str] = []
     with pytest.warns(UserWarning, match=r"train.max_steps=200 x 256 tokens per step reads the "
                                          r"1,980 training tokens 26 times: the model will learn"):
@@ -489,6 +489,6 @@ def test_an_early_estimate_of_the_wall_time_and_a_warning_before_memorizing(tmp_
 
 
 def test_format_duration():
-    from gptforge.metrics import format_duration
+    from gptforge.console import format_duration
 
     assert [format_duration(s) for s in (7.54, 95, 3725, 90000)] == ["7.5s", "1m35s", "1h02m", "25h00m"]

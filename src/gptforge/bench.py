@@ -35,19 +35,11 @@ import torch
 
 from gptforge.config import AUTO, MODEL_PRESETS, GPTConfig, OptimConfig, RunConfig
 from gptforge.presets import run_preset
-from gptforge.data import TokenLoader, load_meta, load_split
-from gptforge.device import (
-    BatchFeeder,
-    Precision,
-    configure_backends,
-    cpu_auto_dtype,
-    is_out_of_memory,
-    keep_freed_memory,
-    memory_line,
-    resolve_for,
-)
+from gptforge.data import BatchFeeder, TokenLoader, load_meta, load_split
+from gptforge.device import Precision, configure_backends, cpu_auto_dtype, resolve_for
 from gptforge.distributed import DistEnv, gather_objects, session
 from gptforge.errors import GptforgeError
+from gptforge.memory import bench_out_of_memory, is_out_of_memory, keep_freed_memory
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, param_groups
 from gptforge.probe import ProbeShape
@@ -195,10 +187,7 @@ def bench(
                 raise
             cuda = env.device.type == "cuda"
             shape = f"{batch_size or (64 if cuda else 16)} x {seq_len or (1024 if cuda else 64)}"
-            raise GptforgeError(
-                f"out of memory on {env.device} with a micro-batch of {shape} tokens "
-                f"({memory_line(env.device)}): try a smaller --batch-size"
-                + ("" if activation_checkpointing else " or --activation-checkpointing")) from None
+            raise bench_out_of_memory(env.device, shape, activation_checkpointing) from None
 
 
 def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, compile: bool,

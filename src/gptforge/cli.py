@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_not_locked(args.out)
     if args.nproc is not None:  # this process only launches and waits: it needs no torch
         return launch(args.nproc, args.argv, run_dir=args.out)
-    from gptforge.metrics import say
+    from gptforge.console import say
     from gptforge.resume import FINISHED, plan_run
     from gptforge.train import train
     # The lock first: a live run is reported before anything of it is read or written.

@@ -1,26 +1,22 @@
-"""Where and in what precision to compute: device choice, what "auto" settings become on each
-device type, autocast, backend switches, step timing and batches on their way to the device.
+"""Where and in what precision to compute: device choice, the precision a run computes in, what
+"auto" settings become on each device type, autocast and backend switches.
 
 The training loop stays free of device specifics: it asks this module for a resolved run
-(``resolve_for``), a timer that does not stall the GPU (``StepTimer``), and a feeder that moves
-batches to the device without host-side widening (``BatchFeeder``).
+(``resolve_for``) and its ``Precision``. What fits in the device's memory is memory.py's; the
+step timer is step.py's, and the batches' way to the device data/loader.py's (``BatchFeeder``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
-import resource
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from gptforge.config import AUTO, ConfigError, RunConfig, TrainConfig, grad_accum_steps
-from gptforge.errors import GptforgeError
+from gptforge.memory import HEADROOM, micro_batch_candidates
 from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, run_preset
 from gptforge.probe import DtypeChoice, ProbeShape, cached_choice, measured_choice
 
@@ -221,23 +217,7 @@ def resolve_here_or_not(cfg: RunConfig, world_size: int, preset: str | None = No
 
 
 # ----------------------------------------------------------------------------------------------
-# Fitting the memory there is: train.batch_size=auto, and running out of memory as one line
-
-HEADROOM = 0.9  # a trial micro-batch must peak under this share of the GPU's memory
-
-
-def micro_batch_candidates(t: TrainConfig, world_size: int = 1) -> list[int]:
-    """The micro-batches that keep ``train.total_batch_tokens`` per step: the divisors of
-    total_batch_tokens / (seq_len x processes), smallest first."""
-    per_sequence = t.seq_len * world_size
-    if t.total_batch_tokens % per_sequence:
-        procs = f" x {world_size} processes" if world_size > 1 else ""
-        raise ConfigError(
-            f"train.batch_size=auto keeps train.total_batch_tokens={t.total_batch_tokens}, which "
-            f"must then be a multiple of train.seq_len{procs} = {per_sequence}: change one of them"
-        )
-    n = t.total_batch_tokens // per_sequence
-    return [d for d in range(1, n + 1) if n % d == 0]
+# train.batch_size=auto where nothing is searched (the search itself: memory.py)
 
 
 def _listed(sizes: list[int]) -> str:
@@ -253,115 +233,8 @@ def preset_micro_batch(t: TrainConfig, world_size: int, preset: str | None) -> i
     return max(b for b in micro_batch_candidates(t, world_size) if b <= wanted or b == 1)
 
 
-def largest_that_fits(sizes: list[int], trial: Callable[[int], None]) -> tuple[int | None, list[tuple[int, bool]]]:
-    """The largest of ``sizes`` (ascending) for which ``trial(size)`` does not run out of memory,
-    by bisection (memory grows with the micro-batch), and every (size, fitted) tried, in order.
-    None if not even the smallest fits. ``trial`` signals "does not fit" by raising
-    torch.cuda.OutOfMemoryError, as the allocator does."""
-    lo, hi, best = 0, len(sizes) - 1, None
-    tried: list[tuple[int, bool]] = []
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        try:
-            trial(sizes[mid])
-            fits = True
-        except torch.cuda.OutOfMemoryError:
-            fits = False
-        tried.append((sizes[mid], fits))
-        if fits:
-            best, lo = sizes[mid], mid + 1
-        else:
-            hi = mid - 1
-    return best, tried
-
-
-def release_memory(device: torch.device) -> None:
-    """Hand the allocator's cached blocks back and start the peak statistics afresh."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-class MemoryTrial:
-    """``trial(b)``: one training forward and backward of a (b, seq_len) micro-batch of random
-    tokens through ``model``, with ``reserve_bytes`` held aside for the optimizer's state (created
-    at the first real step). On CUDA a trial that peaks above ``HEADROOM`` of the GPU's memory
-    counts as out of memory too: what barely fits in one trial fails later, when the allocator's
-    cache is fragmented or evaluation needs its share."""
-
-    def __init__(self, model: torch.nn.Module, precision: Precision, seq_len: int, vocab_size: int,
-                 reserve_bytes: int = 0):
-        self.model, self.precision, self.seq_len = model, precision, seq_len
-        self.vocab_size, self.reserve_bytes = vocab_size, reserve_bytes
-        device = precision.device
-        self.budget = (HEADROOM * torch.cuda.get_device_properties(device).total_memory
-                       if device.type == "cuda" else None)
-
-    def __call__(self, b: int) -> None:
-        device = self.precision.device
-        release_memory(device)  # what an earlier trial (or its exception) held is gone by now
-        try:
-            self._step(b, device)
-        finally:
-            self.model.zero_grad(set_to_none=True)
-
-    def _step(self, b: int, device: torch.device) -> None:
-        reserve = torch.empty(self.reserve_bytes, dtype=torch.uint8, device=device)
-        tokens = torch.randint(0, self.vocab_size, (b, self.seq_len + 1), device=device)
-        with self.precision.autocast():
-            _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        del reserve
-        if self.budget is not None:
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_reserved(device)
-            if peak > self.budget:
-                raise torch.cuda.OutOfMemoryError(
-                    f"the trial peaked at {peak / 2**30:.1f} GiB, over {HEADROOM:.0%} of the GPU's memory")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU's and MPS's allocation failures (plain RuntimeErrors)."""
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "MPS backend out of memory" in text)
-
-
-def memory_line(device: torch.device) -> str:
-    """The peak memory of this process on ``device``, for a message."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        return f"peak {peak:.1f} GiB allocated of the GPU's {total:.1f} GiB"
-    # ru_maxrss is in KiB on Linux: the whole process
-    return f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB of process memory"
-
-
-def out_of_memory(e: BaseException, device: torch.device, t: TrainConfig, world_size: int,
-                  when: str, then: str) -> GptforgeError:
-    """Running out of memory as one line: where, the micro-batch, the peak, and what to change.
-    ``when`` says at what point ("after 120 steps"), ``then`` what becomes of the run."""
-    import re
-
-    asked = re.search(r"[Tt]ried to allocate [0-9.]+ [KMGT]?i?B", str(e))
-    tried = f"; t{asked.group(0)[1:]}" if asked else ""
-    b = t.batch_size
-    fixes = []
-    smaller = [s for s in micro_batch_candidates(t, world_size) if s < b] if isinstance(b, int) else []
-    if smaller:
-        s = smaller[-1]
-        accum = t.total_batch_tokens // (s * t.seq_len * world_size)
-        fixes.append(f"a smaller train.batch_size (e.g. {s}: {accum} accumulation steps keep the "
-                     f"step at {t.total_batch_tokens:,} tokens)")
-    if not t.activation_checkpointing:
-        fixes.append("train.activation_checkpointing=true")
-    if not fixes:
-        fixes.append("a shorter train.seq_len or a smaller model")
-    return GptforgeError(
-        f"out of memory on {device} {when} with a micro-batch of {b} x {t.seq_len} tokens "
-        f"({memory_line(device)}{tried}): set {' or '.join(fixes)}; {then}")
+# ----------------------------------------------------------------------------------------------
+# Autocast and backend switches
 
 
 def eager(compiled: bool = True) -> contextlib.AbstractContextManager:
@@ -384,123 +257,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from returning large freed blocks to the OS (Linux only; returns success).
-
-    By default glibc serves every allocation above ~128 KB-32 MB with its own mmap and unmaps it
-    on free, so each training step page-faults its activation buffers in afresh. Raising the
-    mmap and trim thresholds keeps them in the heap for reuse (mallopt(3)). Measured here:
-    2.1-2.5x on a small model with GPT-2's vocabulary, 1.09x on 124M (BENCHMARKS.md). Memory
-    then stays at the run's peak, which a training process reaches every step anyway.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # 1 GiB: above the largest activation of a 124M step (the 16 x 64 x 50,257 fp32 logits are
-    # 206 MB), the value measured in BENCHMARKS.md. mallopt returns 1 on success.
-    ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
-    ok &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return bool(ok)
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing without stalling the GPU
-
-
-class StepTimer:
-    """Seconds per training step, read only when a step is logged.
-
-    On CUDA a pair of events brackets every step (recording them costs nothing); reading one waits
-    for that step's end event, which only the steps that log do. Elsewhere, the wall clock.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-        self._t0 = self._t1 = 0.0
-
-    def start(self) -> None:
-        if self.cuda:
-            self._start.record(torch.cuda.current_stream(self.device))
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self._end.record(torch.cuda.current_stream(self.device))
-        else:
-            self._t1 = time.perf_counter()
-
-    def seconds(self) -> float:
-        """The last step's duration (on CUDA, waits for that step to finish)."""
-        if self.cuda:
-            self._end.synchronize()
-            return self._start.elapsed_time(self._end) / 1000.0
-        return self._t1 - self._t0
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches on their way to the device
-
-
-class BatchFeeder:
-    """Moves (x, y) batches of int32 token ids to ``device`` and widens them to int64 there.
-
-    The host never builds int64 copies (half the bytes over PCIe, and no host pass). On CUDA each
-    batch is copied into one of a few reused pinned buffers and sent asynchronously; before a
-    buffer is refilled, the host waits for the copy that last read from it, so the buffers are
-    never overwritten in flight (and the host runs at most ``slots`` batches ahead of the GPU).
-    """
-
-    def __init__(self, host_batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                 device: torch.device, slots: int = 4, stage: bool | None = None):
-        self.host_batches = host_batches
-        self.device = device
-        self.pinned = device.type == "cuda"
-        self.stage = device.type != "cpu" if stage is None else stage  # the CPU needs no staging
-        self.slots = slots
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * slots
-        self._copied: list[Any] = [None] * slots  # CUDA event of the copy out of each buffer
-        self._next = 0
-
-    def _staging(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reusable host buffer pair shaped like (x, y), free to overwrite."""
-        i = self._next
-        self._next = (i + 1) % self.slots
-        buf = self._buffers[i]
-        if buf is None or buf[0].shape != x.shape:
-            buf = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned) for t in (x, y))
-            self._buffers[i] = buf
-        elif self._copied[i] is not None:
-            self._copied[i].synchronize()  # the copy that last read this buffer is done
-        self._slot = i
-        return buf
-
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.host_batches()
-        if not self.stage:
-            return x.to(self.device).long(), y.to(self.device).long()
-        hx, hy = self._staging(x, y)
-        hx.copy_(x)
-        hy.copy_(y)
-        dx = hx.to(self.device, non_blocking=self.pinned)
-        dy = hy.to(self.device, non_blocking=self.pinned)
-        if self.pinned:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))  # the stream the copies are on
-            self._copied[self._slot] = event
-        return dx.long(), dy.long()

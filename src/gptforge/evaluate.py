@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from gptforge.checkpoint import load_model
+from gptforge.console import progress_bar
 from gptforge.data import count_eval_windows, iter_eval_batches, load_meta, load_split
 from gptforge.device import pick_device
 from gptforge.errors import GptforgeError
 from gptforge.hellaswag import HellaSwagResult, load_rendered, score
-from gptforge.metrics import progress_bar
 from gptforge.model import GPT
 from gptforge.tokenizer import describe, tokenizer_from_dict
 

@@ -16,7 +16,7 @@ The validation set (10,042 examples) is downloaded once from the authors' reposi
 against its sha256 and cached, like Tiny Shakespeare (``data.fetch_named_dataset``).
 
 This module sits below ``train`` so that training can report HellaSwag as it goes: it imports
-only data, tokenizer, metrics (its progress bar) and error definitions, and takes the collective
+only data, tokenizer, console (its progress bar) and error definitions, and takes the collective
 sum as a function.
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gptforge.console import progress_bar
 from gptforge.data import NamedDataset, fetch_named_dataset
 from gptforge.errors import GptforgeError
-from gptforge.metrics import progress_bar
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_dict
 
 N_ENDINGS = 4

@@ -13,8 +13,9 @@ from typing import Any
 from gptforge.atomic import replacing
 from gptforge.checkpoint import find_checkpoint
 from gptforge.errors import GptforgeError
-from gptforge.metrics import is_finite_number, read_metrics, read_run_record
+from gptforge.metrics import read_metrics, read_run_record
 from gptforge.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE
+from gptforge.trackers import is_finite_number
 
 # "best val" is nats per token, which depends on the tokenizer; "best bpb" (bits per byte of
 # the same validation) compares runs whatever their tokenizers

@@ -40,10 +40,9 @@ from gptforge.config import (
     validate_run,
 )
 from gptforge.data import load_meta, load_split
-from gptforge.device import out_of_memory
 from gptforge.distributed import DistEnv, rank_seed
 from gptforge.errors import GptforgeError
-from gptforge.metrics import TRACKERS, wanted_trackers
+from gptforge.memory import out_of_memory
 from gptforge.presets import resolve
 from gptforge.rundir import (
     CHECKPOINT_DIR,
@@ -53,6 +52,7 @@ from gptforge.rundir import (
     RUN_FILE,
 )
 from gptforge.tokenizer import describe
+from gptforge.trackers import TRACKERS, wanted_trackers
 
 # Why a run ends when it is complete; otherwise a signal stopped it (its name), to be resumed.
 FINISHED = ("max_steps", "target_loss", "target_val_loss")
@@ -351,7 +351,7 @@ def continue_hint(run_dir: str, argv: list[str]) -> str:
 
 def out_of_memory_stop(e: BaseException, cfg: RunConfig, env: DistEnv, run_dir: Path,
                        steps: int | None) -> GptforgeError:
-    """Running out of memory as one line (device.out_of_memory) with where the run stands after
+    """Running out of memory as one line (memory.out_of_memory) with where the run stands after
     ``steps`` steps (None: it stopped setting up): its last checkpoint, which the failed step
     never touched, and the command that continues it."""
     when = f"after {steps:,} steps" if steps is not None else "while setting up the run"

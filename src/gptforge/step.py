@@ -7,6 +7,7 @@
 - ``Stepper``: ``train_step`` bound to a Trainable and its optimizer, with the learning rate of
   each step set from the schedule.
 - ``DivergenceWatch``: a non-finite loss or norm, noticed without waiting for the GPU.
+- ``StepTimer``: how long a step took, without stalling the GPU.
 - ``fit_micro_batch``: what ``train.batch_size=auto`` becomes, by trial steps on CUDA.
 - ``settle_dtype``: what ``train.dtype=auto`` becomes, measured on a CPU (probe.py).
 
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,16 +32,11 @@ import torch.nn as nn
 
 from gptforge.config import AUTO, GPTConfig, OptimConfig, RunConfig
 from gptforge.device import (
-    MemoryTrial,
     Precision,
     cpu_auto_dtype,
     dtype_name,
-    largest_that_fits,
-    memory_line,
-    micro_batch_candidates,
     preset_micro_batch,
     probe_shape,
-    release_memory,
     resolve_for,
 )
 from gptforge.distributed import (
@@ -54,6 +51,13 @@ from gptforge.distributed import (
     wrap_model,
 )
 from gptforge.errors import GptforgeError
+from gptforge.memory import (
+    MemoryTrial,
+    largest_that_fits,
+    micro_batch_candidates,
+    nothing_fits,
+    release_memory,
+)
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at, optimizer_state_bytes, set_lr, skips_on_device
 from gptforge.presets import DEFAULT_PRESET
@@ -176,6 +180,45 @@ class DivergenceWatch:
 
 
 # ----------------------------------------------------------------------------------------------
+# Timing without stalling the GPU
+
+
+class StepTimer:
+    """Seconds per training step, read only when a step is logged.
+
+    On CUDA a pair of events brackets every step (recording them costs nothing); reading one waits
+    for that step's end event, which only the steps that log do. Elsewhere, the wall clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+        self._t0 = self._t1 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start.record(torch.cuda.current_stream(self.device))
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._end.record(torch.cuda.current_stream(self.device))
+        else:
+            self._t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        """The last step's duration (on CUDA, waits for that step to finish)."""
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1000.0
+        return self._t1 - self._t0
+
+
+# ----------------------------------------------------------------------------------------------
 # What a step runs on, built once for train and bench
 
 
@@ -252,7 +295,7 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
     """What ``train.batch_size=auto`` becomes for this run, and a line saying how it was chosen.
 
     On CUDA (or wherever ``search`` says), every rank tries micro-batches that keep
-    ``train.total_batch_tokens`` (device.largest_that_fits) on a model of the run's shape with the
+    ``train.total_batch_tokens`` (memory.largest_that_fits) on a model of the run's shape with the
     run's activation checkpointing, built for the search and dropped after it, with the
     optimizer's state held aside; the smallest result over the ranks wins. The trials run eagerly
     and unsharded: compiled steps and FSDP's shards need no more memory than that, so what fits
@@ -275,19 +318,13 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
             checkpoint_blocks(model)
         optimizer = build_optimizer(model, cfg.optim, env.device.type, shard=(env.rank, env.world_size))
         reserve = optimizer_state_bytes(optimizer) // (env.world_size if t.parallel == "fsdp" else 1)
-        best, tried = largest_that_fits(sizes, MemoryTrial(model, precision, t.seq_len,
-                                                           cfg.model.vocab_size, reserve))
+        best, tried = largest_that_fits(sizes, MemoryTrial(model, precision.device, precision.autocast,
+                                                           t.seq_len, cfg.model.vocab_size, reserve))
         del model, optimizer
     release_memory(env.device)
     chosen = min_over_ranks(best or 0, env)
     if chosen == 0:
-        raise GptforgeError(
-            f"train.batch_size=auto: not even a micro-batch of {sizes[0]} x {t.seq_len} tokens fits "
-            f"on {env.device} ({memory_line(env.device)}): set "
-            + ("" if t.activation_checkpointing else "train.activation_checkpointing=true, ")
-            + "a shorter train.seq_len or a smaller model"
-            + ("; the trials run unsharded, so with train.parallel=fsdp a model that fits only "
-               "sharded needs train.batch_size set by hand" if env.distributed and t.parallel == "fsdp" else ""))
+        raise nothing_fits(env.device, t, sizes[0], env.distributed and t.parallel == "fsdp")
     trials = ", ".join(f"{b} {'fits' if ok else 'does not'}" for b, ok in tried)
     ranks = f"; the smallest over {env.world_size} processes" if env.distributed else ""
     return chosen, f"{chosen}, the largest that fits (trials: {trials}{ranks})"

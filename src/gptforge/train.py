@@ -58,17 +58,9 @@ from gptforge.config import (
     format_config,
     grad_accum_steps,
 )
-from gptforge.data import TokenLoader, iter_eval_batches
-from gptforge.device import (
-    BatchFeeder,
-    Precision,
-    StepTimer,
-    configure_backends,
-    eager,
-    is_out_of_memory,
-    keep_freed_memory,
-    resolve_for,
-)
+from gptforge.console import say
+from gptforge.data import BatchFeeder, TokenLoader, iter_eval_batches
+from gptforge.device import Precision, configure_backends, eager, resolve_for
 from gptforge.distributed import (
     DistEnv,
     any_rank,
@@ -85,13 +77,8 @@ from gptforge.evaluate import byte_table, heldout_loss
 from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
 from gptforge.launch import launch_rank
-from gptforge.metrics import (
-    RunReport,
-    format_step,
-    read_run_record,
-    say,
-    truncate_metrics,
-)
+from gptforge.memory import is_out_of_memory, keep_freed_memory
+from gptforge.metrics import RunReport, format_step, read_run_record, truncate_metrics
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, optimizer_state_bytes
 from gptforge.presets import config_line
@@ -117,6 +104,7 @@ from gptforge.step import (
     DivergenceWatch,
     Stepper,
     StepResult,
+    StepTimer,
     Trainable,
     TrainingDiverged,
     build_trainable,

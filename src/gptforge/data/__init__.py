@@ -4,7 +4,8 @@
 - ``shards``: the shard file (a self-describing header), its writer and reader, and a split's
   shards read as one stream (``load_split``)
 - ``prepare``: ``gptforge prepare``, inputs -> tokens -> shards, in parallel and resumable
-- ``loader``: training batches with a resumable cursor, and evaluation windows
+- ``loader``: training batches with a resumable cursor, evaluation windows, and the feeder that
+  takes batches to the device
 - ``named``: datasets known by name (``shakespeare``), fetched once and verified
 
 What the rest of gptforge uses is named here. The loader's names (it needs torch) are imported
@@ -31,7 +32,7 @@ from gptforge.data.shards import (
 )
 from gptforge.data.sources import FORMATS
 
-_LOADER_NAMES = ("TokenLoader", "count_eval_windows", "iter_eval_batches")
+_LOADER_NAMES = ("BatchFeeder", "TokenLoader", "count_eval_windows", "iter_eval_batches")
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +43,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "BatchFeeder",
     "DEFAULT_SHARD_TOKENS",
     "FORMATS",
     "NAMED_DATASETS",

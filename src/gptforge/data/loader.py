@@ -1,4 +1,5 @@
-"""Batches from a split: a deterministic, resumable loader and consecutive evaluation windows.
+"""Batches from a split: a deterministic, resumable loader, consecutive evaluation windows, and
+the feeder that takes the loader's batches to the device (``BatchFeeder``).
 
 ``tokens`` is anything that behaves like a 1-D uint16 array: a shard's memmap, a plain array, or
 a ``TokenStream`` over all the shards of a split (``load_split``), whose slices and index arrays
@@ -7,7 +8,7 @@ may cross shard boundaries. So a split of many shards is one stream of tokens he
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Union
 
 import numpy as np
@@ -29,7 +30,7 @@ def _too_short(tokens: Tokens, n: int, b: int, t: int, need: int) -> GptforgeErr
 
 class TokenLoader:
     """(x, y) int32 batches of shape (B, T) from a split; y is x shifted left by one token.
-    (int32, not int64: half the bytes to the device, widened there; see device.BatchFeeder.)
+    (int32, not int64: half the bytes to the device, widened there; see BatchFeeder.)
 
     There is one global stream of sequences (windows of T+1 tokens). ``cursor`` counts global
     sequences consumed; a call on rank r returns sequences [cursor + r*B, cursor + (r+1)*B) and
@@ -172,3 +173,56 @@ def iter_eval_batches(
         rows = min(batch_size, n_windows - w0)
         buf = torch.from_numpy(np.asarray(tokens[w0 * T : (w0 + rows) * T + 1], dtype=np.int32))
         yield buf[:-1].view(rows, T), buf[1:].view(rows, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches on their way to the device
+
+
+class BatchFeeder:
+    """Moves (x, y) batches of int32 token ids to ``device`` and widens them to int64 there.
+
+    The host never builds int64 copies (half the bytes over PCIe, and no host pass). On CUDA each
+    batch is copied into one of a few reused pinned buffers and sent asynchronously; before a
+    buffer is refilled, the host waits for the copy that last read from it, so the buffers are
+    never overwritten in flight (and the host runs at most ``slots`` batches ahead of the GPU).
+    """
+
+    def __init__(self, host_batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device, slots: int = 4, stage: bool | None = None):
+        self.host_batches = host_batches
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.stage = device.type != "cpu" if stage is None else stage  # the CPU needs no staging
+        self.slots = slots
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * slots
+        self._copied: list[Any] = [None] * slots  # CUDA event of the copy out of each buffer
+        self._next = 0
+
+    def _staging(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reusable host buffer pair shaped like (x, y), free to overwrite."""
+        i = self._next
+        self._next = (i + 1) % self.slots
+        buf = self._buffers[i]
+        if buf is None or buf[0].shape != x.shape:
+            buf = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned) for t in (x, y))
+            self._buffers[i] = buf
+        elif self._copied[i] is not None:
+            self._copied[i].synchronize()  # the copy that last read this buffer is done
+        self._slot = i
+        return buf
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.host_batches()
+        if not self.stage:
+            return x.to(self.device).long(), y.to(self.device).long()
+        hx, hy = self._staging(x, y)
+        hx.copy_(x)
+        hy.copy_(y)
+        dx = hx.to(self.device, non_blocking=self.pinned)
+        dy = hy.to(self.device, non_blocking=self.pinned)
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))  # the stream the copies are on
+            self._copied[self._slot] = event
+        return dx.long(), dy.long()

@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any
 
+from gptforge.console import progress_bar
 from gptforge.data.shards import DATA_FORMAT, load_meta, shard_count, split_shards
 from gptforge.data.sources import ReadOptions, Source, expand_inputs, read_sources
 from gptforge.data.splits import (
@@ -54,7 +55,6 @@ from gptforge.data.staging import (
 )
 from gptforge.data.vocab import resolve_tokenizer, stage_tokenizer, staged_tokenizer, train_tokenizer
 from gptforge.errors import GptforgeError
-from gptforge.metrics import progress_bar
 from gptforge.rundir import hold_run_lock
 from gptforge.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer, tokenizer_from_dict
 from gptforge.version import __version__
