@@ -261,7 +261,7 @@ def _precision(env: DistEnv, cfg: GPTConfig, dtype: str, plain: bool, batch_size
         return Precision.pick(env.device, dtype), ""
     shape = ProbeShape(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                        vocab=cfg.padded_vocab_size, batch=batch_size, seq_len=seq_len, accum=1,
-                       checkpointing=checkpointing)
+                       checkpointing=checkpointing, bias=cfg.bias)  # bench keeps freed memory
     choice = gather_objects(cpu_auto_dtype(shape) if env.is_main else None, env)[0]
     return Precision.pick(env.device, choice.dtype), choice.line().replace("train.dtype", "--dtype")
 

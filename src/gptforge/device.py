@@ -73,7 +73,8 @@ def probe_shape(cfg: RunConfig, world_size: int = 1, preset: str | None = None) 
     pad = m.pad_vocab_multiple if isinstance(m.pad_vocab_multiple, int) else 1
     return ProbeShape(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
                       vocab=(m.vocab_size + pad - 1) // pad * pad, batch=batch_size,
-                      seq_len=t.seq_len, accum=accum, checkpointing=t.activation_checkpointing)
+                      seq_len=t.seq_len, accum=accum, checkpointing=t.activation_checkpointing,
+                      bias=m.bias, keep_freed=t.keep_freed_memory)
 
 
 def cpu_auto_dtype(shape: ProbeShape, again: bool = False) -> DtypeChoice:

@@ -10,7 +10,10 @@ shape and the micro-batch's), a probe of a few seconds times the run's own shape
   its tokens; the time scales with the rest), with activation checkpointing if the run uses it;
 - the head: final LayerNorm, the tied output matrix over the whole vocabulary, cross-entropy,
   forward and backward, on ``HEAD_ROWS`` positions;
-- the optimizer's update (fp32 in both: the same cost, which dilutes the difference).
+- the optimizer's update (fp32 in both: the same cost, which dilutes the difference);
+
+under the run's allocator setting (``train.keep_freed_memory``: without it a small model with
+GPT-2's vocabulary page-faults its logits in afresh every step, which hides what bf16 gains).
 
 A step's estimate is ``accum x (n_layer x block + head) + update``, each part scaled to the full
 micro-batch. bf16 is chosen only if it is faster by ``BF16_MARGIN``, so that noise cannot flip the
@@ -38,9 +41,12 @@ from torch.utils.checkpoint import checkpoint
 from gptforge.atomic import write_text
 from gptforge.cachedir import default_cache_dir
 from gptforge.config import GPTConfig
+from gptforge.memory import keep_freed_memory
 from gptforge.model import Block
 
-BF16_MARGIN = 1.10  # bf16 autocast must make a step at least this much faster to be chosen
+# bf16 autocast must make a step at least this much faster to be chosen: within 5% either dtype
+# is as good as the other, so noise there cannot flip the choice to a slower one
+BF16_MARGIN = 1.05
 PROBE_TOKENS = 1024  # a block is timed on at most this many tokens of the micro-batch (>= 1 row)
 HEAD_ROWS = 256  # the head is timed on this many positions
 REPEATS = 2  # timed rounds at the least (each times every part in each dtype); the fastest counts
@@ -61,6 +67,8 @@ class ProbeShape:
     seq_len: int
     accum: int  # micro-batches per optimizer step
     checkpointing: bool = False
+    bias: bool = True  # the Linear and LayerNorm layers have biases (GPT-2's do)
+    keep_freed: bool = True  # train.keep_freed_memory: glibc keeps freed blocks (memory.py)
 
     @property
     def label(self) -> str:
@@ -140,7 +148,8 @@ def probe_key(shape: ProbeShape) -> str:
     held = "".join(f" | {k}={os.environ[k]}" for k in ISA_SETTINGS if os.environ.get(k))
     return (f"{model} | flags {flags}{held} | torch {torch.__version__} | "
             f"{torch.get_num_threads()} threads | L{s.n_layer} C{s.n_embd} H{s.n_head} V{s.vocab} | "
-            f"{s.batch}x{s.seq_len}x{s.accum}{' ac' if s.checkpointing else ''}")
+            f"{s.batch}x{s.seq_len}x{s.accum}{' ac' if s.checkpointing else ''}"
+            f"{'' if s.bias else ' no-bias'}{'' if s.keep_freed else ' malloc-trim'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,11 +251,11 @@ def _fastest(passes: dict[str, Callable[[], None]]) -> dict[str, float]:
 def _parts(shape: ProbeShape, bf16: bool, g: torch.Generator) -> dict[str, Callable[[], None]]:
     """The block and head passes of ``shape`` in one dtype, on the CPU."""
     cfg = GPTConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-                    block_size=shape.seq_len, vocab_size=shape.vocab)
+                    block_size=shape.seq_len, vocab_size=shape.vocab, bias=shape.bias)
     block = Block(cfg)
     rows = max(1, min(shape.batch, PROBE_TOKENS // shape.seq_len))
     x = torch.randn(rows, shape.seq_len, shape.n_embd, generator=g, requires_grad=True)
-    ln_f = torch.nn.LayerNorm(shape.n_embd)
+    ln_f = torch.nn.LayerNorm(shape.n_embd, bias=shape.bias)
     head = torch.randn(shape.vocab, shape.n_embd, generator=g).mul_(0.02).requires_grad_()
     h = torch.randn(HEAD_ROWS, shape.n_embd, generator=g, requires_grad=True)
     targets = torch.randint(0, shape.vocab, (HEAD_ROWS,), generator=g)
@@ -268,7 +277,8 @@ def _parts(shape: ProbeShape, bf16: bool, g: torch.Generator) -> dict[str, Calla
 def _update_s(shape: ProbeShape, g: torch.Generator) -> float:
     """One AdamW update of a whole model of ``shape`` (a block's parameters times n_layer, and
     the output matrix), which costs the same in either dtype."""
-    cfg = GPTConfig(n_layer=1, n_head=shape.n_head, n_embd=shape.n_embd, vocab_size=shape.vocab)
+    cfg = GPTConfig(n_layer=1, n_head=shape.n_head, n_embd=shape.n_embd, vocab_size=shape.vocab,
+                    bias=shape.bias)
     times = []
     for params in (list(Block(cfg).parameters()),
                    [torch.randn(shape.vocab, shape.n_embd, generator=g, requires_grad=True)]):
@@ -281,6 +291,8 @@ def _update_s(shape: ProbeShape, g: torch.Generator) -> float:
 
 def measure(shape: ProbeShape) -> DtypeChoice:
     """Time ``shape``'s step both ways on the CPU, here and now (see the module's docstring)."""
+    if shape.keep_freed:  # as the run will: a step's time depends on it (2x for small models)
+        keep_freed_memory()
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):  # a run's own random numbers stay as they were
