@@ -46,11 +46,22 @@ def measures(monkeypatch):
 def test_bf16_must_win_by_the_margin(monkeypatch, speedup):
     """Each part's time in fp32 is ``speedup`` times its time in bf16; the update, the same in
     both, takes none here, so the step's ratio is ``speedup`` exactly."""
-    monkeypatch.setattr(probe, "_fastest", lambda passes: {
+    monkeypatch.setattr(probe, "_fastest", lambda passes, **_: {
         name: 0.0 if name == "update" else speedup if name.endswith("32") else 1.0 for name in passes})
     choice = measure(SHAPE)
     assert choice.speedup == pytest.approx(speedup)
     assert choice.dtype == ("bfloat16" if speedup >= BF16_MARGIN else "float32")
+
+
+def test_a_cpu_that_emulates_bf16_is_screened_out_by_one_matmul(monkeypatch):
+    """bf16 matmuls SCREEN_SLOWER times slower than fp32: fp32, without timing the step (whose
+    bf16 half would take minutes there)."""
+    monkeypatch.setattr(probe, "_fastest", lambda passes, **_: {
+        name: 1.0 if name == "32" else probe.SCREEN_SLOWER if name == "16" else 1 / 0 for name in passes})
+    monkeypatch.setattr(probe, "_parts", lambda *a: pytest.fail("the step was timed"))
+    choice = measure(SHAPE)
+    assert (choice.dtype, choice.timed, choice.speedup) == ("float32", "matmul", 1 / probe.SCREEN_SLOWER)
+    assert "bf16 autocast made the model's matmuls (bf16 is not native here) 0.50x as fast" in choice.line()
 
 
 def test_a_real_measurement_of_a_tiny_shape_leaves_the_random_numbers_alone():
@@ -129,7 +140,7 @@ def test_train_measures_logs_records_and_a_resumed_run_keeps_it(char_data, tmp_p
     assert load_checkpoint(run).config.train.dtype == "bfloat16"  # kept in the run's config
     assert 'dtype = "bfloat16"' in (run / "config.toml").read_text()
     assert read_run_record(run)["dtype_auto"] == {
-        "dtype": "bfloat16", "bf16_speedup": 1.3, "margin": BF16_MARGIN, "fp32_step_s": 1.3,
+        "dtype": "bfloat16", "bf16_speedup": 1.3, "timed": "step", "margin": BF16_MARGIN, "fp32_step_s": 1.3,
         "bf16_step_s": 1.0, "measured": "2026-12-07T00:00:00+00:00", "cached": False}
     # The cache now says otherwise (another machine, say): the run resumes as it started, with
     # its preset given again (--resume auto) or not, and measures nothing.

@@ -16,7 +16,8 @@ under the run's allocator setting (``train.keep_freed_memory``: without it a sma
 GPT-2's vocabulary page-faults its logits in afresh every step, which hides what bf16 gains).
 
 A step's estimate is ``accum x (n_layer x block + head) + update``, each part scaled to the full
-micro-batch. bf16 is chosen only if it is faster by ``BF16_MARGIN``, so that noise cannot flip the
+micro-batch. A CPU that emulates bf16 would take minutes to time that (its bf16 is ~36x slower):
+one matmul of the model's width screens it out first, in milliseconds. bf16 is chosen only if it is faster by ``BF16_MARGIN``, so that noise cannot flip the
 choice. The answer is cached in gptforge's cache directory (``probes.json`` beside the named
 datasets), keyed by that combination; ``gptforge config --measure`` measures again.
 """
@@ -51,6 +52,8 @@ PROBE_TOKENS = 1024  # a block is timed on at most this many tokens of the micro
 HEAD_ROWS = 256  # the head is timed on this many positions
 REPEATS = 2  # timed rounds at the least (each times every part in each dtype); the fastest counts
 WARMUP_S, TIMED_S, MAX_ROUNDS = 0.3, 0.5, 50  # see _fastest
+SCREEN_ROWS = 512  # rows of the screening matmul (see _screen)
+SCREEN_SLOWER = 2.0  # bf16 matmuls this much slower than fp32: emulated, fp32 without a probe
 CACHE_FILE = "probes.json"
 CACHE_FORMAT = 1
 
@@ -88,6 +91,7 @@ class DtypeChoice:
     probe_s: float  # what the probe itself took
     cached: bool = False  # read from the cache rather than measured by this process
     note: str = ""  # why it was not cached, where it could not be
+    timed: str = "step"  # what the times are of: "step", or "matmul" where the screen decided
 
     @property
     def speedup(self) -> float:
@@ -101,12 +105,13 @@ class DtypeChoice:
         verdict = ("bf16 autocast is chosen" if self.dtype == "bfloat16"
                    else f"fp32 is kept (bf16 must be {BF16_MARGIN:.2f}x)")
         note = f"; {self.note}" if self.note else ""
-        return (f"train.dtype=auto -> {self.dtype}: on this CPU bf16 autocast made a step "
+        what = "a step" if self.timed == "step" else "the model's matmuls (bf16 is not native here)"
+        return (f"train.dtype=auto -> {self.dtype}: on this CPU bf16 autocast made {what} "
                 f"{self.speedup:.2f}x as fast as fp32, so {verdict} ({how}{note})")
 
     def record(self) -> dict:
         """What run.json keeps of the decision."""
-        return {"dtype": self.dtype, "bf16_speedup": round(self.speedup, 3),
+        return {"dtype": self.dtype, "bf16_speedup": round(self.speedup, 3), "timed": self.timed,
                 "margin": BF16_MARGIN, "fp32_step_s": round(self.fp32_s, 4),
                 "bf16_step_s": round(self.bf16_s, 4), "measured": self.measured,
                 "cached": self.cached}
@@ -224,17 +229,18 @@ def measured_choice(shape: ProbeShape, again: bool = False) -> DtypeChoice:
 # The measurement
 
 
-def _fastest(passes: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Each pass's fastest timed run. Untimed rounds first, for at least ``WARMUP_S`` (oneDNN
+def _fastest(passes: dict[str, Callable[[], None]], warmup_s: float = WARMUP_S,
+             timed_s: float = TIMED_S) -> dict[str, float]:
+    """Each pass's fastest timed run. Untimed rounds first, for at least ``warmup_s`` (oneDNN
     builds its kernels and the thread pool wakes on first use: the first passes in a process ran
     up to 10x slower here); then at least ``REPEATS`` timed rounds, more while they add up to
-    less than ``TIMED_S``. The passes alternate, so that a change in the machine's load or clock
+    less than ``timed_s``. The passes alternate, so that a change in the machine's load or clock
     affects every pass alike."""
     t0 = time.perf_counter()
     for n in range(MAX_ROUNDS):
         for run in passes.values():
             run()
-        if time.perf_counter() - t0 >= WARMUP_S:
+        if time.perf_counter() - t0 >= warmup_s:
             break
     best = {name: float("inf") for name in passes}
     t0 = time.perf_counter()
@@ -243,7 +249,7 @@ def _fastest(passes: dict[str, Callable[[], None]]) -> dict[str, float]:
             t = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - t)
-        if n + 1 >= REPEATS and time.perf_counter() - t0 >= TIMED_S:
+        if n + 1 >= REPEATS and time.perf_counter() - t0 >= timed_s:
             break
     return best
 
@@ -289,14 +295,37 @@ def _update_s(shape: ProbeShape, g: torch.Generator) -> float:
     return shape.n_layer * times[0] + times[1]
 
 
+def _screen(shape: ProbeShape, g: torch.Generator) -> dict[str, float]:
+    """The MLP's first matmul of ``shape`` (at most SCREEN_ROWS of its rows) in fp32 and under
+    bf16 autocast: milliseconds where the whole probe of a CPU that emulates bf16 would take
+    minutes (36x slower under AVX2 alone, BENCHMARKS.md)."""
+    x = torch.randn(min(SCREEN_ROWS, shape.batch * shape.seq_len), shape.n_embd, generator=g)
+    w = torch.randn(4 * shape.n_embd, shape.n_embd, generator=g)
+
+    def matmul(bf16: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                F.linear(x, w)
+        return run
+
+    return _fastest({"32": matmul(False), "16": matmul(True)}, warmup_s=0.1, timed_s=0.1)
+
+
 def measure(shape: ProbeShape) -> DtypeChoice:
-    """Time ``shape``'s step both ways on the CPU, here and now (see the module's docstring)."""
+    """Time ``shape``'s step both ways on the CPU, here and now (see the module's docstring).
+    Where bf16 matmuls alone are SCREEN_SLOWER times slower than fp32 (no native bf16), fp32
+    is kept on that screen's evidence: autocast makes nothing but matmuls faster."""
     if shape.keep_freed:  # as the run will: a step's time depends on it (2x for small models)
         keep_freed_memory()
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with torch.random.fork_rng(devices=[]):  # a run's own random numbers stay as they were
         torch.manual_seed(0)
+        screen = _screen(shape, g)
+        if screen["16"] >= SCREEN_SLOWER * screen["32"]:
+            return DtypeChoice(dtype="float32", fp32_s=screen["32"], bf16_s=screen["16"],
+                               probe_s=time.perf_counter() - t0, measured=now, timed="matmul")
         fp32, bf16 = _parts(shape, False, g), _parts(shape, True, g)
         best = _fastest({"block32": fp32["block"], "block16": bf16["block"],
                          "head32": fp32["head"], "head16": bf16["head"]})
@@ -311,6 +340,5 @@ def measure(shape: ProbeShape) -> DtypeChoice:
     fp32_s, bf16_s = step("32"), step("16")
     return DtypeChoice(
         dtype="bfloat16" if fp32_s >= BF16_MARGIN * bf16_s else "float32",
-        fp32_s=fp32_s, bf16_s=bf16_s, probe_s=time.perf_counter() - t0,
-        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        fp32_s=fp32_s, bf16_s=bf16_s, probe_s=time.perf_counter() - t0, measured=now,
     )
