@@ -11,6 +11,7 @@ with exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import signal
 import sys
@@ -560,7 +561,31 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"warning: {message}\n"
 
 
+def _escape_unprintable(e: UnicodeError) -> tuple[str | bytes, int]:
+    """An encoding error handler for the terminal: a byte that came in undecodable (a path in
+    another encoding, surrogate-escaped) goes out as that byte again; any other character the
+    terminal's encoding lacks, as a backslash escape."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    c = e.object[e.start]
+    if "\udc80" <= c <= "\udcff":
+        return bytes([ord(c) - 0xDC00]), e.start + 1
+    return c.encode("ascii", "backslashreplace").decode("ascii"), e.start + 1
+
+
+def _printable_output() -> None:
+    """Text the terminal's encoding cannot show (a sample in Greek under a Latin-1 locale, any
+    non-ASCII under LC_ALL=C with Python's UTF-8 mode off) is printed as backslash escapes
+    rather than stopping the command with a UnicodeEncodeError; paths keep their bytes."""
+    codecs.register_error("gptforge-terminal", _escape_unprintable)
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="gptforge-terminal")
+
+
 def main(argv: list[str] | None = None) -> None:
+    _printable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "argv"):  # train --nproc re-launches itself with the same arguments

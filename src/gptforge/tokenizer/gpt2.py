@@ -125,10 +125,10 @@ class GPT2Tokenizer:
             return self._enc.encode_to_numpy(repair_surrogates(text), disallowed_special=())
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        # tiktoken releases the GIL while encoding, so threads use all cores.
-        return self._enc.encode_ordinary_batch(
-            texts, num_threads=num_threads or os.cpu_count() or 1
-        )
+        # tiktoken releases the GIL while encoding, so threads use all cores: the ones this
+        # process may run on (a container's or taskset's share, not the host's count).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return self._enc.encode_ordinary_batch(texts, num_threads=num_threads or cores or 1)
 
     def decode(self, ids: list[int]) -> str:
         ids = checked_ids(ids, self.vocab_size, "GPT-2's vocabulary",
