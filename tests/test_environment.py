@@ -19,18 +19,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def test_a_terminal_that_cannot_show_the_text_gets_escapes_not_a_traceback(tmp_path):
     """LC_ALL=C with Python's UTF-8 mode off: stdout is ASCII. A sample of a model that only
     knows non-ASCII characters is printed with backslash escapes, and the command succeeds."""
-    (tmp_path / "t.txt").write_text("東京éü" * 500, encoding="utf-8")
+    (tmp_path / "t.txt").write_text("東京éü\n" * 400, encoding="utf-8")
     prepare([str(tmp_path / "t.txt")], tmp_path / "data", tokenizer="char", progress=False)
     train(tiny_cfg(tmp_path / "data", "train.max_steps=1", "model.block_size=16", "train.seq_len=16",
                    "train.total_batch_tokens=128"), tmp_path / "run", log=quiet)
     env = {**os.environ, "PYTHONPATH": str(SRC), "LC_ALL": "C", "PYTHONUTF8": "0"}
     out = subprocess.run([sys.executable, "-m", "gptforge", "sample", "--ckpt", str(tmp_path / "run"),
-                          "--prompt", "東京", "--max-new-tokens", "20"],
+                          "--prompt", "\n", "--max-new-tokens", "20"],
                          capture_output=True, env=env, timeout=120)
     assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode(errors="replace")
     assert out.stdout.isascii()
     text = out.stdout.decode("ascii")
-    assert text.count("\\u6771") + text.count("\\u4eac") + text.count("\\xe9") + text.count("\\xfc") >= 20
+    assert text.count("\\u6771") + text.count("\\u4eac") + text.count("\\xe9") + text.count("\\xfc") >= 10  # of 20 characters, 1 in 5 a newline
 
 
 def test_nothing_is_written_into_the_installed_package(tmp_path, char_data):
