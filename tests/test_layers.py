@@ -10,6 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 # Lower layers first. A module may import gptforge modules of strictly lower rank only.
 RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
+    "sampling": 0,  # the one set of sampling values and rules (torch only inside its functions)
     "cachedir": 0,  # gptforge's cache directory (named datasets, the CPU's measured dtype)
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes

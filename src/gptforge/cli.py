@@ -23,7 +23,6 @@ from gptforge.config import (
     MODEL_PRESETS,
     SampleConfig,
     field_help,
-    validate,
 )
 from gptforge.errors import GptforgeError
 from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, keys_help
@@ -167,11 +166,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from gptforge.generate import SampleEcho, sample
 
-    cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                       temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
-    validate(cfg, "sample")
+    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+    sampling = checked_sampling(cfg.to_sampling(tuple(args.stop)))
+    if cfg.num_samples < 1:
+        raise GptforgeError(f"--num-samples {cfg.num_samples} is out of range: give 1 or more")
     shown = SampleEcho(cfg.prompt)  # one sample is printed as it is generated
-    texts = sample(args.ckpt, cfg, device=args.device, top_p=args.top_p, stops=args.stop,
+    texts = sample(args.ckpt, cfg.prompt, sampling, cfg.num_samples, device=args.device,
                    use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None)
     if shown.parts:
         print(texts[0][len("".join(shown.parts)):])
@@ -181,6 +181,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print("-" * 40)
         print(text)
     return 0
+
+
+# The flag of each sampling value (sample and chat share them).
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                  "max_tokens": "--max-new-tokens", "seed": "--seed", "stops": "--stop"}
+
+
+def checked_sampling(sampling):  # noqa: ANN001, ANN201 - (Sampling) -> Sampling
+    """The sampling values of a command line, checked by sampling.py's one set of rules."""
+    from gptforge.sampling import RULES
+
+    found = sampling.problem()
+    if found is not None:
+        name, value = found
+        shown = " ".join(f"{s!r}" for s in value) if name == "stops" else value
+        raise GptforgeError(f"{SAMPLING_FLAGS[name]} {shown} is out of range: give {RULES[name]}")
+    return sampling
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -357,12 +374,9 @@ def sample_options(p: argparse.ArgumentParser) -> None:
         if f.name == "prompt":
             text += " (default: a newline)"  # a literal newline would break the help layout
         p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=text)
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample among the most likely tokens whose probabilities sum to P "
-                        "(nucleus sampling; 1: all) (default: 1.0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample where TEXT appears, leaving TEXT out (repeatable); "
-                        "samples also end at <|endoftext|>")
+                   help="end a sample where TEXT appears, leaving TEXT out (repeatable, up to 4); "
+                        "samples also end at <|endoftext|> and, with a chat model, <|im_end|>")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context for every token instead of using the KV "
                         "cache (slower; same tokens)")

@@ -44,7 +44,7 @@ __all__ = [
     "BPE_FILE", "GPT2_EOT", "GPT2_EOT_ID", "GPT2_SPLIT_PATTERN", "GPT2_VOCAB_SIZE",
     "MAX_VOCAB_SIZE", "MIN_VOCAB_SIZE", "SAVED_TOKENIZERS", "TOKENIZERS", "BPETokenizer",
     "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "_gpt2_encoding", "check_vocab_size",
-    "describe", "get_tokenizer", "gpt2_vocab_files", "hf_tokenizer_files", "load_bpe", "tokenizer_from_dict",
+    "describe", "get_tokenizer", "stop_ids", "gpt2_vocab_files", "hf_tokenizer_files", "load_bpe", "tokenizer_from_dict",
     "train_bpe",
 ]
 
@@ -69,6 +69,12 @@ def get_tokenizer(name: str) -> Tokenizer:
             "or load it with load_bpe(path to its tokenizer.json)"
         )
     raise GptforgeError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+
+
+def stop_ids(tok: Tokenizer) -> set[int]:
+    """The ids that end generation: the end of text, and with a chat vocabulary the end of a turn."""
+    ids = {tok.eot_id, getattr(tok, "im_end_id", None)}
+    return {i for i in ids if i is not None}
 
 
 def describe(record: dict[str, Any]) -> str:
