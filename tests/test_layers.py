@@ -42,7 +42,7 @@ PACKAGE_RANK = {
              "vocab": 4,
              "splits": 5, "prepare": 6, "__init__": 7},
     "serve": {"options": 0, "engine": 0, "protocol": 1, "app": 2, "server": 3, "__init__": 4},
-    "tokenizer": {"interface": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
+    "tokenizer": {"interface": 0, "chat": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
 }
 
 

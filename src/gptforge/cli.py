@@ -314,8 +314,9 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
         "gpt2: GPT-2 BPE (50,257 tokens); char: one token per character; bpe: a byte-level BPE "
         "trained on these inputs, kept in DIR as tokenizer.json; PATH: reuse the tokenizer of a "
         "tokenizer.json, a prepared DIR or a run (default: gpt2)"))
-    p.add_argument("--vocab-size", type=int, metavar="N", help="with bpe (required): 257 (the "
-                   "bytes and <|endoftext|>) to 131,072 tokens; past 65,536 the shards are uint32")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="with bpe (required): 259 (the "
+                   "bytes, <|im_start|>, <|im_end|> and <|endoftext|>) to 131,072 tokens; past "
+                   "65,536 the shards are uint32")
     p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", help="with bpe: train on a "
                    "deterministic sample of about MB megabytes of larger inputs; 0: all (default: "
                    "100: 2.3 to 3 min and up to 1.5 GB of memory on 2 cores of a shared AMD EPYC)")
