@@ -40,7 +40,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         meta = prepare(args.inputs, args.out, **{k: getattr(args, k) for k in (
             "tokenizer", "val_fraction", "force", "errors", "url", "format", "text_field", "workers",
-            "shard_tokens", "max_tokens", "seed", "vocab_size", "tokenizer_sample_mb")})
+            "shard_tokens", "max_tokens", "seed", "vocab_size", "tokenizer_sample_mb",
+            "messages_field", "max_conversation_tokens")})
     except KeyboardInterrupt:
         print("gptforge prepare: interrupted; run the same command again to continue from the "
               "last complete shard", file=sys.stderr)
@@ -324,6 +325,15 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                    help="read every input as this format, whatever its extension")
     p.add_argument("--text-field", default="text", metavar="NAME",
                    help="JSON field or Parquet column holding the text (default: text)")
+    p.add_argument("--messages-field", default=None, metavar="NAME",
+                   help="read conversations (OpenAI's list of role/content messages) from this "
+                        "JSON field or Parquet column: ChatML ids plus a mask of what is trained "
+                        "on (docs/chat.md); without it, JSON lines or Parquet whose records have "
+                        "no --text-field but a 'messages' field are read as conversations")
+    p.add_argument("--max-conversation-tokens", type=int, default=None, metavar="N",
+                   help="split conversations longer than N tokens on turn boundaries (each part "
+                        "keeps the system message; the count is reported); without it, train "
+                        "refuses at start-up a conversation longer than train.seq_len + 1")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="fraction held out for validation: whole documents (chosen by a seeded "
                         "hash) when there are many, the last tokens of a single text; 0 trains "

@@ -65,8 +65,8 @@ def message_problem(messages: Any, need_assistant: bool) -> str | None:
     """Why ``messages`` is not a conversation gptforge can use, or None. Extra keys of a message
     (OpenAI's "name", a dataset's own) are ignored."""
     if not isinstance(messages, list) or not messages:
-        return "has no messages (an empty list)" if isinstance(messages, list) else \
-            f"has messages that are {type(messages).__name__}, not a list of objects"
+        return "the conversation has no messages (an empty list)" if isinstance(messages, list) \
+            else f"the messages are {type(messages).__name__}, not a list of objects"
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return f"message {i} is {type(m).__name__}, not an object with role and content"
@@ -80,7 +80,7 @@ def message_problem(messages: Any, need_assistant: bool) -> str | None:
             kind = "missing" if content is None else f"{type(content).__name__}, not a string"
             return f"message {i} ({role}) has content that is {kind}"
     if need_assistant and not any(m["role"] == ASSISTANT for m in messages):
-        return "has no assistant message, so nothing in it would be trained on"
+        return "the conversation has no assistant message, so nothing in it would be trained on"
     return None
 
 
