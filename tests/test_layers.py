@@ -32,6 +32,7 @@ RANK = {
     "resume": 6,  # planning a run and resuming it
     "generate": 6, "report": 6, "export": 6,
     "train": 7,
+    "chat": 7,  # gptforge chat: a conversation in the terminal over generate
     "bench": 8,
     "serve": 8,  # the HTTP server over generate's KV cache and sampling
     "cli": 9,
@@ -41,7 +42,8 @@ PACKAGE_RANK = {
     "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
              "vocab": 4,
              "splits": 5, "prepare": 6, "__init__": 7},
-    "serve": {"options": 0, "engine": 0, "protocol": 1, "app": 2, "server": 3, "__init__": 4},
+    "serve": {"options": 0, "engine": 0, "protocol": 1, "chat": 2, "app": 3, "server": 4,
+              "__init__": 5},
     "tokenizer": {"interface": 0, "chat": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
 }
 

@@ -201,6 +201,26 @@ def checked_sampling(sampling):  # noqa: ANN001, ANN201 - (Sampling) -> Sampling
     return sampling
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import dataclasses as dc
+    import os
+
+    from gptforge.chat import interactive, one_shot, open_session
+    from gptforge.sampling import Sampling
+
+    sampling = checked_sampling(Sampling(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_tokens=args.max_new_tokens or 1, seed=args.seed, stops=tuple(args.stop)))
+    session = open_session(args.ckpt, sampling, args.system, args.device)
+    if args.max_new_tokens is None:  # the rest of the context, as OpenAI's chat completions
+        session.sampling = dc.replace(sampling, max_tokens=session.model.config.block_size)
+    if args.message is not None:
+        return one_shot(session, args.message)
+    if not sys.stdin.isatty():  # a script: the whole of standard input is the one message
+        return one_shot(session, sys.stdin.read())
+    return interactive(session, os.path.basename(os.path.normpath(args.ckpt)))
+
+
 def serve_arguments(p: argparse.ArgumentParser) -> None:
     from gptforge.serve.options import add_arguments  # no web stack: help only
 
@@ -393,6 +413,30 @@ def sample_options(p: argparse.ArgumentParser) -> None:
                         "cache (slower; same tokens)")
 
 
+def chat_options(p: argparse.ArgumentParser) -> None:
+    from gptforge import sampling as s
+
+    p.add_argument("--ckpt", required=True, metavar="PATH",
+                   help="a chat model: a run or checkpoint fine-tuned on conversations, or its "
+                        "Hugging Face export")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message that starts the conversation (it is never dropped)")
+    p.add_argument("-m", "--message", default=None, metavar="TEXT",
+                   help="ask once: print the reply to TEXT and exit (standard input that is not "
+                        "a terminal is read as one message too)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="the longest reply (default: until the model ends its turn or the "
+                        "context is full, as OpenAI's chat completions)")
+    p.add_argument("--temperature", type=float, default=s.DEFAULT_TEMPERATURE,
+                   help="0 to 2; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=s.DEFAULT_TOP_K, help="0: all tokens")
+    p.add_argument("--top-p", type=float, default=s.DEFAULT_TOP_P, help="nucleus sampling; 1: all")
+    p.add_argument("--seed", type=int, default=s.DEFAULT_SEED,
+                   help="seeds the session's replies: the same seed and messages give the same replies")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="also end a reply where TEXT appears (repeatable, up to 4)")
+
+
 def export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -506,6 +550,12 @@ COMMANDS: tuple[Command, ...] = (
             "Generate text from a run's latest checkpoint, a checkpoint directory or a Hugging "
             "Face GPT-2 directory.",
             (sample_options, device_option)),
+    Command("chat", cmd_chat, "talk to a chat model in the terminal, or ask it once",
+            "Talk to a model fine-tuned on conversations (docs/chat.md): replies stream as they "
+            "are generated; the conversation stays within the model's context (the oldest "
+            "exchanges are dropped, with a notice); /reset, /quit; Ctrl-C stops a reply. "
+            "--message TEXT (or piped standard input) asks once and prints the reply.",
+            (chat_options, device_option)),
     Command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API, with a web page",
             "Serve a run, checkpoint or Hugging Face GPT-2 directory: POST /v1/completions "
             "(OpenAI's protocol, streaming or not; requests share forward passes), GET /v1/models, "

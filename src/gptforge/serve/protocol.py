@@ -121,6 +121,7 @@ class ModelInfo:
     vocab_size: int
     device: str
     created: int
+    chat: bool = False  # the vocabulary has ChatML's tokens: /v1/chat/completions serves it
 
 
 @dataclass
@@ -160,25 +161,28 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_request(obj: dict[str, Any]) -> CompletionRequest:
+def parse_request(obj: dict[str, Any], schema: type[BaseModel] = CompletionRequest,
+                  expected: dict[str, str] | None = None, example: str = EXAMPLE) -> Any:
+    """The body as ``schema`` (a completions request by default); a wrong field is one 400."""
+    expected = EXPECTED if expected is None else expected
     try:
-        return CompletionRequest.model_validate(obj)
+        return schema.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "body"
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"unknown field {name!r}: the fields are "
-                                f"{', '.join(CompletionRequest.model_fields)}", param=name) from None
+                                f"{', '.join(schema.model_fields)}", param=name) from None
         if err["type"] == "missing":
-            raise ApiError(400, f"{name} is required: the text to continue, e.g. {EXAMPLE}",
-                           param=name) from None
-        raise ApiError(400, f"{name} must be {EXPECTED[name]}, got {_shown(obj[name])}",
+            raise ApiError(400, f"{name} is required, e.g. {example}", param=name) from None
+        raise ApiError(400, f"{name} must be {expected[name]}, got {_shown(obj[name])}",
                        param=name) from None
 
 
-def _need(ok: bool, name: str, value: Any) -> None:
+def _need(ok: bool, name: str, value: Any, expected: dict[str, str] | None = None) -> None:
     if not ok:
-        raise ApiError(400, f"{name} must be {EXPECTED[name]}, got {_shown(value)}", param=name)
+        what = (EXPECTED if expected is None else expected)[name]
+        raise ApiError(400, f"{name} must be {what}, got {_shown(value)}", param=name)
 
 
 def _encode(tok: Tokenizer, prompt: str, where: str) -> list[int]:
@@ -286,4 +290,4 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
     """An entry of GET /v1/models; parameters, context_length and tokenizer are extensions."""
     return {"id": info.name, "object": "model", "created": info.created, "owned_by": "gptforge",
             "parameters": info.parameters, "context_length": info.context_length,
-            "tokenizer": info.tokenizer, "device": info.device}
+            "tokenizer": info.tokenizer, "device": info.device, "chat": info.chat}
