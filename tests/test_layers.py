@@ -24,6 +24,7 @@ RANK = {
     "probe": 3,  # what train.dtype=auto becomes on a CPU: the model's block timed, cached
     "device": 4,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
     "optim": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
+    "llamacpp": 4,  # GGUF files for llama.cpp, written with the gguf package (export --format gguf)
     "distributed": 5,  # process groups and wrapping: under device, which picks the device
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
@@ -108,7 +109,7 @@ def test_core_import_pulls_no_optional_extras():
             "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint, gptforge.data, "
             "gptforge.serve; gptforge.cli.build_parser(); "
             "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard', 'wandb', 'mlflow', "
-            "'pyarrow', 'zstandard', 'fastapi', 'starlette', 'uvicorn', 'pydantic', 'openai', "
+            "'pyarrow', 'zstandard', 'fastapi', 'starlette', 'uvicorn', 'pydantic', 'openai', 'gguf', "
             "'selenium') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

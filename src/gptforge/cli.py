@@ -235,8 +235,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gptforge.export import export_hf
+    from gptforge.export import export_gguf, export_hf
 
+    if args.format == "gguf":
+        if args.weights_only:
+            raise GptforgeError("--weights-only is for --format hf: leave it out")
+        result = export_gguf(args.ckpt, args.out, force=args.force)
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"wrote {result.path}: load it with llama.cpp (llama-cli -m FILE, or "
+              "llama_cpp.Llama(FILE) in Python)")
+        return 0
     result = export_hf(args.ckpt, args.out, force=args.force, weights_only=args.weights_only)
     for note in result.notes:
         print(f"note: {note}")
@@ -439,8 +448,12 @@ def chat_options(p: argparse.ArgumentParser) -> None:
 
 def export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    p.add_argument("--out", required=True, metavar="DIR|FILE",
+                   help="directory to write (hf), or the .gguf file (gguf)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a Hugging Face GPT-2 directory (transformers); gguf: one GGUF file "
+                        "for llama.cpp, Ollama and LM Studio (needs pip install 'gptforge[gguf]')")
+    p.add_argument("--force", action="store_true", help="replace DIR (or FILE) if it already holds files")
     p.add_argument("--weights-only", action="store_true",
                    help="export a char-level model anyway: config and weights, with the char "
                         "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
@@ -561,9 +574,10 @@ COMMANDS: tuple[Command, ...] = (
             "(OpenAI's protocol, streaming or not; requests share forward passes), GET /v1/models, "
             "GET /health, and a page to try it at /. Needs pip install 'gptforge[serve]'.",
             (serve_arguments,)),
-    Command("export", cmd_export, "write a checkpoint as a Hugging Face GPT-2 directory",
+    Command("export", cmd_export, "write a checkpoint for transformers, or as GGUF for llama.cpp",
             "Write a checkpoint as a directory that transformers loads offline: "
-            "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",
+            "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR); with "
+            "--format gguf, as one GGUF file for llama.cpp.",
             (export_options,)),
     Command("eval", cmd_eval, "loss, bits per byte, perplexity on a split or text file, or HellaSwag",
             "Score every token of a prepared split or a text file (consecutive windows; not a "
