@@ -109,6 +109,8 @@ class DataConfig:
     "directory written by `gptforge prepare` (meta.json and its train and val shards)"
     loader: str = "sequential"
     "sequential: consecutive windows, wrapping at the end (the original recipe); random: seeded random windows drawn uniformly over all shards"
+    mask: bool = True
+    "with conversation data (prepare of messages), train only on what the mask marks: the assistants' replies and their end of turn; false: on every token of each conversation (a comparison, see BENCHMARKS.md)"
     verify: str = "sha256"
     "what train checks of the shards before it starts: sha256 (each shard against meta.json; reads the data once: about 1.2 s per GB from the page cache on a 2-core AMD EPYC, BENCHMARKS.md) or sizes (headers and sizes only)"
 

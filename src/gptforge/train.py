@@ -529,7 +529,8 @@ class Trainer:
                                seed=tc.seed, rank=env.rank, world_size=env.world_size)
         return RowLoader(tokens, mask, self.start.meta["eot_id"], tc.batch_size, tc.seq_len,
                          mode=self.cfg.data.loader, seed=tc.seed, rank=env.rank,
-                         world_size=env.world_size, what=f"{what} of {self.cfg.data.path}")
+                         world_size=env.world_size, what=f"{what} of {self.cfg.data.path}",
+                         use_mask=self.cfg.data.mask)
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return sum_over_ranks(t, self.env) if self.cfg.train.parallel == "ddp" else t

@@ -166,18 +166,21 @@ class RowLoader:
     The stream of sequences and its cursor are TokenLoader's: a call on rank r returns global
     rows [cursor + r*B, cursor + (r+1)*B), and the cursor advances by world_size*B, so it does not
     depend on the number of processes. "sequential" takes rows in order, wrapping; "random" takes
-    each pass over the rows in a permutation seeded by (seed, pass).
+    each pass over the rows in a permutation seeded by (seed, pass). ``use_mask=False`` trains on
+    every token of each conversation instead (data.mask=false: what the mask is worth).
     """
 
     def __init__(self, tokens: Tokens, mask: Tokens, eot: int, batch_size: int, seq_len: int,
                  mode: str = "sequential", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 what: str = "the data") -> None:
+                 what: str = "the data", use_mask: bool = True) -> None:
         if mode not in ("sequential", "random"):
             raise GptforgeError(f"unknown data loader mode {mode!r}: choose sequential or random")
         self.tokens, self.mask, self.eot = tokens, mask, eot
         self.B, self.T = batch_size, seq_len
         self.mode, self.seed, self.rank, self.world_size = mode, int(seed), rank, world_size
         self.cursor = 0
+        if not use_mask:  # every token of a conversation, the separators still not
+            mask = (np.asarray(tokens[0 : len(tokens)]) != eot).astype(np.uint8)
         self.starts, self.ends, self.row_trained = pack_rows(tokens, mask, eot, seq_len + 1, what)
         self._perm_pass, self._perm = -1, np.zeros(0, dtype=np.int64)
 
