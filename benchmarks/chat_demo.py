@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -39,14 +40,20 @@ WORDS = ("apple river stone cloud bread horse queen sword tower candle garden wi
          "silver golden forest mirror castle dragon letter window forty purple yellow orange "
          "thunder velvet marble copper hammer ribbon pocket lantern meadow harbor island "
          "blanket button spider rabbit monkey pepper honey butter coffee violin guitar rocket").split()
-SYSTEM = "Reverse the order of the words the user gives."
 
 
-def conversation(rng: random.Random) -> tuple[list[dict[str, str]], str]:
+TASKS = {  # name: (system message, the request's word, the answer from the words)
+    "reverse": ("Reverse the order of the words the user gives.", "Reverse", lambda w: w[::-1]),
+    "repeat": ("Repeat the words the user gives, in order.", "Repeat", lambda w: w),
+}
+
+
+def conversation(rng: random.Random, task: str) -> tuple[list[dict[str, str]], str]:
+    system, verb, answer_of = TASKS[task]
     words = rng.sample(WORDS, rng.randint(3, 5))
-    answer = " ".join(reversed(words))
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": "Reverse: " + " ".join(words)},
+    answer = " ".join(answer_of(words))
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"{verb}: " + " ".join(words)},
             {"role": "assistant", "content": answer}], answer
 
 
@@ -69,10 +76,21 @@ def exact_match(run: Path, held_out: list[tuple[list[dict[str, str]], str]]) -> 
     tok = tokenizer_from_dict(record)
     right = 0
     for messages, answer in held_out:
-        session = ChatSession(model, tok, Sampling(temperature=0, max_tokens=24), system=SYSTEM)
+        session = ChatSession(model, tok, Sampling(temperature=0, max_tokens=24),
+                              system=messages[0]["content"])
         reply = session.reply(messages[1]["content"], lambda text: None)
         right += reply.text.strip() == answer
     return right / len(held_out)
+
+
+def pretrain(out: Path, steps: int, common: list[str]) -> dict[str, float]:
+    """Tiny Shakespeare, a 2,048-token BPE trained on it, gpt2-mini's shape for ``steps``."""
+    times = {"prepare text": gptforge("prepare", "shakespeare", "--out", str(out / "text"),
+                                      "--tokenizer", "bpe", "--vocab-size", "2048")}
+    times["pretrain"] = gptforge("train", "--data", str(out / "text"), "--out", str(out / "base"),
+                                 "--preset", "gpt2-mini", *common, f"--set=train.max_steps={steps}",
+                                 f"--set=optim.decay_steps={steps}", "--set=train.eval_interval=0")
+    return times
 
 
 def main() -> None:
@@ -82,6 +100,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--train", type=int, default=4000, help="fine-tuning conversations")
     ap.add_argument("--held-out", type=int, default=200)
+    ap.add_argument("--task", choices=list(TASKS), default="repeat")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -89,37 +108,36 @@ def main() -> None:
     common = [f"--set=train.{k}={v}" for k, v in cpu_t.items()]
     times = {}
 
-    # 1. the base model
-    times["prepare text"] = gptforge("prepare", "shakespeare", "--out", str(out / "text"),
-                                     "--tokenizer", "bpe", "--vocab-size", "2048")
-    times["pretrain"] = gptforge("train", "--data", str(out / "text"), "--out", str(out / "base"),
-                                 "--preset", "gpt2-mini", *common,
-                                 f"--set=train.max_steps={args.pretrain_steps}",
-                                 f"--set=optim.decay_steps={args.pretrain_steps}",
-                                 "--set=train.eval_interval=0")
+    # 1. the base model (kept from an earlier run into the same --out)
+    if (out / "base" / "checkpoints").is_dir():
+        times["pretrain"] = json.loads((out / "chat_demo.json").read_text())["times_s"]["pretrain"]
+    else:
+        times.update(pretrain(out, args.pretrain_steps, common))
 
     # 2. the conversations, held-out ones never seen in training
     rng = random.Random(0)
     held, seen = [], set()
     while len(held) < args.held_out:
-        messages, answer = conversation(rng)
+        messages, answer = conversation(rng, args.task)
         if messages[1]["content"] not in seen:
             seen.add(messages[1]["content"])
             held.append((messages, answer))
     train = []
     while len(train) < args.train:
-        messages, _ = conversation(rng)
+        messages, _ = conversation(rng, args.task)
         if messages[1]["content"] not in seen:
             train.append(messages)
+    for old in ("sft-data", "sft", "sft-no-mask"):  # an earlier run's, of this or another task
+        shutil.rmtree(out / old, ignore_errors=True)
     (out / "sft.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in train),
                                    encoding="utf-8")
     times["prepare conversations"] = gptforge("prepare", str(out / "sft.jsonl"), "--out",
-                                              str(out / "sft"), "--tokenizer", str(out / "base"),
+                                              str(out / "sft-data"), "--tokenizer", str(out / "base"),
                                               "--val-fraction", "0.05")
 
     # 3. fine-tuning, with the mask and without
     for name, mask in (("sft", "true"), ("sft-no-mask", "false")):
-        times[name] = gptforge("train", "--data", str(out / "sft"), "--out", str(out / name),
+        times[name] = gptforge("train", "--data", str(out / "sft-data"), "--out", str(out / name),
                                "--init-from", str(out / "base"), "--preset", "chat-sft", *common,
                                f"--set=train.max_steps={args.sft_steps}",
                                f"--set=optim.decay_steps={args.sft_steps}", f"--set=data.mask={mask}")
@@ -134,8 +152,9 @@ def main() -> None:
                      "train_s": times.get(name, times["pretrain"])})
         print(f"{what}: exact match {acc:.1%}", flush=True)
     machine = cpu()
-    lines = [f"{machine}; {datetime.date.today()}; pre-training {args.pretrain_steps} steps, "
-             f"fine-tuning {args.sft_steps} steps of {args.train:,} conversations",
+    lines = [f"{machine}; {datetime.date.today()}; task {args.task}; pre-training "
+             f"{args.pretrain_steps} steps, fine-tuning {args.sft_steps} steps of "
+             f"{args.train:,} conversations",
              "", "| model | exact match on 200 held-out conversations | training time |",
              "|---|---:|---:|"]
     lines += [f"| {r['what']} | {r['exact_match']:.1%} | {r['train_s']:.0f} s |" for r in rows]

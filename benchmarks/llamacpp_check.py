@@ -11,7 +11,9 @@ and checks, through llama-cpp-python:
 - tokenization: llama.cpp's ids equal gptforge's on mixed-script text (English, accents, Chinese,
   Korean, Arabic, Hindi, emoji with a skin tone, combining marks, control characters, runs of
   spaces and newlines, and the text of special tokens, which both must keep as text);
-- logits: llama.cpp's for every position of a prompt against gptforge's (max |difference|);
+- logits: llama.cpp's for every position of a prompt against gptforge's (max |difference|; not
+  exactly equal: ggml's CPU GELU reads a float16 lookup table, GGML_GELU_FP16 in its
+  ggml-cpu/vec.h, about 1e-3 relative);
 - greedy tokens: 24 tokens decoded greedily by each, compared;
 - chat formatting: the prompt llama.cpp's chat handler renders from the GGUF's template
   (llama-cpp-python's Jinja2ChatFormatter, what ``create_chat_completion`` uses), tokenized with
@@ -171,8 +173,8 @@ def main() -> None:
     record = {"machine": cpu(), "date": str(datetime.date.today()),
               "llama_cpp_python": llama_cpp.__version__, "results": results}
     (args.out / "llamacpp_check.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    ok = all(r["tokenization_equal"].split("/")[0] == r["tokenization_equal"].split("/")[1]
-             and r["greedy_tokens_equal"] and r["chat_template_ids_equal"] for r in results)
+    ok = all(not r["tokenization_mismatches"] and r["greedy_tokens_equal"]
+             and r["chat_template_ids_equal"] for r in results)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)
 

@@ -205,7 +205,7 @@ def test_over_long_conversations_are_refused_at_start_up_or_split_on_turns(chat_
                    "--init-from", str(base_model), *TINY, "--set", "train.max_steps=1") == 2
     err = capsys.readouterr().err
     assert "20 of the 20 conversations" in err and "--max-conversation-tokens 65" in err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before it started
     assert run_cli("prepare", str(tmp_path / "long.jsonl"), "--out", str(tmp_path / "split"),
                    "--max-conversation-tokens", "65", "--val-fraction", "0") == 0
     out = capsys.readouterr().out
@@ -216,6 +216,23 @@ def test_over_long_conversations_are_refused_at_start_up_or_split_on_turns(chat_
     tok = GPT2Tokenizer(chat=True)
     parts = tok.decode(ids.tolist()).split("<|endoftext|>")
     assert all(p.startswith("<|im_start|>system\nYou add numbers.") for p in parts)  # kept in each
+
+
+def test_rows_hold_whole_conversations_and_data_mask_false_trains_every_token(chat_data):
+    from gptforge.data.loader import RowLoader
+
+    ids, mask = load_split(chat_data, "train"), load_mask(chat_data, "train")
+    rows = RowLoader(ids, mask, 50256, batch_size=4, seq_len=64)
+    every = RowLoader(ids, mask, 50256, batch_size=4, seq_len=64, use_mask=False)
+    assert rows.rows == every.rows and (rows.ends - rows.starts <= 65).all()
+    x, y = rows.row(0)
+    x2, y2 = every.row(0)
+    a, b = int(rows.starts[0]), int(rows.ends[0])
+    assert (x == x2).all() and x[0] == 50257 and list(x[: b - a - 1]) == list(ids[a : b - 1])
+    assert (y[y >= 0] != 50256).all() and ((y >= 0) <= (y2 >= 0)).all()  # masked: a subset
+    assert (y2[: b - a - 1] >= 0).sum() == (np.asarray(ids[a + 1 : b]) != 50256).sum()
+    assert (y[b - a - 1 :] == -1).all() and (y2[b - a - 1 :] == -1).all()  # padding: never
+    assert rows.trained_between(0, rows.rows) == int(np.asarray(mask[:]).sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +308,33 @@ def test_the_session_drops_the_oldest_turns_and_survives_ctrl_c(tuned):
     assert session.reply("1+1", lambda text: None).reason in ("stop", "length")  # it goes on
 
 
+def test_the_end_of_a_turn_stops_sample_chat_and_the_engine(tmp_path, capsys):
+    """A model that always says <|im_end|>: every path ends there, with nothing printed."""
+    cfg = RunConfig()
+    cfg.model = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=32, vocab_size=50259,
+                          pad_vocab_multiple=1)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[50258] = 1.0
+        model.transformer.ln_f.bias.fill_(10.0)
+    tok = GPT2Tokenizer(chat=True)
+    save_checkpoint(tmp_path / "run", model.state_dict(), None, cfg, tok.to_dict(), {"step": 0, "tokens": 0})
+    assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "Hi", "--device", "cpu") == 0
+    assert capsys.readouterr().out == "Hi\n"
+    assert run_cli("chat", "--ckpt", str(tmp_path / "run"), "-m", "Hi", "--device", "cpu") == 0
+    assert capsys.readouterr().out == "\n"
+    from gptforge.serve.engine import End, Engine, Job
+
+    events = []
+    engine = Engine(model, tok, torch.device("cpu"), max_batch=1, max_queue=1)
+    engine.submit(Job([prompt_ids(tok, [{"role": "user", "content": "Hi"}])], 1,
+                      Sampling(max_tokens=10, seed=1), events.append))
+    while engine.step():
+        pass
+    assert events == [End(0, "stop", 1)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Serving
 
@@ -359,7 +403,7 @@ def test_chat_completions_with_the_openai_client(chat_client, tuned):
     ({}, "messages is required"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature must be a number from 0 to 2"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, "more than the model's context"),
-    ({"messages": [{"role": "user", "content": "x" * 300}]}, "fill the model's context"),
+    ({"messages": [{"role": "user", "content": " ".join(map(str, range(100)))}]}, "fill the model's context"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "unknown field 'tools'"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs are not supported"),
 ])
@@ -408,16 +452,17 @@ def test_the_page_chats_in_a_real_browser_after_asking_for_the_key(tuned, tmp_pa
         wait.until(lambda d: d.find_element(By.ID, "model").text == "tuned")
         assert driver.find_element(By.ID, "chat-view").is_displayed()
         assert not driver.find_element(By.ID, "complete-view").is_displayed()
-        for text in ("3+4", "and 5+5?"):
+        for text in ("3+4", "and 5+5?", "then 6+6, 7+7 and 8+8?", "and 9+9?"):
             driver.find_element(By.ID, "chat-input").send_keys(text)
             driver.find_element(By.ID, "send").click()
+            done = len(driver.find_elements(By.CSS_SELECTOR, ".msg.user"))
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]"))
-                       == (1 if text == "3+4" else 2))
+                       == done)
+        # four exchanges outgrow the context of 64: the page drops the oldest ones and goes on
         replies = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-        assert [r.get_attribute("data-finish") for r in replies] == ["stop", "stop"] or all(
-            r.get_attribute("data-finish") in ("stop", "length") for r in replies)
+        assert all(r.get_attribute("data-finish") in ("stop", "length") for r in replies)
         users = [m.text for m in driver.find_elements(By.CSS_SELECTOR, ".msg.user")]
-        assert users == ["3+4", "and 5+5?"]
+        assert users == ["3+4", "and 5+5?", "then 6+6, 7+7 and 8+8?", "and 9+9?"]
         assert "tokens in" in driver.find_element(By.ID, "chat-status").text
         driver.save_screenshot(str(tmp_path / "chat.png"))
     finally:

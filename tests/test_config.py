@@ -79,6 +79,7 @@ PRESET_FACTS = {
     "gpt2-tiny": ((2, 2, 32, 64), 256, 1),
     "gpt2-mini": ((4, 4, 128, 256), 2048, 1),
     "gpt2-fineweb": ((12, 12, 768, 1024), 524_288, 8),
+    "chat-sft": ((4, 4, 128, 256), 2048, 1),  # the shape only for the table: --init-from's wins
 }
 
 

@@ -42,7 +42,7 @@ RANK = {
 PACKAGE_RANK = {
     "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
              "vocab": 4,
-             "splits": 5, "prepare": 6, "__init__": 7},
+             "splits": 5, "conversations": 6, "prepare": 7, "__init__": 8},
     "serve": {"options": 0, "engine": 0, "protocol": 1, "chat": 2, "app": 3, "server": 4,
               "__init__": 5},
     "tokenizer": {"interface": 0, "chat": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},

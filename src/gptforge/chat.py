@@ -91,9 +91,9 @@ class ChatSession:
                            on_token=lambda _row, token: stream.push(token))[0]
             # fewer tokens than the budget: the turn ended (<|im_end|>) or a stop text came
             reason = "stop" if len(out) < budget or stream.stopped else "length"
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        text = stream.finish()
+            text = stream.finish()
+        except KeyboardInterrupt:  # the reply ends where it was: the text already shown
+            reason, text = "interrupted", stream.text
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         return Reply(text, reason, dropped)
 

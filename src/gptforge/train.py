@@ -270,6 +270,8 @@ class Trainer:
         cfg.model.pad_vocab_multiple = self.resolved.pad_vocab_multiple  # the model's shape from now on
         self.accum = grad_accum_steps(tc, env.world_size)
         self.loader = self._loader(start.train_tokens, start.train_mask, "the train split")
+        self.val_rows = (None if start.val_mask is None else  # checked now, not at the first eval
+                         self._loader(start.val_tokens, start.val_mask, "the val split", True))
         self.t: Trainable = build_trainable(cfg.model, env, precision, tc.seed, tc.parallel,
                                             self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights,
                                             activation_checkpointing=tc.activation_checkpointing)
@@ -416,8 +418,8 @@ class Trainer:
         tc, val = self.cfg.train, self.start.val_tokens
         if val is None or (self.start.val_mask is None and len(val) < tc.seq_len + 1):
             return None, None
-        batches = (iter_eval_batches(val, tc.batch_size, tc.seq_len) if self.start.val_mask is None
-                   else self._loader(val, self.start.val_mask, "the val split").batches_in_order())
+        batches = (iter_eval_batches(val, tc.batch_size, tc.seq_len) if self.val_rows is None
+                   else self.val_rows.batches_in_order())
         with eager(self.resolved.compile):
             held = heldout_loss(
                 self.eval_model, batches, self.env.device,
@@ -521,8 +523,11 @@ class Trainer:
                 "resume with the config the run was started with"
             ) from None
 
-    def _loader(self, tokens: Any, mask: Any, what: str) -> TokenLoader | RowLoader:
-        """Windows of the token stream, or with a mask (conversations) rows of whole ones."""
+    def _loader(self, tokens: Any, mask: Any, what: str, masked: bool | None = None
+                ) -> TokenLoader | RowLoader:
+        """Windows of the token stream, or with a mask (conversations) rows of whole ones,
+        trained on the mask unless data.mask=false (``masked``: the validation loss always is,
+        so runs with and without the mask compare)."""
         tc, env = self.cfg.train, self.env
         if mask is None:
             return TokenLoader(tokens, tc.batch_size, tc.seq_len, mode=self.cfg.data.loader,
@@ -530,7 +535,7 @@ class Trainer:
         return RowLoader(tokens, mask, self.start.meta["eot_id"], tc.batch_size, tc.seq_len,
                          mode=self.cfg.data.loader, seed=tc.seed, rank=env.rank,
                          world_size=env.world_size, what=f"{what} of {self.cfg.data.path}",
-                         use_mask=self.cfg.data.mask)
+                         use_mask=self.cfg.data.mask if masked is None else masked)
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return sum_over_ranks(t, self.env) if self.cfg.train.parallel == "ddp" else t

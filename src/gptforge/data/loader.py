@@ -175,12 +175,12 @@ class RowLoader:
                  what: str = "the data", use_mask: bool = True) -> None:
         if mode not in ("sequential", "random"):
             raise GptforgeError(f"unknown data loader mode {mode!r}: choose sequential or random")
+        if not use_mask:  # every token of a conversation, the separators still not
+            mask = (np.asarray(tokens[0 : len(tokens)]) != eot).astype(np.uint8)
         self.tokens, self.mask, self.eot = tokens, mask, eot
         self.B, self.T = batch_size, seq_len
         self.mode, self.seed, self.rank, self.world_size = mode, int(seed), rank, world_size
         self.cursor = 0
-        if not use_mask:  # every token of a conversation, the separators still not
-            mask = (np.asarray(tokens[0 : len(tokens)]) != eot).astype(np.uint8)
         self.starts, self.ends, self.row_trained = pack_rows(tokens, mask, eot, seq_len + 1, what)
         self._perm_pass, self._perm = -1, np.zeros(0, dtype=np.int64)
 

@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from gptforge.console import progress_bar
-from gptforge.data import conversations as chat
+import gptforge.data.conversations as chat
 from gptforge.data.shards import DATA_FORMAT, load_meta, shard_count, split_shards
 from gptforge.data.sources import ReadOptions, Source, expand_inputs, read_sources
 from gptforge.data.splits import (
