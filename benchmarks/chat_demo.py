@@ -1,10 +1,12 @@
 """Does chat fine-tuning work, on a CPU, in minutes? And what is the mask worth?
 
-    python benchmarks/chat_demo.py --out /tmp/chat-demo [--pretrain-steps 600] [--sft-steps 400]
+    python benchmarks/chat_demo.py --out /tmp/chat-demo [--task repeat] [--sft-steps 1000]
 
-The task: reverse the order of a few words. A user asks "Reverse: river stone apple" and the
-assistant answers "apple stone river". The words come from a list of 48 common ones, 3 to 5 of
-them, so held-out conversations are new combinations; the reply must match exactly.
+The task (``--task repeat``, the default): repeat a few words the user gives. A user asks
+"Repeat: river stone apple" and the assistant answers "river stone apple" (the first word without
+the space it has in the request: other tokens). The words come from a list of 48 common ones, 3 to
+5 of them, so held-out conversations are new combinations; the reply must match exactly.
+``--task reverse`` asks for them in reverse order, which takes longer to learn.
 
 The steps, each through the real ``gptforge`` commands:
 
@@ -97,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--train", type=int, default=4000, help="fine-tuning conversations")
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--task", choices=list(TASKS), default="repeat")
