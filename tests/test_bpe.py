@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer import CHATML_TEMPLATE
 from gptforge.tokenizer import (
     BPE_FILE,
     MAX_VOCAB_SIZE,
@@ -75,7 +76,10 @@ def gpt2() -> GPT2Tokenizer:
 
 def test_layout_is_gpt2s(tok):
     assert (tok.name, tok.vocab_size, tok.eot_id) == ("bpe", VOCAB, VOCAB - 1)
+    assert (tok.im_start_id, tok.im_end_id) == (VOCAB - 3, VOCAB - 2)  # reserved for chat
     assert tok.decode([tok.eot_id]) == "<|endoftext|>"
+    assert tok.decode([VOCAB - 3, VOCAB - 2]) == "<|im_start|><|im_end|>"
+    assert tok.encode("<|im_start|>") != [VOCAB - 3]  # text never forges a special token
     # ids 0..255 are the bytes, in GPT-2's own order
     vocab = json.loads(tok.file_bytes())["model"]["vocab"]
     gpt2_vocab = json.loads(Path(gpt2_vocab_files()[1]).read_text(encoding="utf-8"))
@@ -83,7 +87,7 @@ def test_layout_is_gpt2s(tok):
     assert sorted(vocab[c] for c in BYTE_CHARS) == list(range(256))
     lengths = tok.token_bytes()
     assert lengths.shape == (VOCAB,) and lengths[tok.eot_id] == 0
-    assert (lengths[:256] == 1).all() and (lengths[256:-1] >= 2).all()
+    assert (lengths[:256] == 1).all() and (lengths[256:-3] >= 2).all() and (lengths[-3:] == 0).all()
     assert not lengths.flags.writeable
 
 
@@ -121,7 +125,7 @@ def test_lone_surrogates_become_replacement_characters(tok, gpt2):
     text = "a\ud800b \udfff"  # what a JSON "\ud800" escape gives
     assert tok.decode(tok.encode(text)) == gpt2.decode(gpt2.encode(text)) == "a\ufffdb \ufffd"
     assert tok.encode_batch([text, "ok"]) == [tok.encode(text), tok.encode("ok")]
-    assert train_bpe([text] * 3, 258).vocab_size == 258
+    assert train_bpe([text] * 3, 260).vocab_size == 260
 
 
 def test_decode_refuses_ids_outside(tok):
@@ -141,7 +145,8 @@ def gpt2_in_our_pipeline(tok: BPETokenizer) -> BPETokenizer:
     spec["model"]["vocab"] = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
     lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
     spec["model"]["merges"] = [line.split(" ") for line in lines if line]
-    spec["added_tokens"][0]["id"] = 50256
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
+    spec["added_tokens"][0]["id"] = 50256  # GPT-2's own: no ChatML tokens
     return BPETokenizer(json.dumps(spec).encode(), "gpt2-in-bpe")
 
 
@@ -217,15 +222,16 @@ def test_training_is_deterministic_whatever_the_threads(monkeypatch):
 # the vocabulary's range
 
 
-@pytest.mark.parametrize("size", [0, 256, MAX_VOCAB_SIZE + 1, 10**9, 1000.0, True])
+@pytest.mark.parametrize("size", [0, 258, MAX_VOCAB_SIZE + 1, 10**9, 1000.0, True])
 def test_vocab_size_out_of_range(size):
-    with pytest.raises(GptforgeError, match=r"257 \(the 256 bytes and <\|endoftext\|>\) to 131,072"):
+    with pytest.raises(GptforgeError, match=r"259 \(the 256 bytes, <\|im_start\|>, <\|im_end\|> and "
+                                            r"<\|endoftext\|>\) to 131,072"):
         train_bpe(["some text"], size)
 
 
 def test_smallest_vocabulary_is_the_bytes():
-    tok = train_bpe(["hello hello hello"], 257)
-    assert tok.vocab_size == 257 and tok.eot_id == 256
+    tok = train_bpe(["hello hello hello"], 259)
+    assert tok.vocab_size == 259 and tok.eot_id == 258
     assert tok.encode("hello") == [ord(c) - ord("!") for c in "hello"]  # printable ASCII: '!'..'~'
 
 
@@ -233,9 +239,9 @@ def test_corpus_too_small():
     with pytest.raises(GptforgeError) as e:
         train_bpe(["the cat sat on the mat", "the cat"], 5000)
     msg = str(e.value)
-    assert "5,000" in msg and "stopped at 262" in msg and "more text" in msg
-    assert "vocabulary size of 262 or less" in msg
-    assert train_bpe(["the cat sat on the mat", "the cat"], 262).vocab_size == 262
+    assert "5,000" in msg and "stopped at 264" in msg and "more text" in msg
+    assert "vocabulary size of 264 or less" in msg
+    assert train_bpe(["the cat sat on the mat", "the cat"], 264).vocab_size == 264
 
 
 def wide_tokenizer_file(directory: Path) -> dict[str, int]:
@@ -243,14 +249,15 @@ def wide_tokenizer_file(directory: Path) -> dict[str, int]:
     directory/tokenizer.json: ids that need uint32, built directly (training one that large
     takes seconds, see BENCHMARKS.md). Pairs starting with "e" are merged last, so "ex" gets an
     id above 65,535. Returns the vocabulary."""
-    spec = json.loads(train_bpe(["x"], 257).file_bytes())
+    spec = json.loads(train_bpe(["x"], 259).file_bytes())
     vocab = dict(spec["model"]["vocab"])
     firsts = [c for c in BYTE_CHARS if c != "e"] + ["e"]
     merges = [[a, b] for a in firsts for b in BYTE_CHARS]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     spec["model"]["vocab"], spec["model"]["merges"] = vocab, merges
-    spec["added_tokens"][0]["id"] = len(vocab)
+    for i, added in enumerate(spec["added_tokens"]):  # the ChatML tokens, then eot, after them
+        added["id"] = len(vocab) + i
     (directory / BPE_FILE).write_text(json.dumps(spec), encoding="utf-8")
     return vocab
 
@@ -258,7 +265,7 @@ def wide_tokenizer_file(directory: Path) -> dict[str, int]:
 def test_ids_above_65535(tmp_path):
     vocab = wide_tokenizer_file(tmp_path)
     wide = load_bpe(tmp_path)
-    assert wide.vocab_size == 256 + 65536 + 1 and wide.eot_id == 65792
+    assert wide.vocab_size == 256 + 65536 + 3 and wide.eot_id == 65794
     text = "ex: " + MIXED
     ids = wide.encode(text)
     assert ids[0] == vocab["ex"] > 65535 and wide.encode_array(text)[0] == ids[0]
@@ -345,7 +352,7 @@ def test_bad_files_are_refused_in_one_line(tok, tmp_path):
 def test_record_round_trip(tok, tmp_path):
     record = json.loads(json.dumps(tok.to_dict()))
     assert record == {"name": "bpe", "vocab_size": VOCAB, "eot_id": VOCAB - 1,
-                      "file": BPE_FILE, "sha256": tok.sha256}
+                      "file": BPE_FILE, "sha256": tok.sha256, "chat_template": CHATML_TEMPLATE}
     from hashlib import sha256
     assert sha256(tok.file_bytes()).hexdigest() == tok.sha256
     assert tokenizer_from_dict(record, data=tok.file_bytes()).encode(MIXED) == tok.encode(MIXED)

@@ -11,7 +11,7 @@ from test_train import quiet, run_cli, shakespeare_head, tiny_cfg
 from gptforge.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from gptforge.data import load_meta, prepare
 from gptforge.generate import sample
-from gptforge.config import SampleConfig
+from gptforge.sampling import Sampling
 from gptforge.tokenizer import BPE_FILE, tokenizer_from_dict, train_bpe
 from gptforge.train import train
 
@@ -51,8 +51,7 @@ def test_every_checkpoint_carries_the_tokenizer(bpe_run):
 
 def test_sample_and_eval_from_the_run_alone(bpe_run, capsys):
     root, text = bpe_run
-    out = sample(str(root / "run"), SampleConfig(prompt="ROMEO:", max_new_tokens=8, num_samples=1),
-                 device="cpu")
+    out = sample(str(root / "run"), "ROMEO:", Sampling(max_tokens=8), device="cpu")
     assert out[0].startswith("ROMEO:") and len(out[0]) > len("ROMEO:")
     (root / "held.txt").write_text(text[-3000:], encoding="utf-8")
     assert run_cli("eval", "--ckpt", str(root / "run"), "--data", str(root / "held.txt"),
@@ -142,5 +141,4 @@ def test_export_loads_in_transformers_with_the_same_ids_text_and_logits(bpe_run,
     model = gptforge.load(root / "run")
     assert_same_model(model, theirs, VOCAB)
     # ... and gptforge reads the exported directory back, tokenizer included
-    assert sample(str(out), SampleConfig(prompt="ROMEO:", max_new_tokens=4, num_samples=1),
-                  device="cpu")[0].startswith("ROMEO:")
+    assert sample(str(out), "ROMEO:", Sampling(max_tokens=4), device="cpu")[0].startswith("ROMEO:")

@@ -79,6 +79,7 @@ PRESET_FACTS = {
     "gpt2-tiny": ((2, 2, 32, 64), 256, 1),
     "gpt2-mini": ((4, 4, 128, 256), 2048, 1),
     "gpt2-fineweb": ((12, 12, 768, 1024), 524_288, 8),
+    "chat-sft": ((4, 4, 128, 256), 2048, 1),  # the shape only for the table: --init-from's wins
 }
 
 
@@ -109,7 +110,7 @@ def test_the_preset_costs_in_help_are_the_presets():
         with torch.device("meta"):  # the shapes without the memory
             model = GPT(dataclasses.replace(cfg.model, pad_vocab_multiple=1))  # as on a CPU
         assert (model.num_params(), tokens) == (params, cfg.train.total_batch_tokens), name
-        assert len(seconds) == len(COST_MACHINES) and all(s > 0 for s in seconds), name
+        assert len(seconds) == len(COST_MACHINES) and all(s is None or s > 0 for s in seconds), name
     assert all(name in keys_help() for name in RUN_PRESETS)
 
 
@@ -129,6 +130,9 @@ def test_the_readmes_preset_table_is_the_one_in_help():
         cells = rows[name][-(2 + len(COST_MACHINES)):]
         assert [int(c.replace(",", "")) for c in cells[:2]] == [params, tokens], name
         for cell, measured in zip(cells[2:], seconds):
+            if measured is None:
+                assert cell.strip() == "-", (name, cell)
+                continue
             value, u = re.match(r"~?([\d.,]+) (s|min|h)\b", cell).groups()
             assert float(value.replace(",", "")) * unit[u] == pytest.approx(measured, rel=0.06), (name, cell)
 

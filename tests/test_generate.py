@@ -202,7 +202,8 @@ def test_sample_stop_string_and_streaming(tmp_path, capsys):
 
     streamed: list[tuple[int, str]] = []
     cfg = SampleConfig(prompt="The", max_new_tokens=20, top_k=1, num_samples=2)
-    texts = sample(str(d), cfg, device="cpu", stream=lambda b, s: streamed.append((b, s)))
+    texts = sample(str(d), cfg.prompt, cfg.to_sampling(), cfg.num_samples, device="cpu",
+                   stream=lambda b, s: streamed.append((b, s)))
     assert texts == [full[:-1]] * 2
     assert "".join(s for b, s in streamed if b == 1) == full[len("The"):-1]
     assert run_cli(*base, "--top-p", "1.5") == 2

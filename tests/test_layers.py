@@ -10,6 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 # Lower layers first. A module may import gptforge modules of strictly lower rank only.
 RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
+    "sampling": 0,  # the one set of sampling values and rules (torch only inside its functions)
     "cachedir": 0,  # gptforge's cache directory (named datasets, the CPU's measured dtype)
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
@@ -23,6 +24,7 @@ RANK = {
     "probe": 3,  # what train.dtype=auto becomes on a CPU: the model's block timed, cached
     "device": 4,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
     "optim": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
+    "llamacpp": 4,  # GGUF files for llama.cpp, written with the gguf package (export --format gguf)
     "distributed": 5,  # process groups and wrapping: under device, which picks the device
     "hellaswag": 4,  # scoring, below train (which reports it) and evaluate (its CLI side)
     "checkpoint": 5,
@@ -31,6 +33,7 @@ RANK = {
     "resume": 6,  # planning a run and resuming it
     "generate": 6, "report": 6, "export": 6,
     "train": 7,
+    "chat": 7,  # gptforge chat: a conversation in the terminal over generate
     "bench": 8,
     "serve": 8,  # the HTTP server over generate's KV cache and sampling
     "cli": 9,
@@ -39,9 +42,10 @@ RANK = {
 PACKAGE_RANK = {
     "data": {"shards": 0, "named": 1, "loader": 1, "sources": 2, "staging": 3, "tokenize": 4,
              "vocab": 4,
-             "splits": 5, "prepare": 6, "__init__": 7},
-    "serve": {"options": 0, "engine": 0, "protocol": 1, "app": 2, "server": 3, "__init__": 4},
-    "tokenizer": {"interface": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
+             "splits": 5, "conversations": 6, "prepare": 7, "__init__": 8},
+    "serve": {"options": 0, "engine": 0, "protocol": 1, "chat": 2, "app": 3, "server": 4,
+              "__init__": 5},
+    "tokenizer": {"interface": 0, "chat": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
 }
 
 
@@ -105,7 +109,7 @@ def test_core_import_pulls_no_optional_extras():
             "gptforge.hf, gptforge.export, gptforge.evaluate, gptforge.checkpoint, gptforge.data, "
             "gptforge.serve; gptforge.cli.build_parser(); "
             "bad = [m for m in ('transformers', 'matplotlib', 'tensorboard', 'wandb', 'mlflow', "
-            "'pyarrow', 'zstandard', 'fastapi', 'starlette', 'uvicorn', 'pydantic', 'openai', "
+            "'pyarrow', 'zstandard', 'fastapi', 'starlette', 'uvicorn', 'pydantic', 'openai', 'gguf', "
             "'selenium') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -17,6 +17,7 @@ from test_train import run_cli
 from gptforge.data import load_meta, load_split, prepare
 from gptforge.data.shards import read_shard
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer import CHATML_TEMPLATE
 from gptforge.tokenizer import BPE_FILE, load_bpe, train_bpe
 
 P = importlib.import_module("gptforge.data.prepare")
@@ -45,7 +46,8 @@ def test_trains_stores_records_and_tokenizes(jsonl_dir, docs):
     meta = load_meta(out)
     data = (out / BPE_FILE).read_bytes()
     assert meta["tokenizer"] == {"name": "bpe", "vocab_size": VOCAB, "eot_id": VOCAB - 1,
-                                 "file": BPE_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+                                 "file": BPE_FILE, "sha256": hashlib.sha256(data).hexdigest(),
+                                 "chat_template": CHATML_TEMPLATE}
     assert meta["vocab_size"] == VOCAB and meta["eot_id"] == VOCAB - 1
     opts = meta["prepare_options"]
     assert opts["tokenizer"] == "bpe" and opts["vocab_size"] == VOCAB
@@ -164,7 +166,7 @@ def test_bad_tokenizer_files_are_one_line_and_leave_dir_as_it_was(tmp_path, json
         err = one_line(capsys.readouterr().err)
         assert name in err and "tokenizer" in err
         assert files(out) == before
-    for args, needle in [(["--tokenizer", "bpe", "--vocab-size", "200000"], "choose 257"),
+    for args, needle in [(["--tokenizer", "bpe", "--vocab-size", "200000"], "choose 259"),
                          (["--tokenizer", "char", "--vocab-size", "300"], "leave --vocab-size"),
                          (["--tokenizer", "bpe", "--vocab-size", "60000"], "training stopped at")]:
         assert run_cli("prepare", src, "--out", str(out), "--force", *args) == 2
@@ -175,7 +177,7 @@ def test_bad_tokenizer_files_are_one_line_and_leave_dir_as_it_was(tmp_path, json
 def test_help_names_the_range_and_the_sample(capsys):
     assert run_cli("prepare", "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "257" in text and "131,072" in text and "--tokenizer-sample-mb" in text
+    assert "259" in text and "131,072" in text and "--tokenizer-sample-mb" in text
     assert "default: 100" in text
 
 
@@ -186,7 +188,7 @@ def test_a_vocabulary_past_65536_makes_uint32_shards(tmp_path):
     text.write_text("ex: an example text, exactly. " * 40, encoding="utf-8")
     meta = prepare([str(text)], tmp_path / "out", tokenizer=str(tmp_path / "tok"),
                    progress=False)
-    assert meta["vocab_size"] == 65793
+    assert meta["vocab_size"] == 65795
     train = load_split(tmp_path / "out", "train")
     assert train.dtype.itemsize == 4 and train[0] == vocab["ex"] > 65535
     tok = load_bpe(tmp_path / "out")

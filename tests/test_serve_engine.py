@@ -11,7 +11,8 @@ import torch
 
 from gptforge import GPT, GPTConfig
 from gptforge.generate import generate
-from gptforge.serve.engine import Abort, End, Engine, Job, Overloaded, Params, Text
+from gptforge.sampling import Sampling as Params
+from gptforge.serve.engine import Abort, End, Engine, Job, Overloaded, Text
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
 
 CHARS = "".join(chr(c) for c in range(32, 97))  # 65 symbols: text is one character per token
@@ -87,11 +88,10 @@ def test_rows_that_join_at_different_steps_get_what_each_gets_alone(char_model):
         assert out.text == alone.text and out.ends == alone.ends
         assert out.ends[0] == End(0, "length", params.max_tokens)
         # ...and alone is generate's own sampling, the same seed drawn the same way
-        temperature, top_k, top_p = params.sampling
         gen = torch.Generator().manual_seed(params.seed or 0)
         ids = generate(char_model, torch.tensor([tok.encode(prompt)]), params.max_tokens,
-                       temperature, top_k, gen, top_p=top_p)[0]
-        if params.seed is not None or top_k == 1:
+                       params.temperature, params.top_k, gen, top_p=params.top_p)[0]
+        if params.seed is not None or params.greedy:
             assert out.text[0] == tok.decode(ids)
 
 

@@ -24,7 +24,6 @@ from gptforge.config import (
     MODEL_PRESETS,
     SampleConfig,
     field_help,
-    validate,
 )
 from gptforge.errors import GptforgeError
 from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, keys_help
@@ -42,7 +41,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         meta = prepare(args.inputs, args.out, **{k: getattr(args, k) for k in (
             "tokenizer", "val_fraction", "force", "errors", "url", "format", "text_field", "workers",
-            "shard_tokens", "max_tokens", "seed", "vocab_size", "tokenizer_sample_mb")})
+            "shard_tokens", "max_tokens", "seed", "vocab_size", "tokenizer_sample_mb",
+            "messages_field", "max_conversation_tokens")})
     except KeyboardInterrupt:
         print("gptforge prepare: interrupted; run the same command again to continue from the "
               "last complete shard", file=sys.stderr)
@@ -168,11 +168,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from gptforge.generate import SampleEcho, sample
 
-    cfg = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                       temperature=args.temperature, num_samples=args.num_samples, seed=args.seed)
-    validate(cfg, "sample")
+    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+    sampling = checked_sampling(cfg.to_sampling(tuple(args.stop)))
+    if cfg.num_samples < 1:
+        raise GptforgeError(f"--num-samples {cfg.num_samples} is out of range: give 1 or more")
     shown = SampleEcho(cfg.prompt)  # one sample is printed as it is generated
-    texts = sample(args.ckpt, cfg, device=args.device, top_p=args.top_p, stops=args.stop,
+    texts = sample(args.ckpt, cfg.prompt, sampling, cfg.num_samples, device=args.device,
                    use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None)
     if shown.parts:
         print(texts[0][len("".join(shown.parts)):])
@@ -182,6 +183,43 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print("-" * 40)
         print(text)
     return 0
+
+
+# The flag of each sampling value (sample and chat share them).
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                  "max_tokens": "--max-new-tokens", "seed": "--seed", "stops": "--stop"}
+
+
+def checked_sampling(sampling):  # noqa: ANN001, ANN201 - (Sampling) -> Sampling
+    """The sampling values of a command line, checked by sampling.py's one set of rules."""
+    from gptforge.sampling import RULES
+
+    found = sampling.problem()
+    if found is not None:
+        name, value = found
+        shown = " ".join(f"{s!r}" for s in value) if name == "stops" else value
+        raise GptforgeError(f"{SAMPLING_FLAGS[name]} {shown} is out of range: give {RULES[name]}")
+    return sampling
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import dataclasses as dc
+    import os
+
+    from gptforge.chat import interactive, one_shot, open_session
+    from gptforge.sampling import Sampling
+
+    sampling = checked_sampling(Sampling(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_tokens=args.max_new_tokens or 1, seed=args.seed, stops=tuple(args.stop)))
+    session = open_session(args.ckpt, sampling, args.system, args.device)
+    if args.max_new_tokens is None:  # the rest of the context, as OpenAI's chat completions
+        session.sampling = dc.replace(sampling, max_tokens=session.model.config.block_size)
+    if args.message is not None:
+        return one_shot(session, args.message)
+    if not sys.stdin.isatty():  # a script: the whole of standard input is the one message
+        return one_shot(session, sys.stdin.read())
+    return interactive(session, os.path.basename(os.path.normpath(args.ckpt)))
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,8 +236,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gptforge.export import export_hf
+    from gptforge.export import export_gguf, export_hf
 
+    if args.format == "gguf":
+        if args.weights_only:
+            raise GptforgeError("--weights-only is for --format hf: leave it out")
+        result = export_gguf(args.ckpt, args.out, force=args.force)
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"wrote {result.path}: load it with llama.cpp (llama-cli -m FILE, or "
+              "llama_cpp.Llama(FILE) in Python)")
+        return 0
     result = export_hf(args.ckpt, args.out, force=args.force, weights_only=args.weights_only)
     for note in result.notes:
         print(f"note: {note}")
@@ -298,8 +345,9 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
         "gpt2: GPT-2 BPE (50,257 tokens); char: one token per character; bpe: a byte-level BPE "
         "trained on these inputs, kept in DIR as tokenizer.json; PATH: reuse the tokenizer of a "
         "tokenizer.json, a prepared DIR or a run (default: gpt2)"))
-    p.add_argument("--vocab-size", type=int, metavar="N", help="with bpe (required): 257 (the "
-                   "bytes and <|endoftext|>) to 131,072 tokens; past 65,536 the shards are uint32")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="with bpe (required): 259 (the "
+                   "bytes, <|im_start|>, <|im_end|> and <|endoftext|>) to 131,072 tokens; past "
+                   "65,536 the shards are uint32")
     p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", help="with bpe: train on a "
                    "deterministic sample of about MB megabytes of larger inputs; 0: all (default: "
                    "100: 2.3 to 3 min and up to 1.5 GB of memory on 2 cores of a shared AMD EPYC)")
@@ -307,6 +355,15 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                    help="read every input as this format, whatever its extension")
     p.add_argument("--text-field", default="text", metavar="NAME",
                    help="JSON field or Parquet column holding the text (default: text)")
+    p.add_argument("--messages-field", default=None, metavar="NAME",
+                   help="read conversations (OpenAI's list of role/content messages) from this "
+                        "JSON field or Parquet column: ChatML ids plus a mask of what is trained "
+                        "on (docs/chat.md); without it, JSON lines or Parquet whose records have "
+                        "no --text-field but a 'messages' field are read as conversations")
+    p.add_argument("--max-conversation-tokens", type=int, default=None, metavar="N",
+                   help="split conversations longer than N tokens on turn boundaries (each part "
+                        "keeps the system message; the count is reported); without it, train "
+                        "refuses at start-up a conversation longer than train.seq_len + 1")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="fraction held out for validation: whole documents (chosen by a seeded "
                         "hash) when there are many, the last tokens of a single text; 0 trains "
@@ -358,21 +415,46 @@ def sample_options(p: argparse.ArgumentParser) -> None:
         if f.name == "prompt":
             text += " (default: a newline)"  # a literal newline would break the help layout
         p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=text)
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample among the most likely tokens whose probabilities sum to P "
-                        "(nucleus sampling; 1: all) (default: 1.0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample where TEXT appears, leaving TEXT out (repeatable); "
-                        "samples also end at <|endoftext|>")
+                   help="end a sample where TEXT appears, leaving TEXT out (repeatable, up to 4); "
+                        "samples also end at <|endoftext|> and, with a chat model, <|im_end|>")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context for every token instead of using the KV "
                         "cache (slower; same tokens)")
 
 
+def chat_options(p: argparse.ArgumentParser) -> None:
+    from gptforge import sampling as s
+
+    p.add_argument("--ckpt", required=True, metavar="PATH",
+                   help="a chat model: a run or checkpoint fine-tuned on conversations, or its "
+                        "Hugging Face export")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message that starts the conversation (it is never dropped)")
+    p.add_argument("-m", "--message", default=None, metavar="TEXT",
+                   help="ask once: print the reply to TEXT and exit (standard input that is not "
+                        "a terminal is read as one message too)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="the longest reply (default: until the model ends its turn or the "
+                        "context is full, as OpenAI's chat completions)")
+    p.add_argument("--temperature", type=float, default=s.DEFAULT_TEMPERATURE,
+                   help="0 to 2; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=s.DEFAULT_TOP_K, help="0: all tokens")
+    p.add_argument("--top-p", type=float, default=s.DEFAULT_TOP_P, help="nucleus sampling; 1: all")
+    p.add_argument("--seed", type=int, default=s.DEFAULT_SEED,
+                   help="seeds the session's replies: the same seed and messages give the same replies")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="also end a reply where TEXT appears (repeatable, up to 4)")
+
+
 def export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="run directory or checkpoint directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--force", action="store_true", help="replace DIR if it already holds files")
+    p.add_argument("--out", required=True, metavar="DIR|FILE",
+                   help="directory to write (hf), or the .gguf file (gguf)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a Hugging Face GPT-2 directory (transformers); gguf: one GGUF file "
+                        "for llama.cpp, Ollama and LM Studio (needs pip install 'gptforge[gguf]')")
+    p.add_argument("--force", action="store_true", help="replace DIR (or FILE) if it already holds files")
     p.add_argument("--weights-only", action="store_true",
                    help="export a char-level model anyway: config and weights, with the char "
                         "vocabulary in gptforge_tokenizer.json (transformers has no tokenizer for it)")
@@ -482,14 +564,21 @@ COMMANDS: tuple[Command, ...] = (
             "Generate text from a run's latest checkpoint, a checkpoint directory or a Hugging "
             "Face GPT-2 directory.",
             (sample_options, device_option)),
+    Command("chat", cmd_chat, "talk to a chat model in the terminal, or ask it once",
+            "Talk to a model fine-tuned on conversations (docs/chat.md): replies stream as they "
+            "are generated; the conversation stays within the model's context (the oldest "
+            "exchanges are dropped, with a notice); /reset, /quit; Ctrl-C stops a reply. "
+            "--message TEXT (or piped standard input) asks once and prints the reply.",
+            (chat_options, device_option)),
     Command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API, with a web page",
             "Serve a run, checkpoint or Hugging Face GPT-2 directory: POST /v1/completions "
             "(OpenAI's protocol, streaming or not; requests share forward passes), GET /v1/models, "
             "GET /health, and a page to try it at /. Needs pip install 'gptforge[serve]'.",
             (serve_arguments,)),
-    Command("export", cmd_export, "write a checkpoint as a Hugging Face GPT-2 directory",
+    Command("export", cmd_export, "write a checkpoint for transformers, or as GGUF for llama.cpp",
             "Write a checkpoint as a directory that transformers loads offline: "
-            "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR).",
+            "GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR); with "
+            "--format gguf, as one GGUF file for llama.cpp.",
             (export_options,)),
     Command("eval", cmd_eval, "loss, bits per byte, perplexity on a split or text file, or HellaSwag",
             "Score every token of a prepared split or a text file (consecutive windows; not a "

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from gptforge import sampling
 from gptforge.errors import GptforgeError
 
 if sys.version_info >= (3, 11):
@@ -108,6 +109,8 @@ class DataConfig:
     "directory written by `gptforge prepare` (meta.json and its train and val shards)"
     loader: str = "sequential"
     "sequential: consecutive windows, wrapping at the end (the original recipe); random: seeded random windows drawn uniformly over all shards"
+    mask: bool = True
+    "with conversation data (prepare of messages), train only on what the mask marks: the assistants' replies and their end of turn; false: on every token of each conversation (a comparison, see BENCHMARKS.md)"
     verify: str = "sha256"
     "what train checks of the shards before it starts: sha256 (each shard against meta.json; reads the data once: about 1.2 s per GB from the page cache on a 2-core AMD EPYC, BENCHMARKS.md) or sizes (headers and sizes only)"
 
@@ -206,18 +209,27 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    """``gptforge sample``'s options; the sampling defaults and rules are sampling.py's, the
+    one set that sample, chat and serve share."""
+
     prompt: str = "\n"
     "text to continue"
-    max_new_tokens: int = 200
-    "tokens to generate per sample"
-    top_k: int = 50
-    "sample among the k most likely tokens (0: all)"
-    temperature: float = 1.0
-    "divide logits by this before sampling (lower is more conservative)"
+    max_new_tokens: int = sampling.DEFAULT_MAX_TOKENS
+    "tokens to generate per sample (fewer where the end of text or of a turn comes first)"
+    top_k: int = sampling.DEFAULT_TOP_K
+    "sample among the k most likely tokens (0: all; 1: greedy)"
+    top_p: float = sampling.DEFAULT_TOP_P
+    "then among the most likely tokens whose probabilities sum to p (nucleus sampling; 1: all)"
+    temperature: float = sampling.DEFAULT_TEMPERATURE
+    "divide logits by this before sampling, 0 to 2 (lower is more conservative; 0: greedy)"
     num_samples: int = 1
     "independent samples to draw, generated as one batch"
-    seed: int = 1337
+    seed: int = sampling.DEFAULT_SEED
     "random seed: the same seed gives the same text"
+
+    def to_sampling(self, stops: tuple[str, ...] = ()) -> sampling.Sampling:
+        return sampling.Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                 max_tokens=self.max_new_tokens, seed=self.seed, stops=stops)
 
 
 @dataclass
@@ -452,11 +464,11 @@ def validate(obj: Any, section: str) -> None:
             and not any(c in obj.wandb_project for c in "/\\#?%:"),
             "must be 1 to 128 characters, none of / \\ # ? % :")
     elif isinstance(obj, SampleConfig):
-        chk("max_new_tokens", obj.max_new_tokens >= 1, "must be >= 1")
-        chk("top_k", obj.top_k >= 0, "must be >= 0 (0: no top-k filtering)")
-        chk("temperature", finite("temperature") and obj.temperature > 0, "must be > 0")
         chk("num_samples", obj.num_samples >= 1, "must be >= 1")
-        chk("seed", 0 <= obj.seed < 2**63, "must be a non-negative integer")
+        found = obj.to_sampling().problem()  # the rules sample, chat and serve share
+        if found is not None:
+            name = {"max_tokens": "max_new_tokens"}.get(found[0], found[0])
+            chk(name, False, f"give {sampling.RULES[found[0]]}")
     else:  # pragma: no cover
         raise AssertionError(type(obj))
 

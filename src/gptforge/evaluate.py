@@ -144,10 +144,12 @@ def heldout_loss(
         x, y = x.to(device).long(), y.to(device).long()  # int32 ids, widened on the device
         with amp():
             _, loss = model(x, y)
-        sums[0] += loss.double() * y.numel()
-        sums[1] += y.numel()
+        scored = y >= 0  # -1: not scored (a conversation's context: data/conversations.py)
+        count = scored.sum()
+        sums[0] += loss.double() * count
+        sums[1] += count
         if table is not None:
-            sums[2] += table[y].sum()
+            sums[2] += (table[y.clamp(min=0)] * scored).sum()
         if on_batch is not None:
             on_batch(y.numel())
     model.train(was_training)

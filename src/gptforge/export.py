@@ -1,4 +1,5 @@
-"""``gptforge export``: a checkpoint -> a directory ``transformers`` loads offline.
+"""``gptforge export``: a checkpoint -> a directory ``transformers`` loads offline, or (``--format
+gguf``) one GGUF file llama.cpp runs (llamacpp.py).
 
     GPT2LMHeadModel.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) both work on
     the result; the file conversion itself lives in hf.py and needs no transformers.
@@ -18,8 +19,9 @@ from gptforge.atomic import replacing
 from gptforge.checkpoint import load_model
 from gptforge.errors import GptforgeError
 from gptforge.hf import GPTFORGE_TOKENIZER_FILE, write_hf_dir
+from gptforge.llamacpp import write_gguf
 from gptforge.model import GPT
-from gptforge.tokenizer import GPT2_VOCAB_SIZE
+from gptforge.tokenizer import GPT2_VOCAB_SIZE, tokenizer_from_dict
 from gptforge.version import __version__
 
 WEIGHTS_ONLY_README = """\
@@ -85,10 +87,11 @@ def export_hf(
             "but text would be tokenized wrongly): pass --weights-only to export the weights with "
             f"the vocabulary in {GPTFORGE_TOKENIZER_FILE}"
         )
-    if gpt2 and model.config.vocab_size != GPT2_VOCAB_SIZE:
+    if gpt2 and model.config.vocab_size != tokenizer_from_dict(tokenizer).vocab_size:
         raise GptforgeError(
-            f"{ckpt_path} has vocab_size {model.config.vocab_size} but the GPT-2 tokenizer has "
-            f"{GPT2_VOCAB_SIZE} tokens: it cannot be exported with GPT-2's tokenizer files"
+            f"{ckpt_path} has vocab_size {model.config.vocab_size} but its GPT-2 tokenizer has "
+            f"{tokenizer_from_dict(tokenizer).vocab_size} tokens (GPT-2's {GPT2_VOCAB_SIZE:,}, "
+            "with chat tokens 2 more): it cannot be exported with GPT-2's tokenizer files"
         )
     notes = _notes(model)
     extra = {"exported_by": f"gptforge {__version__}", "source": str(ckpt_path),
@@ -106,3 +109,29 @@ def export_hf(
                          f"{GPTFORGE_TOKENIZER_FILE} (see README.txt); transformers has no "
                          "tokenizer for it")
     return ExportResult(out, sorted(p.name for p in out.iterdir()), notes)
+
+
+def export_gguf(ckpt_path: str | Path, out: str | Path, force: bool = False) -> ExportResult:
+    """Write the model at ``ckpt_path`` as one GGUF file at ``out``: written under a temporary
+    name beside it and renamed, so an interrupted export leaves nothing half-written."""
+    out = Path(out)
+    if out.is_dir():
+        raise GptforgeError(f"--out {out} is a directory: give a file name such as model.gguf")
+    if out.exists() and not force:
+        raise GptforgeError(f"--out {out} already exists: pass --force to replace it, or choose "
+                            "another --out")
+    model, tokenizer = load_model(ckpt_path, verify="sha256")
+    if tokenizer.get("name") not in ("gpt2", "bpe"):
+        raise GptforgeError(f"{ckpt_path} uses the {tokenizer.get('name')} tokenizer, which GGUF "
+                            "cannot hold (llama.cpp runs GPT-2's BPE and byte-level BPEs): "
+                            "export it for transformers with --weights-only instead")
+    notes = [n for n in _notes(model) if "biases" not in n]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        write_gguf(tmp, model, tokenizer, out.stem)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportResult(out, [out.name], notes)

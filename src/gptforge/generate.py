@@ -1,48 +1,30 @@
-"""Sampling: a KV cache, temperature, top-k, top-p, stop strings, streaming, batches of samples.
+"""Generation: a KV cache, stop tokens and strings, streaming, batches of samples.
 
 ``generate`` works on token ids and knows nothing of text; ``TextStream`` turns one row's ids
 into text as they arrive (whole characters only, cut at a stop string); ``sample`` puts the two
-together for a checkpoint or a Hugging Face GPT-2 directory.
+together for a checkpoint or a Hugging Face GPT-2 directory. How each token is drawn (temperature,
+top-k, top-p) is sampling.py's ``draw``, the one sampling step the server's engine uses too.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
 from gptforge.checkpoint import load_model
-from gptforge.config import SampleConfig
 from gptforge.device import pick_device
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, KVCache
-from gptforge.tokenizer import Tokenizer, tokenizer_from_dict
+from gptforge.sampling import Sampling, draw, filter_logits
+from gptforge.tokenizer import Tokenizer, stop_ids, tokenizer_from_dict
+
+__all__ = ["OnToken", "SampleEcho", "TextStream", "filter_logits", "generate", "sample"]
 
 # on_token(row, token id) -> True to end that row (a stop string completed), else False/None.
 OnToken = Callable[[int, int], "bool | None"]
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Mask (B, V) logits to -inf outside the top k and outside the nucleus of mass ``top_p``.
-
-    Nucleus sampling (Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"):
-    keep the smallest set of most likely tokens whose probabilities sum to at least top_p.
-    The most likely token always survives.
-    """
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p.
-        mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V)
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 @torch.no_grad()
@@ -53,26 +35,28 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
-    stop_id: int | None = None,
+    stop_id: int | Collection[int] | None = None,
     top_p: float = 1.0,
     use_cache: bool = True,
     on_token: OnToken | None = None,
 ) -> list[list[int]]:
     """Continue each row of ``idx`` (B, T) by up to ``max_new_tokens`` sampled tokens.
 
-    Returns the new tokens of each row. A row ends after it samples ``stop_id`` (kept out of the
-    result) or when ``on_token(row, token)``, called for every token kept, returns True. ``top_k=1``
-    is greedy decoding. Logits cover the real vocabulary only, so padded ids never appear.
+    Returns the new tokens of each row. A row ends after it samples ``stop_id`` (one id or a
+    collection: the end of text, the end of a turn; kept out of the result) or when
+    ``on_token(row, token)``, called for every token kept, returns True. ``temperature=0`` or
+    ``top_k=1`` is greedy decoding. Logits cover the real vocabulary only, so padded ids never
+    appear.
 
     The context is the last block_size tokens. With ``use_cache`` the prompt is run once and each
     new token then costs one position; once a row outgrows block_size the window slides, and since
     GPT-2's positions are absolute, every later token re-runs the whole window (as without the
     cache), so cached and uncached decoding see the same context and give the same tokens.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    key = Sampling(temperature=temperature, top_k=top_k, top_p=top_p).draw_key
+    stops = set() if stop_id is None else {stop_id} if isinstance(stop_id, int) else set(stop_id)
     block_size = model.config.block_size
     B = idx.size(0)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -85,15 +69,14 @@ def generate(
             cache.reset()  # the window slid: positions changed, so refill it from scratch
             fresh = seq
         logits, _ = model(fresh if cache is not None else seq, kv_cache=cache)
-        logits = logits[:, -1, :].float() / temperature  # (B, V)
-        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-        nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        tokens = draw(logits[:, -1, :].float(), key, [generator])  # B ids
+        nxt = torch.tensor(tokens, dtype=seq.dtype, device=seq.device)[:, None]  # (B, 1)
         seq = torch.cat([seq, nxt], dim=1)[:, -block_size:]
         fresh = nxt
-        for b, tok in enumerate(nxt[:, 0].tolist()):
+        for b, tok in enumerate(tokens):
             if done[b]:
                 continue
-            if stop_id is not None and tok == stop_id:
+            if tok in stops:
                 done[b] = True
                 continue
             out[b].append(tok)
@@ -181,27 +164,25 @@ class SampleEcho:
 
 def sample(
     ckpt_path: str,
-    cfg: SampleConfig,
+    prompt: str,
+    sampling: Sampling,
+    num_samples: int = 1,
     device: str = "auto",
-    top_p: float = 1.0,
-    stops: Sequence[str] = (),
     use_cache: bool = True,
     stream: Callable[[int, str], None] | None = None,
 ) -> list[str]:
-    """Load a checkpoint (or a Hugging Face GPT-2 directory) and return ``cfg.num_samples`` texts:
-    the prompt and its continuation, cut before the first stop string.
+    """Load a checkpoint (or a Hugging Face GPT-2 directory) and return ``num_samples`` texts:
+    the prompt and its continuation of up to ``sampling.max_tokens`` tokens, ended by the end of
+    text or of a turn, or cut before the first of ``sampling.stops``. ``sampling`` is checked by
+    the caller (``Sampling.problem``); a seed of None draws a random one.
 
     ``stream(row, text)``, if given, receives each row's continuation as it is generated.
     """
-    if not 0.0 < top_p <= 1.0:
-        raise GptforgeError(f"--top-p {top_p} is out of range: give a probability in (0, 1]")
-    if any(not s for s in stops):
-        raise GptforgeError("--stop needs a non-empty text to stop at")
     model, tok_dict = load_model(ckpt_path)
     tok = tokenizer_from_dict(tok_dict)
     dev = pick_device(device)
     model = model.to(dev)
-    ids = tok.encode(cfg.prompt)
+    ids = tok.encode(prompt)
     if not ids:
         if tok.eot_id is None:
             raise GptforgeError("--prompt is empty: give at least one character to continue")
@@ -211,11 +192,13 @@ def sample(
         warnings.warn(f"the prompt has {len(ids)} tokens, more than the model's context of "
                       f"{block}: only its last {block} tokens are used")
     streams = [
-        TextStream(tok, stops, None if stream is None else (lambda text, b=b: stream(b, text)))
-        for b in range(cfg.num_samples)
+        TextStream(tok, sampling.stops, None if stream is None else (lambda text, b=b: stream(b, text)))
+        for b in range(num_samples)
     ]
-    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=dev)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, gen, tok.eot_id,
-             top_p=top_p, use_cache=use_cache, on_token=lambda b, t: streams[b].push(t))
-    return [cfg.prompt + s.finish() for s in streams]
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(sampling.seed) if sampling.seed is not None else gen.seed()
+    generate(model, idx, sampling.max_tokens, sampling.temperature, sampling.top_k, gen,
+             stop_ids(tok), top_p=sampling.top_p, use_cache=use_cache,
+             on_token=lambda b, t: streams[b].push(t))
+    return [prompt + s.finish() for s in streams]

@@ -31,9 +31,15 @@ from gptforge.errors import GptforgeError
 from gptforge.model import GPT
 from gptforge.tokenizer import (
     BPE_FILE,
+    CHAT_RECORD_KEY,
+    CHATML_TEMPLATE,
+    GPT2_CHAT_VOCAB_SIZE,
     GPT2_EOT,
     GPT2_EOT_ID,
     GPT2_VOCAB_SIZE,
+    IM_END,
+    IM_START,
+    stop_ids,
     gpt2_vocab_files,
     hf_tokenizer_files,
     load_bpe,
@@ -45,6 +51,8 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 GPTFORGE_TOKENIZER_FILE = "gptforge_tokenizer.json"  # a char vocabulary, for --weights-only
+GENERATION_CONFIG_FILE = "generation_config.json"  # a chat model's: eos = end of text and of turn
+GPT2_IM_START_ID, GPT2_IM_END_ID = GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE + 1
 
 # Linear layers HF stores as Conv1D: weight transposed, (in_features, out_features).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -265,12 +273,23 @@ def read_hf_tokenizer(path: str | Path, cfg: GPTConfig) -> dict[str, Any]:
                 f"{vocab_file} is not GPT-2's vocabulary: gptforge tokenizes with GPT-2 BPE only, "
                 "so it cannot run this model's tokenizer"
             )
+    if cfg.vocab_size == GPT2_CHAT_VOCAB_SIZE and _has_chat_template(p):
+        return {"name": "gpt2", CHAT_RECORD_KEY: CHATML_TEMPLATE}  # GPT-2's grown for chat
     if cfg.vocab_size != GPT2_VOCAB_SIZE:
         raise HFFormatError(
             f"{p} has vocab_size {cfg.vocab_size}, not GPT-2's {GPT2_VOCAB_SIZE}, and no "
             f"{GPTFORGE_TOKENIZER_FILE}: gptforge cannot tell how to tokenize text for it"
         )
     return {"name": "gpt2"}
+
+
+def _has_chat_template(p: Path) -> bool:
+    """Whether a directory's tokenizer_config.json holds gptforge's ChatML template."""
+    try:
+        config = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("chat_template") == CHATML_TEMPLATE
 
 
 def _bpe_of(p: Path, cfg: GPTConfig) -> dict[str, Any]:
@@ -357,19 +376,29 @@ def hf_config_dict(cfg: GPTConfig, eot: int | None, extra: dict[str, Any]) -> di
     }
 
 
-def write_gpt2_tokenizer(out: Path, model_max_length: int) -> None:
-    """GPT-2's tokenizer files: vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe."""
+def write_gpt2_tokenizer(out: Path, model_max_length: int, chat: bool = False) -> None:
+    """GPT-2's tokenizer files: vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe;
+    with ``chat``, ChatML's two tokens after <|endoftext|> and the chat template."""
     vocab_bpe, encoder_json = gpt2_vocab_files()
     shutil.copyfile(encoder_json, out / "vocab.json")
     shutil.copyfile(vocab_bpe, out / "merges.txt")
     special = {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT, "unk_token": GPT2_EOT}
     _write_json(out / "special_tokens_map.json", special)
+    extra: dict[str, Any] = {}
+    if chat:
+        extra["added_tokens_decoder"] = {
+            str(i): {"content": t, "special": True, "normalized": False, "lstrip": False,
+                     "rstrip": False, "single_word": False}
+            for i, t in ((GPT2_EOT_ID, GPT2_EOT), (GPT2_IM_START_ID, IM_START),
+                         (GPT2_IM_END_ID, IM_END))}
+        extra["chat_template"] = CHATML_TEMPLATE
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
         "add_prefix_space": False,
         "errors": "replace",
         **special,
+        **extra,
     })
 
 
@@ -393,8 +422,13 @@ def write_hf_dir(
     eot = GPT2_EOT_ID if name == "gpt2" else tokenizer.get("eot_id") if name == "bpe" else None
     save_file(gptforge_to_hf(model), str(out / SAFETENSORS_FILE), metadata={"format": "pt"})
     _write_json(out / CONFIG_FILE, hf_config_dict(model.config, eot, extra))
+    chat = tokenizer.get(CHAT_RECORD_KEY) is not None
+    if chat:  # generate() stops at the end of a turn as at the end of text
+        _write_json(out / GENERATION_CONFIG_FILE, {
+            "bos_token_id": eot, "eos_token_id": sorted(stop_ids(tokenizer_from_dict(tokenizer))),
+            "pad_token_id": eot})
     if name == "gpt2":
-        write_gpt2_tokenizer(out, model.config.block_size)
+        write_gpt2_tokenizer(out, model.config.block_size, chat)
     elif name == "bpe":
         files = hf_tokenizer_files(tokenizer_from_dict(tokenizer),  # type: ignore[arg-type]
                                    model_max_length=model.config.block_size)

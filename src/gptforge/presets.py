@@ -108,6 +108,21 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(batch_size=16, seq_len=128, total_batch_tokens=16 * 128, max_steps=2000,
                       log_interval=50, eval_interval=500),
     },
+    # Supervised fine-tuning of a small model on conversations (docs/chat.md): with --init-from,
+    # the model's shape comes from the run started from (gpt2-mini's here only for the table);
+    # rows of whole conversations, in a seeded random order, trained on the mask; gpt2-mini's
+    # peak rate with a short warmup, no weight decay; an evaluation every 100 steps. Measured on
+    # benchmarks/chat_demo.py (BENCHMARKS.md, "Chat"): at 5e-4 the small model had not learned
+    # its task after 400 steps (val loss 1.53 a reply token), at 1e-3 it had (0.51), and 1,000
+    # steps took it to about 0.05.
+    "chat-sft": {
+        "model": dict(MODEL_PRESETS["gpt2-mini"], vocab_size=0),
+        "data": dict(loader="random"),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=20, decay_steps=1000, weight_decay=0.0,
+                      grad_clip=1.0),
+        "train": dict(batch_size=16, seq_len=128, total_batch_tokens=16 * 128, max_steps=1000,
+                      log_interval=50, eval_interval=100),
+    },
 }
 DEFAULT_PRESET = "gpt2-shakespeare"
 
@@ -121,7 +136,8 @@ COST_MACHINES = (  # (column, what it is): one column of seconds each, in this o
     ("Xeon", "2 cores of an idle Intel Xeon with AVX-512 and AMX (bf16 from 128 wide)"),
 )
 COSTS_MEASURED = "2026-12-05, torch 2.13"
-PRESET_COSTS: dict[str, tuple[str, int, int, tuple[float, float]]] = {  # tokenizer, parameters, tokens/step, s/100
+# None: not measured on that machine.
+PRESET_COSTS: dict[str, tuple[str, int, int, tuple[float | None, ...]]] = {  # tokenizer, parameters, tokens/step, s/100
     "gpt2-shakespeare": ("gpt2", 124_439_808, 4_096, (10_270.0, 530.3)),
     "shakespeare-char": ("char", 804_096, 768, (13.5, 3.9)),
     "shakespeare-char-speedrun": ("char", 106_880, 2_048, (8.3, 1.7)),
@@ -131,6 +147,8 @@ PRESET_COSTS: dict[str, tuple[str, int, int, tuple[float, float]]] = {  # tokeni
     "gpt2-fineweb": ("gpt2", 124_439_808, 524_288, (851_000.0, 94_927.0)),
     "gpt2-tiny": ("char", 29_600, 256, (1.5, 0.3)),
     "gpt2-mini": ("gpt2", 7_259_008, 2_048, (213.2, 41.8)),
+    # gpt2-mini's shape and tokens per step (so about its time); not measured on its own yet
+    "chat-sft": ("gpt2", 7_259_008, 2_048, (None, None)),
 }
 
 
@@ -189,7 +207,9 @@ def keys_help() -> str:
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     if seconds < 10:
         return f"{seconds:.1f} s"
     if seconds < 120:

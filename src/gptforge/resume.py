@@ -40,6 +40,7 @@ from gptforge.config import (
     validate_run,
 )
 from gptforge.data import load_meta, load_split
+from gptforge.data.shards import load_mask
 from gptforge.distributed import DistEnv, rank_seed
 from gptforge.errors import GptforgeError
 from gptforge.memory import out_of_memory
@@ -51,7 +52,7 @@ from gptforge.rundir import (
     RUN_CONFIG_FILE,
     RUN_FILE,
 )
-from gptforge.tokenizer import describe
+from gptforge.tokenizer import CHAT_RECORD_KEY, describe
 from gptforge.trackers import TRACKERS, wanted_trackers
 
 # Why a run ends when it is complete; otherwise a signal stopped it (its name), to be resumed.
@@ -299,6 +300,33 @@ class Start:
     init_weights: dict[str, torch.Tensor] | None = None
     restart: bool = False
     preset: str | None = None
+    init_vocab: int | None = None  # the vocabulary of the weights started from (it may grow)
+    train_mask: np.ndarray | None = None  # conversation data: 1 where a token is trained on
+    val_mask: np.ndarray | None = None
+
+
+def grows_for_chat(source: dict[str, Any], data: dict[str, Any]) -> bool:
+    """Whether the data's tokenizer is the source model's plus ChatML's two tokens (GPT-2's BPE
+    grown for conversations): fine-tuning then grows the embedding (``fit_embedding``)."""
+    plain = {k: v for k, v in data.items() if k != CHAT_RECORD_KEY}
+    return source.get("name") == "gpt2" and data.get(CHAT_RECORD_KEY) is not None and plain == source
+
+
+def fit_embedding(weights: dict[str, torch.Tensor], old_vocab: int, vocab: int, rows: int
+                  ) -> dict[str, torch.Tensor]:
+    """The weights with the embedding (tied to the output layer) resized to ``rows``: the old
+    vocabulary's rows kept, the new tokens' rows set to the mean of the old ones (Hewitt 2021,
+    "Initializing New Word Embeddings for Pretrained Language Models": a new token then starts
+    with an average logit, not a random one that may dominate), padding rows zero (never
+    predicted: the model cuts its logits to ``vocab``)."""
+    key = "transformer.wte.weight"
+    old = weights[key]
+    if old.shape[0] == rows:
+        return weights
+    new = old.new_zeros(rows, old.shape[1])
+    new[:old_vocab] = old[:old_vocab]
+    new[old_vocab:vocab] = old[:old_vocab].mean(dim=0)
+    return {**weights, key: new}
 
 
 def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
@@ -313,12 +341,15 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
             + (f", or prepare it with --tokenizer {run_dir}"
                if resume.tokenizer.get("name") == "bpe" else "")
         )
-    init_weights = None
+    init_weights, init_vocab = None, None
     if init_from is not None:
         if resume is not None:
             raise GptforgeError("--init-from starts a new run and --resume continues one: use one of them")
         source_cfg, init_weights, source_tokenizer = load_pretrained(init_from)
-        if source_tokenizer != meta["tokenizer"]:
+        init_vocab = source_cfg.vocab_size
+        if grows_for_chat(source_tokenizer, meta["tokenizer"]):
+            source_cfg = dataclasses.replace(source_cfg, vocab_size=int(meta["vocab_size"]))
+        elif source_tokenizer != meta["tokenizer"]:
             raise CheckpointError(
                 f"{init_from} was trained with the {describe(source_tokenizer)}, other than the "
                 f"data's ({describe(meta['tokenizer'])}): prepare the data with the tokenizer of "
@@ -333,7 +364,10 @@ def check_start(cfg: RunConfig, run_dir: Path, resume: Checkpoint | None,
     wanted_trackers(cfg)  # a missing package stops the run here, before RUN is written
     train_tokens = load_split(cfg.data.path, "train", cfg.data.verify)
     val_tokens = load_split(cfg.data.path, "val", cfg.data.verify) if meta["val_tokens"] > 0 else None
-    return Start(meta, train_tokens, val_tokens, resume, init_from, init_weights, restart, preset)
+    train_mask = load_mask(cfg.data.path, "train", cfg.data.verify)
+    val_mask = load_mask(cfg.data.path, "val", cfg.data.verify) if val_tokens is not None else None
+    return Start(meta, train_tokens, val_tokens, resume, init_from, init_weights, restart, preset,
+                 init_vocab, train_mask, val_mask)
 
 
 def continue_hint(run_dir: str, argv: list[str]) -> str:

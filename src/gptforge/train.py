@@ -60,6 +60,7 @@ from gptforge.config import (
 )
 from gptforge.console import say
 from gptforge.data import BatchFeeder, TokenLoader, iter_eval_batches
+from gptforge.data.loader import RowLoader
 from gptforge.device import Precision, configure_backends, eager, resolve_for
 from gptforge.distributed import (
     DistEnv,
@@ -88,6 +89,7 @@ from gptforge.resume import (
     FINISHED,
     Start,
     check_start,
+    fit_embedding,
     out_of_memory_stop,
     restore_rng,
     rng_state,
@@ -267,8 +269,9 @@ class Trainer:
         self.resolved = resolve_for(cfg, device.type, env.world_size)
         cfg.model.pad_vocab_multiple = self.resolved.pad_vocab_multiple  # the model's shape from now on
         self.accum = grad_accum_steps(tc, env.world_size)
-        self.loader = TokenLoader(start.train_tokens, tc.batch_size, tc.seq_len, mode=cfg.data.loader,
-                                  seed=tc.seed, rank=env.rank, world_size=env.world_size)
+        self.loader = self._loader(start.train_tokens, start.train_mask, "the train split")
+        self.val_rows = (None if start.val_mask is None else  # checked now, not at the first eval
+                         self._loader(start.val_tokens, start.val_mask, "the val split", True))
         self.t: Trainable = build_trainable(cfg.model, env, precision, tc.seed, tc.parallel,
                                             self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights,
                                             activation_checkpointing=tc.activation_checkpointing)
@@ -276,6 +279,7 @@ class Trainer:
                                          shard=(env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1))
         # where the run stands; state_dict() saves it, load_state_dict() restores it
         self.step, self.tokens, self.best_val = 0, 0, None
+        self.trained = 0  # conversation data: tokens the loss was taken on (the mask's 1s)
         self.last_loss: torch.Tensor | float = float("nan")
         self.stopped_by: str | None = None
         if start.resume is not None:
@@ -331,8 +335,11 @@ class Trainer:
 
     def take_step(self, first_step: int) -> StepResult:
         self.timer.start()
+        cursor = self.loader.cursor
         result = self.stepper(self.step)
         self.timer.stop()
+        if isinstance(self.loader, RowLoader):
+            self.trained += self.loader.trained_between(cursor, self.loader.cursor)
         self.watch.record(self.step, result)
         self.last_loss = result.loss
         self.step += 1
@@ -377,10 +384,13 @@ class Trainer:
         loss, norm, dt = float(result.loss), float(result.norm), self.timer.seconds()
         tok_per_s = tc.total_batch_tokens / dt
         lr = self.stepper.lr
+        chat = isinstance(self.loader, RowLoader)
         if logged:
-            self.report.log(format_step(done, loss, lr, norm, dt * 1000, tok_per_s))
+            self.report.log(format_step(done, loss, lr, norm, dt * 1000, tok_per_s)
+                            + (f" | trained tokens: {self.trained:,}" if chat else ""))
         fields: dict[str, Any] = dict(step=done, loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000,
-                                      tok_per_s=tok_per_s, tokens=self.tokens)
+                                      tok_per_s=tok_per_s, tokens=self.tokens,
+                                      **({"trained_tokens": self.trained} if chat else {}))
         fields.update(self.val_fields(done, evals))
         if evals.hellaswag is not None:
             fields.update(self.hellaswag_fields(done, evals.hellaswag))
@@ -406,11 +416,13 @@ class Trainer:
     def validate(self) -> tuple[float | None, float | None]:
         """(nats per token, bits per byte) on the val split; (None, None) without one."""
         tc, val = self.cfg.train, self.start.val_tokens
-        if val is None or len(val) < tc.seq_len + 1:
+        if val is None or (self.start.val_mask is None and len(val) < tc.seq_len + 1):
             return None, None
+        batches = (iter_eval_batches(val, tc.batch_size, tc.seq_len) if self.val_rows is None
+                   else self.val_rows.batches_in_order())
         with eager(self.resolved.compile):
             held = heldout_loss(
-                self.eval_model, iter_eval_batches(val, tc.batch_size, tc.seq_len), self.env.device,
+                self.eval_model, batches, self.env.device,
                 self.t.precision.autocast, tc.eval_max_batches, shard=self.eval_shard,
                 reduce_sum=self._sum_over_ranks, token_bytes=self.val_bytes)
         return held.loss, held.bits_per_byte
@@ -468,6 +480,7 @@ class Trainer:
         rngs = gather_objects(rng_state(self.env.device), self.env)
         return {
             "step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
+            "trained_tokens": self.trained,
             "rng": rngs[0], "rng_ranks": rngs, "world_size": self.env.world_size,
             "best_val_loss": self.best_val, "last_loss": float(self.last_loss),
             "wall_s": time.time() - self.t_start, "stopped_by": self.stopped_by,
@@ -475,6 +488,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.trained = int(state.get("trained_tokens", 0))
         self.best_val = state.get("best_val_loss")
         self.loader.load_state_dict(state["loader"])
         restore_rng(state, self.env, self.cfg.train.seed, self.step)
@@ -494,7 +508,9 @@ class Trainer:
         if self.start.resume is not None:
             load_weights(model, self.start.resume)
         elif self.start.init_weights is not None:
-            missing, unexpected = model.load_state_dict(self.start.init_weights, strict=False)
+            weights = fit_embedding(self.start.init_weights, self.start.init_vocab or 0,
+                                    model.config.vocab_size, model.transformer.wte.weight.shape[0])
+            missing, unexpected = model.load_state_dict(weights, strict=False)
             assert missing == [TIED_KEY] and not unexpected, (missing, unexpected)  # shapes checked on load
 
     def _load_optimizer(self, ckpt: Checkpoint) -> None:
@@ -506,6 +522,20 @@ class Trainer:
                 f"optimizer state in {ckpt.path} does not fit this model ({e}): "
                 "resume with the config the run was started with"
             ) from None
+
+    def _loader(self, tokens: Any, mask: Any, what: str, masked: bool | None = None
+                ) -> TokenLoader | RowLoader:
+        """Windows of the token stream, or with a mask (conversations) rows of whole ones,
+        trained on the mask unless data.mask=false (``masked``: the validation loss always is,
+        so runs with and without the mask compare)."""
+        tc, env = self.cfg.train, self.env
+        if mask is None:
+            return TokenLoader(tokens, tc.batch_size, tc.seq_len, mode=self.cfg.data.loader,
+                               seed=tc.seed, rank=env.rank, world_size=env.world_size)
+        return RowLoader(tokens, mask, self.start.meta["eot_id"], tc.batch_size, tc.seq_len,
+                         mode=self.cfg.data.loader, seed=tc.seed, rank=env.rank,
+                         world_size=env.world_size, what=f"{what} of {self.cfg.data.path}",
+                         use_mask=self.cfg.data.mask if masked is None else masked)
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return sum_over_ranks(t, self.env) if self.cfg.train.parallel == "ddp" else t

@@ -153,6 +153,119 @@ class TokenLoader:
         self.cursor = cursor
 
 
+class RowLoader:
+    """(x, y) int32 batches of conversations, y = -1 where nothing is trained (data/conversations.py).
+
+    Rows of ``seq_len + 1`` tokens each hold whole conversations, packed greedily in their order
+    (a conversation starts a new row when it does not fit in the current one); the rest of a row
+    is the end-of-text token with a mask of 0. Row r is a contiguous range of the split's stream,
+    separators included, so a row never cuts a conversation and the model attends across the
+    conversations of a row as it does across documents in pre-training. x is the row but its last
+    token, y the row but its first, set to -1 wherever the mask is 0 (the loss ignores -1).
+
+    The stream of sequences and its cursor are TokenLoader's: a call on rank r returns global
+    rows [cursor + r*B, cursor + (r+1)*B), and the cursor advances by world_size*B, so it does not
+    depend on the number of processes. "sequential" takes rows in order, wrapping; "random" takes
+    each pass over the rows in a permutation seeded by (seed, pass). ``use_mask=False`` trains on
+    every token of each conversation instead (data.mask=false: what the mask is worth).
+    """
+
+    def __init__(self, tokens: Tokens, mask: Tokens, eot: int, batch_size: int, seq_len: int,
+                 mode: str = "sequential", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 what: str = "the data", use_mask: bool = True) -> None:
+        if mode not in ("sequential", "random"):
+            raise GptforgeError(f"unknown data loader mode {mode!r}: choose sequential or random")
+        if not use_mask:  # every token of a conversation, the separators still not
+            mask = (np.asarray(tokens[0 : len(tokens)]) != eot).astype(np.uint8)
+        self.tokens, self.mask, self.eot = tokens, mask, eot
+        self.B, self.T = batch_size, seq_len
+        self.mode, self.seed, self.rank, self.world_size = mode, int(seed), rank, world_size
+        self.cursor = 0
+        self.starts, self.ends, self.row_trained = pack_rows(tokens, mask, eot, seq_len + 1, what)
+        self._perm_pass, self._perm = -1, np.zeros(0, dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts)
+
+    def row_of(self, k: int) -> int:
+        """The row global sequence ``k`` reads."""
+        n = self.rows
+        if self.mode == "sequential":
+            return k % n
+        if k // n != self._perm_pass:
+            self._perm_pass = k // n
+            self._perm = np.random.default_rng([self.seed, self._perm_pass]).permutation(n)
+        return int(self._perm[k % n])
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``r``'s x and y (T each, int32), y = -1 where not trained."""
+        a, b = int(self.starts[r]), int(self.ends[r])
+        buf = np.full(self.T + 1, self.eot, dtype=np.int32)
+        keep = np.zeros(self.T + 1, dtype=bool)
+        buf[: b - a] = self.tokens[a:b]
+        keep[: b - a] = np.asarray(self.mask[a:b], dtype=bool)
+        y = np.where(keep[1:], buf[1:], -1).astype(np.int32)
+        return buf[:-1], y
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.cursor + self.rank * self.B
+        pairs = [self.row(self.row_of(k)) for k in range(first, first + self.B)]
+        self.cursor += self.world_size * self.B
+        return (torch.from_numpy(np.stack([p[0] for p in pairs])),
+                torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+    def trained_between(self, a: int, b: int) -> int:
+        """Tokens trained on in global sequences [a, b): what the steps between two cursors saw
+        over every rank (every rank knows every row, so no rank needs to be asked)."""
+        return int(sum(self.row_trained[self.row_of(k)] for k in range(a, b)))
+
+    def batches_in_order(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row once, in order, B at a time: held-out evaluation of a conversation split."""
+        for r0 in range(0, self.rows, self.B):
+            pairs = [self.row(r) for r in range(r0, min(r0 + self.B, self.rows))]
+            yield (torch.from_numpy(np.stack([p[0] for p in pairs])),
+                   torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "seed": self.seed, "cursor": self.cursor,
+                "batch_size": self.B, "seq_len": self.T, "n_tokens": len(self.tokens),
+                "rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        TokenLoader.load_state_dict(self, state)  # type: ignore[arg-type]  # the same checks
+
+
+def pack_rows(tokens: Tokens, mask: Tokens, eot: int, row_len: int, what: str
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, trained tokens) of each row: whole conversations packed greedily into rows of
+    at most ``row_len`` tokens. A conversation longer than a row is refused in one line, with the
+    count, the longest and what to do."""
+    ids = np.asarray(tokens[0 : len(tokens)])
+    seps = np.flatnonzero(ids == eot)  # conversation i spans (seps[i-1], seps[i])
+    bounds_a = np.concatenate([[0], seps + 1])
+    bounds_b = np.concatenate([seps, [len(ids)]])
+    lengths = bounds_b - bounds_a
+    too_long = lengths > row_len
+    if too_long.any():
+        raise GptforgeError(
+            f"{int(too_long.sum()):,} of the {len(lengths):,} conversations of {what} are longer "
+            f"than a row of train.seq_len + 1 = {row_len} tokens (the longest has "
+            f"{int(lengths.max()):,}): raise train.seq_len (at most the model's context), or "
+            f"prepare the data again with --max-conversation-tokens {row_len} to split them on "
+            "turn boundaries")
+    trained = np.cumsum(np.concatenate([[0], np.asarray(mask[0 : len(mask)], dtype=np.int64)]))
+    starts, ends = [], []
+    for a, b in zip(bounds_a.tolist(), bounds_b.tolist()):
+        if starts and b - starts[-1] <= row_len:
+            ends[-1] = b  # the separator before it comes along, inside the row
+        else:
+            starts.append(a)
+            ends.append(b)
+    s, e = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+    return s, e, trained[e] - trained[s]
+
+
 def count_eval_windows(tokens: Tokens, seq_len: int) -> int:
     """Windows of seq_len+1 tokens in ``tokens``, consecutive (neighbours share one token)."""
     return max(len(tokens) - 1, 0) // seq_len

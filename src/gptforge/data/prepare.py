@@ -26,12 +26,14 @@ byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
 from typing import Any
 
 from gptforge.console import progress_bar
+import gptforge.data.conversations as chat
 from gptforge.data.shards import DATA_FORMAT, load_meta, shard_count, split_shards
 from gptforge.data.sources import ReadOptions, Source, expand_inputs, read_sources
 from gptforge.data.splits import (
@@ -53,10 +55,19 @@ from gptforge.data.staging import (
     old_result,
     publish_staged,
 )
+from gptforge.data.shards import file_sha256
 from gptforge.data.vocab import resolve_tokenizer, stage_tokenizer, staged_tokenizer, train_tokenizer
 from gptforge.errors import GptforgeError
 from gptforge.rundir import hold_run_lock
-from gptforge.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer, tokenizer_from_dict
+from gptforge.tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    get_tokenizer,
+    require_chat,
+    tokenizer_from_dict,
+    train_bpe,
+)
 from gptforge.version import __version__
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller inputs are tokenized in this process
@@ -226,12 +237,18 @@ def prepare(
     seed: int = 0,
     vocab_size: int | None = None,
     tokenizer_sample_mb: float | None = None,
+    messages_field: str | None = None,
+    max_conversation_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` (files, directories, globs, named datasets) into shards in ``out``.
 
     ``tokenizer``: "gpt2", "char", "bpe" (a byte-level BPE of ``vocab_size`` tokens trained on
     the inputs, or on a sample of about ``tokenizer_sample_mb`` MB of them; 0: all), or the path
     of a tokenizer to reuse (a tokenizer.json, a prepared directory, a run or a checkpoint).
+
+    Conversations (OpenAI's ``messages`` in JSON lines or Parquet, recognised on their own or
+    read from ``messages_field``) become ChatML ids plus mask shards (data/conversations.py);
+    ``max_conversation_tokens`` splits longer ones on turn boundaries.
 
     Returns the metadata written to ``out/meta.json`` plus a ``"run"`` entry for this call:
     ``status`` ("done", "resumed" or "unchanged": ``out`` already held this result), ``seconds``
@@ -247,7 +264,7 @@ def prepare(
     opt = Options(kind, val_fraction, seed,
                   DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens, max_tokens,
                   format, text_field, errors, vocab_size, tokenizer_sample_mb,
-                  None if given is None else given.sha256)
+                  None if given is None else given.sha256, messages_field, max_conversation_tokens)
     opt.check()
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -258,9 +275,17 @@ def prepare(
 
     # 1. the files, and what identifies this run
     sources = expand_inputs(inputs, format, url, cache_dir, out)
+    field = chat.detect(sources, text_field, messages_field)
+    if field is None and max_conversation_tokens is not None:
+        raise GptforgeError("--max-conversation-tokens is for conversations (a messages field): "
+                            "leave it out for documents")
+    if field is not None:
+        opt = dataclasses.replace(opt, messages_field=field)
     args = {"options": opt.record(), "inputs": [s.identity() for s in sources]}
     # 2. one prepare at a time writes DIR
     with hold_run_lock(out, what="prepare"):
+        if field is not None:
+            return _prepare_conversations(out, sources, args, opt, given, force, t0)
         return _prepare_locked(out, sources, args, opt, given, force, workers, progress, t0)
 
 
@@ -300,6 +325,66 @@ def _prepare_locked(out: str, sources: list[Source], args: dict[str, Any], opt: 
     seconds = time.perf_counter() - t0
     return {**run.state["meta"], "run": {"status": "resumed" if resumed else "done", "seconds": seconds,
                                          "bytes_read": max(total_bytes - bytes_before, 0)}}
+
+
+def _chat_tokenizer(sources: list[Source], opt: Options, given: BPETokenizer | None):  # noqa: ANN202
+    """The vocabulary of conversation data: GPT-2's grown by the ChatML tokens, a BPE trained on
+    the messages' text (it reserves them), or a reused BPE that has them."""
+    fix = ("prepare conversations with --tokenizer gpt2 or bpe, or a BPE that gptforge trained "
+           "with its chat tokens")
+    if opt.tokenizer == "char":
+        require_chat(CharTokenizer("x"), "--tokenizer char", fix)
+    if opt.tokenizer == "gpt2":
+        return GPT2Tokenizer(chat=True)
+    if given is not None:
+        require_chat(given, f"the tokenizer {given._source}", fix)
+        return given
+    assert opt.vocab_size is not None
+    texts = (m["content"] for _, msgs in chat.conversations(sources, opt.messages_field, opt.errors)
+             for m in msgs)
+    return train_bpe(texts, opt.vocab_size)
+
+
+def _prepare_conversations(out: str, sources: list[Source], args: dict[str, Any], opt: Options,
+                           given: BPETokenizer | None, force: bool, t0: float) -> dict[str, Any]:
+    """Conversations into token and mask shards, published as prepare publishes documents."""
+    run = Staging(out)
+    finished = _finished(run, args, force)
+    if finished is not None:
+        return {**finished, "run": {"status": "unchanged", "seconds": time.perf_counter() - t0,
+                                    "bytes_read": 0}}
+    _, created = _start(run, args, force)
+    run.discard()  # never resumed: it starts over (see conversations.py)
+    os.makedirs(run.staging)
+    try:
+        tok = _chat_tokenizer(sources, opt, given)
+        record = stage_tokenizer(run, tok) if isinstance(tok, BPETokenizer) else tok.to_dict()
+        written = chat.write_conversations(run, sources, tok, opt, opt.messages_field)
+    except BaseException:
+        run.discard()
+        for d in created:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        raise
+    sp = written.splits
+    run.state = {"end": {"docs": written.conversations, "empty": 0, "stopped_at_max_tokens": False,
+                         "sha256": [None] * len(sources),
+                         "splits": {n: {"tokens": x.tokens, "docs": x.count} for n, x in sp.items()}},
+                 "shards": {n: x.shards for n, x in sp.items()}}
+    for s in sources:  # every file was read to its end
+        s.sha256 = s.sha256 or file_sha256(s.path)
+    run.state["end"]["sha256"] = [s.sha256 for s in sources]
+    meta = _meta(run, sources, record, opt, "documents" if opt.val_fraction else "none")
+    meta["masks"] = {n: x.masks for n, x in sp.items()}
+    meta["separator"] = f"one <|endoftext|> ({tok.eot_id}) between consecutive conversations"
+    meta["conversations"] = chat.conversation_meta(written, opt.messages_field,
+                                                   opt.max_conversation_tokens)
+    run.state.update(meta=meta, replaces=old_result(out))
+    publish_staged(run)
+    return {**meta, "run": {"status": "done", "seconds": time.perf_counter() - t0,
+                            "bytes_read": sum(s.bytes for s in sources)}}
 
 
 def _vocabulary(run: Staging, sources: list[Source], opt: Options, given: BPETokenizer | None,
@@ -356,6 +441,16 @@ def summary(meta: dict[str, Any], out: str) -> str:
     if run["status"] == "unchanged":
         return (f"{out} already holds this data (same inputs and options): "
                 f"{meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} val tokens")
+    if "conversations" in meta:
+        c = meta["conversations"]
+        split = (f"; {c['split_on_turns']:,} longer than --max-conversation-tokens split on turns"
+                 if c["max_conversation_tokens"] else "")
+        return (f"wrote {out}: {c['conversations']['train']:,} train and "
+                f"{c['conversations']['val']:,} val conversations ({meta['train_tokens']:,} and "
+                f"{meta['val_tokens']:,} tokens, {c['trained_tokens']['train']:,} and "
+                f"{c['trained_tokens']['val']:,} of them trained on; the longest "
+                f"{c['longest_tokens']:,} tokens){split}, {meta['tokenizer']['name']} tokenizer "
+                f"({meta['vocab_size']:,} symbols, ChatML); {run['seconds']:.1f} s")
     rate = run["bytes_read"] / max(run["seconds"], 1e-9) / 1e6
     return (f"wrote {out}: {meta['train_tokens']:,} train tokens ({shards['train']} shards), "
             f"{meta['val_tokens']:,} val tokens ({shards['val']} shards) from {docs['read']:,} "

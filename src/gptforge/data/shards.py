@@ -44,7 +44,8 @@ TOKEN_BYTES = 2
 HEADER_BYTES = 64
 TOKEN_DTYPE = np.dtype("<u2")
 WIDE_TOKEN_DTYPE = np.dtype("<u4")
-DTYPES = {2: TOKEN_DTYPE, 4: WIDE_TOKEN_DTYPE}  # bytes per token -> dtype
+MASK_DTYPE = np.dtype("u1")  # a conversation's mask shard (data/conversations.py): 0 or 1 per token
+DTYPES = {1: MASK_DTYPE, 2: TOKEN_DTYPE, 4: WIDE_TOKEN_DTYPE}  # bytes per element -> dtype
 
 DATA_FORMAT = 2  # what meta.json's format_version says for directories written now
 READ_FORMATS = (1, 2)
@@ -188,7 +189,7 @@ def _shard_info(path: PathLike, redo: str = "re-run `gptforge prepare ... --forc
         )
     if int(token_bytes) not in DTYPES:
         raise GptforgeError(
-            f"{path} stores {token_bytes} bytes per token, expected 2 or 4; {redo}"
+            f"{path} stores {token_bytes} bytes per token, expected 1 (a mask), 2 or 4; {redo}"
         )
     expected = HEADER_BYTES + int(token_bytes) * int(count)
     if size != expected:
@@ -330,11 +331,28 @@ def load_split(data_dir: PathLike, split: str, verify: str = "sizes") -> TokenSt
     ``verify="sha256"`` its sha256 against meta.json's (it reads every byte once: ``train`` does
     it at the start of a run, ``eval`` before scoring a split; BENCHMARKS.md gives the cost).
     """
-    assert verify in ("sizes", "sha256"), verify
     data_dir = os.fspath(data_dir)
     meta = load_meta(data_dir)
+    return _stream(data_dir, split_shards(meta, split), f"{split} split", meta.get(f"{split}_tokens"),
+                   verify)
+
+
+def load_mask(data_dir: PathLike, split: str, verify: str = "sizes") -> TokenStream | None:
+    """The mask of a conversation split (1: trained on), parallel to ``load_split``'s tokens;
+    None for prepared documents."""
+    data_dir = os.fspath(data_dir)
+    meta = load_meta(data_dir)
+    if "masks" not in meta:
+        return None
+    return _stream(data_dir, meta["masks"].get(split, []), f"{split} mask",
+                   meta.get(f"{split}_tokens"), verify)
+
+
+def _stream(data_dir: str, entries: list[dict[str, Any]], what: str, promised: Any, verify: str
+            ) -> TokenStream:
+    assert verify in ("sizes", "sha256"), verify
     shards = []
-    for entry in split_shards(meta, split):
+    for entry in entries:
         path = os.path.join(data_dir, entry["file"])
         tokens = read_shard(path)
         if len(tokens) != entry["tokens"]:
@@ -348,11 +366,10 @@ def load_split(data_dir: PathLike, split: str, verify: str = "sizes") -> TokenSt
                 f"byte, bit rot or a bad copy); rebuild it: {_redo(data_dir)}"
             )
         shards.append(tokens)
-    stream = TokenStream(shards, f"{data_dir} ({split} split)")
-    promised = meta.get(f"{split}_tokens")
+    stream = TokenStream(shards, f"{data_dir} ({what})")
     if len(stream) != promised:
         raise GptforgeError(
-            f"the {split} shards of {data_dir} hold {len(stream)} tokens but meta.json says "
+            f"the {what} shards of {data_dir} hold {len(stream)} tokens but meta.json says "
             f"{promised}: {_redo(data_dir)}"
         )
     if len(shards) == 1:

@@ -33,6 +33,8 @@ DEFAULT_TOKENIZER_SAMPLE_MB = 100
 # Options that only a trained or reused BPE sets: left out of the record when unset, so the
 # record of a gpt2 or char run (meta.json's prepare_options) is what it always was.
 BPE_OPTIONS = ("vocab_size", "tokenizer_sample_mb", "tokenizer_sha256")
+# Likewise the options of conversation data (data/conversations.py).
+CHAT_OPTIONS = ("messages_field", "max_conversation_tokens")
 STAGING = ".prepare"
 STATE_VERSION = 1
 
@@ -52,10 +54,13 @@ class Options:
     vocab_size: int | None = None  # bpe: the vocabulary to train
     tokenizer_sample_mb: float | None = None  # bpe: how much text it is trained on (0: all)
     tokenizer_sha256: str | None = None  # bpe reused from a file: that file's sha256
+    messages_field: str | None = None  # conversations: the field of their messages
+    max_conversation_tokens: int | None = None  # conversations: split longer ones on turns
 
     def record(self) -> dict[str, Any]:
         """What identifies these options (meta.json's prepare_options, a resumable run's args)."""
-        return {k: v for k, v in asdict(self).items() if k not in BPE_OPTIONS or v is not None}
+        optional = BPE_OPTIONS + CHAT_OPTIONS
+        return {k: v for k, v in asdict(self).items() if k not in optional or v is not None}
 
     def check(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -76,6 +81,11 @@ class Options:
             raise GptforgeError(f"--shard-tokens must be 1 or more, got {self.shard_tokens}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise GptforgeError(f"--max-tokens must be 1 or more, got {self.max_tokens}")
+        if self.max_conversation_tokens is not None and self.max_conversation_tokens < 16:
+            raise GptforgeError(f"--max-conversation-tokens must be 16 or more, got "
+                                f"{self.max_conversation_tokens}")
+        if self.messages_field is not None and not self.messages_field:
+            raise GptforgeError("--messages-field is empty: name the field with the messages")
 
 
     def _check_bpe(self) -> None:
@@ -252,6 +262,7 @@ def publish_staged(run: Staging) -> None:
     st = run.state
     meta = st["meta"]
     new = {e["file"] for split in ("train", "val") for e in meta["shards"][split]}
+    new.update(e["file"] for split in ("train", "val") for e in meta.get("masks", {}).get(split, []))
     new.update(tokenizer_files(meta))
     meta_path = os.path.join(run.out, "meta.json")
     if os.path.exists(meta_path):  # first out, last in: the directory never looks complete
@@ -280,6 +291,7 @@ def old_result(out: str) -> list[str]:
         with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)  # not load_meta: what it lists goes, whatever state it is in
         shards = [e["file"] for split in ("train", "val") for e in split_shards(meta, split)]
-        return shards + tokenizer_files(meta)
+        masks = [e["file"] for split in ("train", "val") for e in meta.get("masks", {}).get(split, [])]
+        return shards + masks + tokenizer_files(meta)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []

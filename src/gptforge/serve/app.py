@@ -6,6 +6,13 @@ is parsed here rather than by FastAPI so that a client that forgets ``Content-Ty
 application/json`` (curl -d does) is still understood, and so that each mistake gets a message
 naming the field (protocol.py).
 
+Chat completions (serve/chat.py) run as jobs of the same engine and differ only in the shapes
+of their answers. With an API key (``serve --api-key``, or ``GPTFORGE_API_KEY``) every route but
+the page and ``/health`` wants ``Authorization: Bearer KEY``: a request without it, or with
+another key, gets 401 in OpenAI's error shape; the key is compared in constant time
+(``hmac.compare_digest``), so the time of a refusal says nothing about how much of a guess was
+right.
+
 A request becomes an engine ``Job`` whose events cross from the engine's thread into this event
 loop through ``call_soon_threadsafe``. While a request runs, a watcher reads the connection: a
 client that goes away (closed tab, Ctrl-C, timeout) cancels its job, which frees its rows at the
@@ -15,6 +22,7 @@ engine's next step, whether it was streaming or waiting for a whole answer.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -25,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+import gptforge.serve.chat as chat
 import gptforge.serve.protocol as protocol
 from gptforge.serve.engine import Abort, End, Engine, Event, Job, Overloaded, Text
 from gptforge.serve.protocol import ApiError, ModelInfo, Plan
@@ -103,9 +112,30 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: int) -> FastAPI:
+OPEN_PATHS = ("/", "/health")  # what answers without the API key: the page asks for it
+
+
+def authorized(header: str | None, key: str) -> bool:
+    """Whether an Authorization header carries ``Bearer KEY``, compared in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: int,
+              api_key: str = "") -> FastAPI:
     app = FastAPI(title="gptforge serve", version="1", docs_url=None, redoc_url=None)
     page = resources.files("gptforge.serve").joinpath("static/index.html").read_text("utf-8")
+
+    if api_key:
+        @app.middleware("http")
+        async def check_key(request: Request, call_next: Callable[[Request], Any]) -> Any:
+            if request.url.path in OPEN_PATHS or authorized(request.headers.get("authorization"),
+                                                            api_key):
+                return await call_next(request)
+            err = ApiError(401, "Incorrect or missing API key: send the server's key as "
+                                "Authorization: Bearer KEY (openai's client: api_key=KEY)",
+                           code="invalid_api_key")
+            return JSONResponse(err.body(), status_code=401)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
@@ -114,7 +144,8 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}: the API has POST "
-                        "/v1/completions, GET /v1/models and GET /health",
+                        "/v1/completions, POST /v1/chat/completions, GET /v1/models and GET "
+                        "/health",
                    405: f"{request.url.path} does not take {request.method}"}.get(e.status_code,
                                                                               str(e.detail))
         return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code,
@@ -143,15 +174,22 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
         return protocol.model_card(info)
 
     @app.post("/v1/chat/completions")
-    async def chat() -> None:
-        raise ApiError(400, f"{info.name} is a base model, not a chat model: it continues text. "
-                            "Use POST /v1/completions with a prompt", code="unsupported_endpoint")
+    async def chat_completions(request: Request) -> Any:
+        if not info.chat:
+            raise ApiError(400, f"{info.name} is a base model, not a chat model: it continues "
+                                "text. Use POST /v1/completions with a prompt",
+                           code="unsupported_endpoint")
+        req = chat.parse_chat(protocol.parse_json(await read_body(request, max_body_bytes)))
+        return await _run(request, chat.check_chat(req, info, tok, engine.max_batch), True)
 
     @app.post("/v1/completions", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": protocol.CompletionRequest.model_json_schema()}}}})
     async def completions(request: Request) -> Any:
         req = protocol.parse_request(protocol.parse_json(await read_body(request, max_body_bytes)))
-        plan = protocol.check_request(req, info, tok, engine.max_batch)
+        return await _run(request, protocol.check_request(req, info, tok, engine.max_batch), False)
+
+    async def _run(request: Request, plan: Plan, is_chat: bool) -> Any:
+        """Submit a checked request to the engine; its answer, streamed or whole."""
         bridge = _Bridge()
         job = Job(plan.ids, plan.n, plan.params, bridge.emit)
         try:
@@ -165,9 +203,9 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
             engine.cancel(job)  # nothing to do when the job is complete
 
         if plan.stream:
-            return EventStream(_stream(bridge, plan, info.name), close)
+            return EventStream(_stream(bridge, plan, info.name, is_chat), close)
         try:
-            return await _whole(bridge, plan, info.name)
+            return await _whole(bridge, plan, info.name, is_chat)
         finally:
             close()
 
@@ -179,7 +217,7 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
     return app
 
 
-async def _whole(bridge: _Bridge, plan: Plan, model: str) -> Any:
+async def _whole(bridge: _Bridge, plan: Plan, model: str, is_chat: bool) -> Any:
     """Collect every choice's text; the answer, an error, or nothing if the client left."""
     rows = len(plan.ids) * plan.n
     texts = [plan.prompts[i // plan.n] if plan.echo else "" for i in range(rows)]
@@ -196,20 +234,35 @@ async def _whole(bridge: _Bridge, plan: Plan, model: str) -> Any:
         elif isinstance(event, End):
             reasons[event.choice] = event.reason
             tokens += event.tokens
+    use = protocol.usage(plan.prompt_tokens, tokens)
+    if is_chat:
+        choices = [chat.chat_choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        return chat.chat_completion("chatcmpl-" + protocol.new_id()[5:], protocol.now(), model,
+                                    choices, use)
     choices = [protocol.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
-    return protocol.completion(protocol.new_id(), protocol.now(), model, choices,
-                               protocol.usage(plan.prompt_tokens, tokens))
+    return protocol.completion(protocol.new_id(), protocol.now(), model, choices, use)
 
 
-async def _stream(bridge: _Bridge, plan: Plan, model: str) -> AsyncIterator[bytes]:
-    """The events of a job as server-sent events, ending in ``data: [DONE]``."""
+async def _stream(bridge: _Bridge, plan: Plan, model: str, is_chat: bool) -> AsyncIterator[bytes]:
+    """The events of a job as server-sent events, ending in ``data: [DONE]``. A chat stream opens
+    each choice with a delta holding its role, as OpenAI's does."""
     cid, created = protocol.new_id(), protocol.now()
+    if is_chat:
+        cid = "chatcmpl-" + cid[5:]
     rows = len(plan.ids) * plan.n
 
-    def chunk(index: int, text: str, reason: str | None) -> bytes:
-        return sse(protocol.completion(cid, created, model, [protocol.choice(index, text, reason)],
-                                       None))
+    def chunk(index: int, text: str | None, reason: str | None) -> bytes:
+        if is_chat:
+            delta = {"role": "assistant", "content": ""} if text is None else (
+                {"content": text} if text else {})
+            return sse(chat.chat_completion(cid, created, model,
+                                            [chat.delta_choice(index, delta, reason)], None, True))
+        return sse(protocol.completion(cid, created, model,
+                                       [protocol.choice(index, text or "", reason)], None))
 
+    if is_chat:
+        for i in range(rows):
+            yield chunk(i, None, None)
     if plan.echo:
         for i in range(rows):
             yield chunk(i, plan.prompts[i // plan.n], None)
@@ -228,6 +281,7 @@ async def _stream(bridge: _Bridge, plan: Plan, model: str) -> AsyncIterator[byte
             open_rows -= 1
             tokens += event.tokens
     if plan.include_usage:
-        yield sse(protocol.completion(cid, created, model, [],
-                                      protocol.usage(plan.prompt_tokens, tokens)))
+        use = protocol.usage(plan.prompt_tokens, tokens)
+        yield sse(chat.chat_completion(cid, created, model, [], use, True) if is_chat else
+                  protocol.completion(cid, created, model, [], use))
     yield b"data: [DONE]\n\n"

@@ -13,9 +13,9 @@ One ``step``:
 Why a row's tokens are the ones its request would get alone: its prompt is run exactly as alone;
 in a decode pass its query sits at its own position and the cache's mask lets it see its own
 keys only (others get exactly zero weight), so the only cross-row effect is the float rounding
-of a batched matmul; and it samples with ``generate``'s operations in ``generate``'s order
-(float logits / temperature, ``filter_logits``, softmax, ``multinomial``) from its own
-``torch.Generator``, seeded from the request's seed plus the choice's index. With one row in
+of a batched matmul; and it draws with the one sampling step ``generate`` uses too
+(sampling.py's ``draw``) from its own ``torch.Generator``, seeded from the request's seed plus
+the choice's index. With one row in
 flight the shapes are those of ``generate`` exactly, so a lone request (greedy or seeded) prints
 what ``gptforge sample`` prints. A request never slides its window: the server refuses a prompt
 plus ``max_tokens`` longer than the context, so positions never move.
@@ -40,9 +40,10 @@ from typing import NamedTuple
 
 import torch
 
-from gptforge.generate import TextStream, filter_logits
+from gptforge.generate import TextStream
 from gptforge.model import GPT, KVCache, RaggedKVCache
-from gptforge.tokenizer import Tokenizer
+from gptforge.sampling import Sampling, draw
+from gptforge.tokenizer import Tokenizer, stop_ids
 
 
 class Text(NamedTuple):
@@ -71,31 +72,13 @@ class Overloaded(Exception):
     """The waiting queue is full, or the server is shutting down: try again later."""
 
 
-@dataclass(frozen=True)
-class Params:
-    """One request's sampling settings, already validated."""
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    stops: tuple[str, ...] = ()
-    seed: int | None = None  # None: each choice draws its own random seed
-
-    @property
-    def sampling(self) -> tuple[float, int, float]:
-        """(temperature, top_k, top_p) as ``generate`` takes them; greedy is top-1."""
-        if self.temperature == 0:
-            return 1.0, 1, 1.0
-        return self.temperature, self.top_k, self.top_p
-
-
 class Job:
     """One request: prompts (token ids) times n choices; choice i*n + j is prompt i's j-th.
 
     ``emit`` receives the job's events on the engine's thread.
     """
 
-    def __init__(self, prompts: list[list[int]], n: int, params: Params,
+    def __init__(self, prompts: list[list[int]], n: int, params: Sampling,
                  emit: Callable[[Event], None]):
         self.prompts = prompts
         self.n = n
@@ -136,6 +119,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.block_size = model.config.block_size
+        self.stop_ids = stop_ids(tokenizer)  # the end of text, and of a turn for a chat model
         self.cache = RaggedKVCache(model.config.n_layer, max_batch, self.block_size)
         self.rows: list[_Row] = []  # the engine thread's own; row i is cache row i
         self.stats = Stats()
@@ -272,7 +256,7 @@ class Engine:
 
     def warm_up(self) -> None:
         """One tiny request through every code path: allocates the cache, loads the kernels."""
-        job = Job([[0]], 1, Params(max_tokens=2, temperature=0), lambda e: None)
+        job = Job([[0]], 1, Sampling(max_tokens=2, temperature=0), lambda e: None)
         with self._cond:
             self._queue.append(job)
         while job.open:
@@ -321,29 +305,17 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row from logits (B, V), each row with its own settings and generator.
-
-        Rows that share settings are filtered together (each row's filtering is its own), and
-        each draws from its own generator, as ``generate`` draws for a single row. Greedy rows
-        take the argmax, which is what ``multinomial`` returns for the top-1 filter's one-hot
-        distribution (save for exactly tied logits, where it picks the lowest id), without its
-        cost: on the CPU it draws one exponential variate per vocabulary entry (~4 ms a row for
-        GPT-2's 50,257 on a 2-core EPYC), more than a small model's forward pass.
-        """
+        """One token per row from logits (B, V), each row with its own settings and generator:
+        rows that share settings are drawn together (sampling.py's ``draw``), each from its own
+        generator, as ``generate`` draws for a single row."""
         groups: dict[tuple[float, int, float], list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(row.job.params.sampling, []).append(i)
+            groups.setdefault(row.job.params.draw_key, []).append(i)
         out = [0] * len(rows)
-        for (temperature, top_k, top_p), idxs in groups.items():
+        for key, idxs in groups.items():
             part = logits if len(idxs) == len(rows) else logits[idxs]  # (b, V)
-            part = part / temperature
-            if top_k == 1:  # greedy: multinomial over the top-1 filter's one-hot is its argmax
-                for i, tok in zip(idxs, part.argmax(dim=-1).tolist()):
-                    out[i] = tok
-                continue
-            probs = torch.softmax(filter_logits(part, top_k, top_p), dim=-1)
-            for j, i in enumerate(idxs):
-                out[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=rows[i].gen))
+            for i, tok in zip(idxs, draw(part, key, [rows[i].gen for i in idxs])):
+                out[i] = tok
         return out
 
     def _deliver(self, rows: list[_Row], tokens: list[int]) -> None:
@@ -351,8 +323,8 @@ class Engine:
         for row, tok in zip(rows, tokens):
             row.tokens += 1
             row.last = tok
-            if tok == self.tok.eot_id or row.stream.push(tok):
-                reason = "stop"  # the model ended the text, or a stop string is complete
+            if tok in self.stop_ids or row.stream.push(tok):
+                reason = "stop"  # the model ended the text or its turn, or a stop string is complete
             elif row.tokens >= row.job.params.max_tokens:
                 reason = "length"
             else:

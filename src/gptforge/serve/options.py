@@ -25,7 +25,7 @@ class ServeOptions:
     ckpt: str = ""
     "run directory, checkpoint directory or Hugging Face GPT-2 directory (what sample accepts)"
     host: str = "127.0.0.1"
-    "address to listen on (0.0.0.0: every interface; the API has no authentication)"
+    "address to listen on (0.0.0.0: every interface; set an --api-key before exposing it)"
     port: int = 8000
     "TCP port to listen on (0: any free port, printed at start-up)"
     device: str = "auto"
@@ -42,12 +42,15 @@ class ServeOptions:
     "on SIGTERM or Ctrl-C, seconds that running requests get to finish before they are cancelled"
     access_log: bool = False
     "log one line per HTTP request"
+    api_key: str = ""
+    "require this key (Authorization: Bearer KEY, the openai client's api_key) on every route but the page and /health; empty: the GPTFORGE_API_KEY environment variable (which ps cannot show), else no key"
 
 
 # How --help names each option's value.
 SERVE_METAVARS = {"ckpt": "PATH", "host": "HOST", "port": "PORT", "device": "DEVICE",
                   "model_name": "NAME", "max_batch": "ROWS", "max_queue": "REQUESTS",
-                  "max_body_bytes": "BYTES", "grace_s": "SECONDS"}
+                  "max_body_bytes": "BYTES", "grace_s": "SECONDS", "api_key": "KEY"}
+API_KEY_ENV = "GPTFORGE_API_KEY"
 
 
 def validate_options(opts: ServeOptions) -> None:
@@ -67,6 +70,10 @@ def validate_options(opts: ServeOptions) -> None:
           "give a number of seconds >= 0")
     check(bool(opts.host.strip()), "host", repr(opts.host), "give an address such as 127.0.0.1",
           what="empty")
+    if opts.api_key and (len(opts.api_key) < 8 or not opts.api_key.isprintable() or " " in opts.api_key):
+        raise GptforgeError("--api-key (or GPTFORGE_API_KEY) must be 8 or more printable "
+                            "characters without spaces: e.g. python -c 'import secrets; "
+                            "print(secrets.token_urlsafe(24))'")
     check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", opts.device) is not None, "device",
           opts.device, "give auto, cpu, cuda, cuda:N or mps", what="not a device")
 

@@ -3,7 +3,10 @@
 It follows the completions API (``POST /v1/completions``) closely enough that the official
 ``openai`` client works unchanged, streaming and not. Choices worth stating:
 
-- ``top_k`` is an extension (0: off). ``temperature: 0`` is greedy decoding, as ``top_k: 1``.
+- The sampling values, their defaults and their ranges are sampling.py's, shared with
+  ``gptforge sample`` and ``gptforge chat``; where OpenAI fixes a default the server keeps it
+  (``max_tokens`` 16, temperature 1, top_p 1, no seed: a random one). ``top_k`` is an extension
+  (default 50; 0: off). ``temperature: 0`` is greedy decoding, as ``top_k: 1``.
 - A prompt whose tokens plus ``max_tokens`` exceed the model's context is refused (400, code
   ``context_length_exceeded``), as OpenAI refuses it, rather than cropped from the left as
   ``gptforge sample`` crops: a server's caller should know the model never saw part of its text,
@@ -29,11 +32,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gptforge.errors import GptforgeError
-from gptforge.serve.engine import Params
+from gptforge.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, MAX_STOPS, RULES, Sampling
 from gptforge.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-MAX_STOPS = 4  # OpenAI's limit
 EXAMPLE = '{"prompt": "Once upon a time", "max_tokens": 32}'
 
 
@@ -89,15 +91,15 @@ class CompletionRequest(BaseModel):
 EXPECTED = {
     "prompt": "a non-empty string or a list of them",
     "model": "a string (GET /v1/models lists the one served)",
-    "max_tokens": "an integer >= 1",
-    "temperature": "a number from 0 to 2 (0: greedy)",
-    "top_p": "a number in (0, 1]",
-    "top_k": "an integer >= 0 (0: no top-k filtering)",
+    "max_tokens": RULES["max_tokens"],
+    "temperature": RULES["temperature"],
+    "top_p": RULES["top_p"],
+    "top_k": RULES["top_k"],
     "n": "an integer >= 1",
     "stream": "true or false",
     "stream_options": 'an object such as {"include_usage": true}',
     "stop": f"a non-empty string or a list of up to {MAX_STOPS} of them",
-    "seed": "an integer from 0 to 2**63 - 1",
+    "seed": RULES["seed"],
     "echo": "true or false",
     "user": "a string",
     "presence_penalty": "0 (penalties are not supported)",
@@ -119,6 +121,7 @@ class ModelInfo:
     vocab_size: int
     device: str
     created: int
+    chat: bool = False  # the vocabulary has ChatML's tokens: /v1/chat/completions serves it
 
 
 @dataclass
@@ -127,7 +130,7 @@ class Plan:
     prompts: list[str]
     ids: list[list[int]]
     n: int
-    params: Params
+    params: Sampling
     stream: bool
     include_usage: bool
     echo: bool
@@ -158,25 +161,28 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_request(obj: dict[str, Any]) -> CompletionRequest:
+def parse_request(obj: dict[str, Any], schema: type[BaseModel] = CompletionRequest,
+                  expected: dict[str, str] | None = None, example: str = EXAMPLE) -> Any:
+    """The body as ``schema`` (a completions request by default); a wrong field is one 400."""
+    expected = EXPECTED if expected is None else expected
     try:
-        return CompletionRequest.model_validate(obj)
+        return schema.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "body"
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"unknown field {name!r}: the fields are "
-                                f"{', '.join(CompletionRequest.model_fields)}", param=name) from None
+                                f"{', '.join(schema.model_fields)}", param=name) from None
         if err["type"] == "missing":
-            raise ApiError(400, f"{name} is required: the text to continue, e.g. {EXAMPLE}",
-                           param=name) from None
-        raise ApiError(400, f"{name} must be {EXPECTED[name]}, got {_shown(obj[name])}",
+            raise ApiError(400, f"{name} is required, e.g. {example}", param=name) from None
+        raise ApiError(400, f"{name} must be {expected[name]}, got {_shown(obj[name])}",
                        param=name) from None
 
 
-def _need(ok: bool, name: str, value: Any) -> None:
+def _need(ok: bool, name: str, value: Any, expected: dict[str, str] | None = None) -> None:
     if not ok:
-        raise ApiError(400, f"{name} must be {EXPECTED[name]}, got {_shown(value)}", param=name)
+        what = (EXPECTED if expected is None else expected)[name]
+        raise ApiError(400, f"{name} must be {what}, got {_shown(value)}", param=name)
 
 
 def _encode(tok: Tokenizer, prompt: str, where: str) -> list[int]:
@@ -189,6 +195,28 @@ def _encode(tok: Tokenizer, prompt: str, where: str) -> list[int]:
                             "character: send valid Unicode", param="prompt") from None
 
 
+# A request's field for each of Sampling's.
+SAMPLING_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                   "max_tokens": "max_tokens", "seed": "seed", "stops": "stop"}
+
+
+def request_sampling(req: Any, max_tokens: int, stops: list[str]) -> Sampling:
+    """A request's sampling values, with OpenAI's defaults where it fixes one (``max_tokens``
+    as given, no seed) and gptforge's elsewhere, checked by sampling.py's rules."""
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    params = Sampling(temperature=given(req.temperature, DEFAULT_TEMPERATURE),
+                      top_k=given(req.top_k, DEFAULT_TOP_K), top_p=given(req.top_p, DEFAULT_TOP_P),
+                      max_tokens=given(req.max_tokens, max_tokens), seed=req.seed,
+                      stops=tuple(stops))
+    found = params.problem()
+    if found is not None:
+        name = SAMPLING_FIELDS[found[0]]
+        _need(False, name, req.stop if name == "stop" else found[1])
+    return params
+
+
 def check_request(req: CompletionRequest, info: ModelInfo, tok: Tokenizer,
                   max_batch: int) -> Plan:
     """Ranges, the model name, the prompts' tokens and the context; raises ApiError."""
@@ -197,19 +225,11 @@ def check_request(req: CompletionRequest, info: ModelInfo, tok: Tokenizer,
                             f"{info.name!r} (GET /v1/models)", param="model", code="model_not_found")
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     _need(bool(prompts) and all(prompts), "prompt", req.prompt)
-    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    _need(max_tokens >= 1, "max_tokens", max_tokens)
-    temperature = 1.0 if req.temperature is None else req.temperature
-    _need(math.isfinite(temperature) and 0 <= temperature <= 2, "temperature", temperature)
-    top_p = 1.0 if req.top_p is None else req.top_p
-    _need(math.isfinite(top_p) and 0 < top_p <= 1, "top_p", top_p)
-    top_k = 0 if req.top_k is None else req.top_k
-    _need(top_k >= 0, "top_k", top_k)
     n = 1 if req.n is None else req.n
     _need(n >= 1, "n", n)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    _need(len(stops) <= MAX_STOPS and all(stops), "stop", req.stop)
-    _need(req.seed is None or 0 <= req.seed < 2**63, "seed", req.seed)
+    params = request_sampling(req, DEFAULT_MAX_TOKENS, stops)
+    max_tokens = params.max_tokens
     for name in ("presence_penalty", "frequency_penalty"):
         _need(getattr(req, name) in (None, 0), name, getattr(req, name))
     _need(not req.logit_bias, "logit_bias", req.logit_bias)
@@ -232,8 +252,6 @@ def check_request(req: CompletionRequest, info: ModelInfo, tok: Tokenizer,
                      f"{info.context_length}; shorten the prompt or lower max_tokens",
                 param="max_tokens" if len(ids[-1]) < info.context_length else "prompt",
                 code="context_length_exceeded")
-    params = Params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    stops=tuple(stops), seed=req.seed)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Plan(prompts, ids, n, params, bool(req.stream), include_usage, bool(req.echo))
 
@@ -272,4 +290,4 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
     """An entry of GET /v1/models; parameters, context_length and tokenizer are extensions."""
     return {"id": info.name, "object": "model", "created": info.created, "owned_by": "gptforge",
             "parameters": info.parameters, "context_length": info.context_length,
-            "tokenizer": info.tokenizer, "device": info.device}
+            "tokenizer": info.tokenizer, "device": info.device, "chat": info.chat}

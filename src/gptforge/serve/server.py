@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import errno
 import re
 import signal
@@ -30,7 +32,7 @@ from types import FrameType
 
 from gptforge.errors import GptforgeError
 from gptforge.rundir import CHECKPOINT_DIR, LATEST
-from gptforge.serve.options import ServeOptions, validate_options
+from gptforge.serve.options import API_KEY_ENV, ServeOptions, validate_options
 
 
 def _web_stack():  # noqa: ANN202 - the uvicorn module, imported only here
@@ -98,16 +100,19 @@ def build_engine(opts: ServeOptions):  # noqa: ANN201 - an Engine (imported lazi
 
 def model_info(engine, opts: ServeOptions):  # noqa: ANN001, ANN201 - (Engine) -> ModelInfo
     from gptforge.serve.protocol import ModelInfo
+    from gptforge.tokenizer import is_chat
 
     model, tok = engine.model, engine.tok
     return ModelInfo(name=opts.model_name or default_name(opts.ckpt),
                      parameters=model.num_params(), context_length=model.config.block_size,
                      tokenizer=tok.name, vocab_size=tok.vocab_size, device=str(engine.device),
-                     created=int(time.time()))
+                     created=int(time.time()), chat=is_chat(tok))
 
 
 def run(opts: ServeOptions) -> int:
     """Serve until SIGTERM or Ctrl-C; 0 after a clean stop."""
+    if not opts.api_key:
+        opts = dataclasses.replace(opts, api_key=os.environ.get(API_KEY_ENV, ""))
     validate_options(opts)
     uvicorn = _web_stack()
     from gptforge.serve.app import build_app
@@ -120,7 +125,7 @@ def run(opts: ServeOptions) -> int:
         sock.close()
         raise
     info = model_info(engine, opts)
-    app = build_app(engine, info, engine.tok, opts.max_body_bytes)
+    app = build_app(engine, info, engine.tok, opts.max_body_bytes, opts.api_key)
     config = uvicorn.Config(app, log_level="info" if opts.access_log else "warning",
                             access_log=opts.access_log, lifespan="off",
                             timeout_graceful_shutdown=opts.grace_s + 5)
@@ -157,11 +162,14 @@ def _server_class(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported lazily
             i, e = self.info, self.engine
             mib = e.cache_bytes() / 2**20
             print(f"gptforge serve: {i.name} ({i.parameters:,} parameters, context "
-                  f"{i.context_length}, {i.tokenizer} tokenizer) on {i.device}; up to "
+                  f"{i.context_length}, {i.tokenizer} tokenizer{', chat' if i.chat else ''}) on "
+                  f"{i.device}; up to "
                   f"{e.max_batch} rows at once (KV cache {mib:,.{0 if mib >= 10 else 1}f} MiB), "
                   f"{e.max_queue} waiting", flush=True)
+            api = "/v1/chat/completions, /v1/completions" if i.chat else "/v1/completions"
+            key = "; the API key is required" if self.opts.api_key else ""
             print(f"gptforge serve: listening on http://{shown}:{port} (page: /, API: "
-                  f"/v1/completions); Ctrl-C stops", flush=True)
+                  f"{api}{key}); Ctrl-C stops", flush=True)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

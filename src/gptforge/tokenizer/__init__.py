@@ -29,8 +29,20 @@ from gptforge.tokenizer.bpe import (
     train_bpe,
 )
 from gptforge.tokenizer.char import CharTokenizer
+from gptforge.tokenizer.chat import (
+    CHAT_RECORD_KEY,
+    CHATML_TEMPLATE,
+    IM_END,
+    IM_START,
+    is_chat,
+    message_problem,
+    prompt_ids,
+    render,
+    require_chat,
+)
 from gptforge.tokenizer.gpt2 import (
     GPT2_EOT,
+    GPT2_CHAT_VOCAB_SIZE,
     GPT2_EOT_ID,
     GPT2_SPLIT_PATTERN,
     GPT2_VOCAB_SIZE,
@@ -41,10 +53,12 @@ from gptforge.tokenizer.gpt2 import (
 from gptforge.tokenizer.interface import Tokenizer
 
 __all__ = [
+    "CHAT_RECORD_KEY", "CHATML_TEMPLATE", "GPT2_CHAT_VOCAB_SIZE", "IM_END", "IM_START", "is_chat",
+    "message_problem", "prompt_ids", "render", "require_chat",
     "BPE_FILE", "GPT2_EOT", "GPT2_EOT_ID", "GPT2_SPLIT_PATTERN", "GPT2_VOCAB_SIZE",
     "MAX_VOCAB_SIZE", "MIN_VOCAB_SIZE", "SAVED_TOKENIZERS", "TOKENIZERS", "BPETokenizer",
     "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "_gpt2_encoding", "check_vocab_size",
-    "describe", "get_tokenizer", "gpt2_vocab_files", "hf_tokenizer_files", "load_bpe", "tokenizer_from_dict",
+    "describe", "get_tokenizer", "stop_ids", "gpt2_vocab_files", "hf_tokenizer_files", "load_bpe", "tokenizer_from_dict",
     "train_bpe",
 ]
 
@@ -58,6 +72,8 @@ def get_tokenizer(name: str) -> Tokenizer:
     """The tokenizer called ``name``; only "gpt2" can be built from its name alone."""
     if name == "gpt2":
         return GPT2Tokenizer()
+    if name == "gpt2-chat":
+        return GPT2Tokenizer(chat=True)
     if name == "char":
         raise GptforgeError(
             "the char tokenizer needs a vocabulary: build it with CharTokenizer.from_text(text) "
@@ -71,16 +87,23 @@ def get_tokenizer(name: str) -> Tokenizer:
     raise GptforgeError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
 
 
+def stop_ids(tok: Tokenizer) -> set[int]:
+    """The ids that end generation: the end of text, and with a chat vocabulary the end of a turn."""
+    ids = {tok.eot_id, getattr(tok, "im_end_id", None)}
+    return {i for i in ids if i is not None}
+
+
 def describe(record: dict[str, Any]) -> str:
     """A tokenizer record for a person: which kind, how many tokens, and for a trained BPE the
     start of its sha256 (two BPEs of one size differ only there)."""
     name = record.get("name") if isinstance(record, dict) else None
+    chat = " with ChatML's tokens" if record.get(CHAT_RECORD_KEY) is not None else ""
     if name == "gpt2":
-        return f"gpt2 tokenizer ({GPT2_VOCAB_SIZE:,} tokens)"
+        return f"gpt2 tokenizer{chat} ({GPT2_CHAT_VOCAB_SIZE if chat else GPT2_VOCAB_SIZE:,} tokens)"
     if name == "char":
         return f"char tokenizer ({len(record.get('chars') or ''):,} symbols)"
     if name == "bpe":
-        return (f"bpe tokenizer ({record.get('vocab_size', 0):,} tokens, sha256 "
+        return (f"bpe tokenizer{chat} ({record.get('vocab_size', 0):,} tokens, sha256 "
                 f"{str(record.get('sha256'))[:12]})")
     return f"{name} tokenizer"
 
@@ -94,7 +117,7 @@ def tokenizer_from_dict(d: dict[str, Any], data: bytes | None = None,
     """
     name = d.get("name") if isinstance(d, dict) else None
     if name == "gpt2":
-        return GPT2Tokenizer()
+        return GPT2Tokenizer(chat=d.get(CHAT_RECORD_KEY) is not None)
     if name == "char":
         chars = d.get("chars")
         if not isinstance(chars, str) or not chars:

@@ -6,7 +6,12 @@ the file gptforge trains is the file it exports, with nothing converted in betwe
 
 The vocabulary is laid out like GPT-2's: ids 0..255 are the 256 bytes (the trainer sorts the
 byte-level alphabet by code point, which is GPT-2's byte order), then one id per merge in the
-order they were learned, and ``<|endoftext|>`` last (``eot_id = vocab_size - 1``). Text is split
+order they were learned, then ChatML's ``<|im_start|>`` and ``<|im_end|>`` (reserved, so that any
+model trained on the vocabulary can be fine-tuned on conversations without resizing it: see
+chat.py), and ``<|endoftext|>`` last (``eot_id = vocab_size - 1``, as before). What moved when they
+were reserved: the merges, two fewer for the same ``--vocab-size`` (the smallest vocabulary is 259).
+A tokenizer.json trained before that (no ChatML tokens) still loads and trains base models; it
+cannot hold conversations. Text is split
 with GPT-2's pre-tokenizer pattern (``GPT2_SPLIT_PATTERN``, tiktoken's possessive form: the
 Oniguruma engine inside the ``tokenizers`` wheel accepts it, and the tests check it splits as
 tiktoken does) before the byte-level mapping, so any UTF-8 text round-trips with no unknown token.
@@ -54,11 +59,13 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer.chat import CHAT_RECORD_KEY, CHATML_TEMPLATE, IM_END, IM_START
 from gptforge.tokenizer.gpt2 import GPT2_EOT, GPT2_SPLIT_PATTERN, GPT2_SPLIT_PATTERN_ORIGINAL
 from gptforge.tokenizer.interface import checked_ids, frozen_lengths, repair_surrogates
 
 BPE_FILE = "tokenizer.json"
-MIN_VOCAB_SIZE = 256 + 1  # the bytes and <|endoftext|>: no merge at all
+SPECIALS = (IM_START, IM_END, GPT2_EOT)  # after the merges, in this order
+MIN_VOCAB_SIZE = 256 + len(SPECIALS)  # the bytes and the special tokens: no merge at all
 # 2**17: twice the 65,536 a uint16 shard holds, so wide ids are exercised; a vocabulary this size
 # was trained and round-tripped (benchmarks/tokenizer_speed.py). Beyond it the embedding and
 # output layers dwarf any model gptforge's presets train.
@@ -105,7 +112,8 @@ def check_vocab_size(vocab_size: int) -> None:
             MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE):
         raise GptforgeError(
             f"vocabulary size {vocab_size!r} is out of range for a byte-level BPE: choose "
-            f"{MIN_VOCAB_SIZE} (the 256 bytes and {GPT2_EOT}) to {MAX_VOCAB_SIZE:,}")
+            f"{MIN_VOCAB_SIZE} (the 256 bytes, {IM_START}, {IM_END} and {GPT2_EOT}) to "
+            f"{MAX_VOCAB_SIZE:,}")
 
 
 def _untrained() -> HFTokenizer:
@@ -125,25 +133,26 @@ def _valid_utf8(texts: Iterable[str]) -> Iterable[str]:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = MIN_FREQUENCY,
               show_progress: bool = False) -> BPETokenizer:
-    """A byte-level BPE of ``vocab_size`` tokens (bytes, merges and ``<|endoftext|>``) trained on
-    ``texts`` (documents, in order; the same texts give the same tokenizer.json)."""
+    """A byte-level BPE of ``vocab_size`` tokens (bytes, merges, ``<|im_start|>``, ``<|im_end|>``
+    and ``<|endoftext|>``) trained on ``texts`` (documents, in order; the same texts give the same
+    tokenizer.json)."""
     check_vocab_size(vocab_size)
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
         raise GptforgeError(f"min_frequency {min_frequency!r} must be a whole number of at least 1")
     tok = _untrained()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1,  # <|endoftext|> is added after, as the last id
+        vocab_size=vocab_size - len(SPECIALS),  # the special tokens are added after, last
         min_frequency=min_frequency, show_progress=show_progress, special_tokens=[],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     _used_thread_pool()
     tok.train_from_iterator(_valid_utf8(texts), trainer)
-    reached = tok.get_vocab_size() + 1
+    reached = tok.get_vocab_size() + len(SPECIALS)
     if reached < vocab_size:
         raise GptforgeError(
             f"the text is too small for a vocabulary of {vocab_size:,} tokens: training stopped "
             f"at {reached:,}, where no pair of adjacent tokens is seen {min_frequency} times or more; give "
             f"more text, or a vocabulary size of {reached:,} or less")
-    tok.add_special_tokens([AddedToken(GPT2_EOT, special=True, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return BPETokenizer(tok.to_str().encode("utf-8"), "the trained tokenizer")
 
 
@@ -244,7 +253,8 @@ def _parsed(data: bytes, source: str) -> HFTokenizer:
 
 
 def _pieces(tok: HFTokenizer, source: str) -> tuple[list[bytes], np.ndarray, int]:
-    """Per id: the bytes it decodes to, their number (0 for special tokens), and eot's id."""
+    """Per id: the bytes it decodes to, their number (0 for special tokens), and eot's id (the
+    ChatML tokens' ids, if any, come from ``_chat_ids``)."""
     vocab = tok.get_vocab(with_added_tokens=True)
     added = tok.get_added_tokens_decoder()
     n = len(vocab)
@@ -275,6 +285,15 @@ def _pieces(tok: HFTokenizer, source: str) -> tuple[list[bytes], np.ndarray, int
     return pieces, frozen_lengths(lengths), eot
 
 
+def _chat_ids(tok: HFTokenizer) -> tuple[int | None, int | None]:
+    """The ids of the special tokens <|im_start|> and <|im_end|>, or (None, None)."""
+    vocab, added = tok.get_vocab(with_added_tokens=True), tok.get_added_tokens_decoder()
+    ids = [vocab.get(t) for t in (IM_START, IM_END)]
+    if all(i is not None and i in added for i in ids):
+        return ids[0], ids[1]
+    return None, None
+
+
 # -----------------------------------------------------------------------------
 # the tokenizer
 
@@ -300,6 +319,7 @@ class BPETokenizer:
         self._hf = _parsed(self._data, source)
         self._pieces, self._token_bytes, eot = _pieces(self._hf, source)
         self.eot_id: int | None = eot
+        self.im_start_id, self.im_end_id = _chat_ids(self._hf)
         self.vocab_size = len(self._pieces)
         self.sha256 = hashlib.sha256(self._data).hexdigest()
         self._hf.encode_special_tokens = True  # special tokens' names in the text are text
@@ -377,8 +397,9 @@ class BPETokenizer:
         return self._data
 
     def to_dict(self) -> dict[str, Any]:
+        chat = {CHAT_RECORD_KEY: CHATML_TEMPLATE} if self.im_start_id is not None else {}
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                "file": BPE_FILE, "sha256": self.sha256}
+                "file": BPE_FILE, "sha256": self.sha256, **chat}
 
 
 # sha256 -> the tokenizer read from those bytes (see the module's note on known tokenizers)
@@ -419,7 +440,8 @@ def _json_bytes(obj: Any) -> bytes:
 def hf_tokenizer_files(tok: BPETokenizer, model_max_length: int | None = None
                        ) -> dict[str, bytes]:
     """The files (name -> bytes) ``transformers.AutoTokenizer.from_pretrained(DIR)`` loads as a
-    fast tokenizer giving gptforge's ids: tokenizer.json as it is, and the special tokens.
+    fast tokenizer giving gptforge's ids: tokenizer.json as it is, the special tokens, and for a
+    chat vocabulary the ChatML template.
 
     ``PreTrainedTokenizerFast`` takes tokenizer.json as it is; GPT2TokenizerFast would rebuild
     the pipeline from vocab and merges files with its own pre-tokenizer.
@@ -435,6 +457,8 @@ def hf_tokenizer_files(tok: BPETokenizer, model_max_length: int | None = None
     }
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
+    if tok.im_start_id is not None:  # transformers' apply_chat_template renders this (chat.py)
+        config["chat_template"] = CHATML_TEMPLATE
     return {
         BPE_FILE: tok.file_bytes(),
         "tokenizer_config.json": _json_bytes(config),

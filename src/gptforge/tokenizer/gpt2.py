@@ -18,6 +18,7 @@ import tiktoken
 import tiktoken.load
 
 from gptforge.errors import GptforgeError
+from gptforge.tokenizer.chat import CHAT_RECORD_KEY, CHATML_TEMPLATE, IM_END, IM_START
 from gptforge.tokenizer.interface import checked_ids, frozen_lengths, repair_surrogates
 
 # GPT-2's pre-tokenizer split, as OpenAI's release wrote it (Hugging Face's ByteLevel
@@ -33,6 +34,11 @@ GPT2_SPLIT_PATTERN = (
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
+# GPT-2's vocabulary grown by ChatML's two special tokens, for conversations (tokenizer/chat.py):
+# a model fine-tuned from GPT-2 gets two embedding rows more (resume.py initialises them).
+GPT2_IM_START_ID = 50257
+GPT2_IM_END_ID = 50258
+GPT2_CHAT_VOCAB_SIZE = 50259
 
 # sha256 of the files OpenAI published for GPT-2 (the same hashes tiktoken checks).
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -65,9 +71,10 @@ def gpt2_vocab_files() -> tuple[str, str]:
     return vocab_bpe, encoder_json
 
 
-@functools.lru_cache(maxsize=1)
-def _gpt2_encoding() -> tiktoken.Encoding:
-    """Build GPT-2's tiktoken Encoding from the local files, once per process (~1 s)."""
+@functools.lru_cache(maxsize=2)
+def _gpt2_encoding(chat: bool = False) -> tiktoken.Encoding:
+    """Build GPT-2's tiktoken Encoding from the local files, once per process (~1 s); with
+    ``chat``, ChatML's special tokens after ``<|endoftext|>``."""
     vocab_bpe, encoder_json = gpt2_vocab_files()
     # Pass the published hashes only when the files match them: tiktoken would refuse files
     # that differ only in line endings; its own checks below still catch a wrong vocabulary.
@@ -84,8 +91,9 @@ def _gpt2_encoding() -> tiktoken.Encoding:
             name="gpt2",
             pat_str=GPT2_SPLIT_PATTERN,
             mergeable_ranks=ranks,
-            special_tokens={GPT2_EOT: GPT2_EOT_ID},
-            explicit_n_vocab=GPT2_VOCAB_SIZE,
+            special_tokens={GPT2_EOT: GPT2_EOT_ID, **({IM_START: GPT2_IM_START_ID,
+                                                       IM_END: GPT2_IM_END_ID} if chat else {})},
+            explicit_n_vocab=GPT2_CHAT_VOCAB_SIZE if chat else GPT2_VOCAB_SIZE,
         )
     except (AssertionError, ValueError, KeyError) as e:
         raise GptforgeError(
@@ -100,15 +108,26 @@ def _gpt2_token_bytes() -> np.ndarray:
     return frozen_lengths([len(enc.decode_single_token_bytes(i)) for i in range(GPT2_EOT_ID)] + [0])
 
 
+@functools.lru_cache(maxsize=1)
+def _gpt2_chat_token_bytes() -> np.ndarray:
+    return frozen_lengths([*_gpt2_token_bytes().tolist(), 0, 0])
+
+
 class GPT2Tokenizer:
-    """GPT-2's byte-level BPE: 50,257 tokens, ``<|endoftext|>`` = 50256 separates documents."""
+    """GPT-2's byte-level BPE: 50,257 tokens, ``<|endoftext|>`` = 50256 separates documents.
+
+    With ``chat``, ChatML's ``<|im_start|>`` (50257) and ``<|im_end|>`` (50258) follow: 50,259
+    tokens, recorded as ``{"name": "gpt2", "chat_template": ...}``."""
 
     name = "gpt2"
-    vocab_size = GPT2_VOCAB_SIZE
     eot_id: int | None = GPT2_EOT_ID
 
-    def __init__(self) -> None:
-        self._enc = _gpt2_encoding()
+    def __init__(self, chat: bool = False) -> None:
+        self._enc = _gpt2_encoding(chat)
+        self.chat = chat
+        self.vocab_size = GPT2_CHAT_VOCAB_SIZE if chat else GPT2_VOCAB_SIZE
+        self.im_start_id: int | None = GPT2_IM_START_ID if chat else None
+        self.im_end_id: int | None = GPT2_IM_END_ID if chat else None
 
     def encode(self, text: str) -> list[int]:
         # Ordinary encoding: "<|endoftext|>" written in a text file is just text, so a document
@@ -132,14 +151,14 @@ class GPT2Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         ids = checked_ids(ids, self.vocab_size, "GPT-2's vocabulary",
-                          "sample only from the first 50257 logits")
+                          f"sample only from the first {self.vocab_size} logits")
         # A sequence can end inside a multi-byte character; tiktoken shows it as U+FFFD.
         return self._enc.decode(ids)
 
     def token_bytes(self) -> np.ndarray:
-        """Bytes of UTF-8 each id decodes to (``<|endoftext|>``: 0); a token may hold part of a
+        """Bytes of UTF-8 each id decodes to (special tokens: 0); a token may hold part of a
         multi-byte character, and counts the bytes it holds."""
-        return _gpt2_token_bytes()
+        return _gpt2_chat_token_bytes() if self.chat else _gpt2_token_bytes()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name}
+        return {"name": self.name, **({CHAT_RECORD_KEY: CHATML_TEMPLATE} if self.chat else {})}
