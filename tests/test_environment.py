@@ -44,8 +44,8 @@ def test_nothing_is_written_into_the_installed_package(tmp_path, char_data):
 
     before = files()
     train(tiny_cfg(char_data, "train.max_steps=2", "train.save_interval=1"), tmp_path / "run", log=quiet)
-    from gptforge.config import SampleConfig
     from gptforge.generate import sample
+    from gptforge.sampling import Sampling
 
-    sample(str(tmp_path / "run"), SampleConfig(prompt="A", max_new_tokens=4))
+    sample(str(tmp_path / "run"), "A", Sampling(max_tokens=4), device="cpu")
     assert files() == before

@@ -53,7 +53,7 @@ def gptforge_imports(path: Path) -> set[tuple[str, str | None]]:
     """Every gptforge module imported anywhere in the file, lazy imports inside functions too,
     as (module, submodule of a package or None)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gptforge"):
             parts = node.module.split(".")
             if len(parts) == 1:  # from gptforge import X
@@ -94,7 +94,7 @@ def test_imports_point_down_only():
 
 
 def test_model_imports_only_torch_and_its_config():
-    tree = ast.parse((SRC / "model.py").read_text())
+    tree = ast.parse((SRC / "model.py").read_text(encoding="utf-8"))
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -131,7 +131,7 @@ def test_run_directory_names_live_in_rundir_only():
     for path in SRC.rglob("*.py"):
         if path.name == "rundir.py":
             continue
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         for literal in ('"run.json"', '"metrics.jsonl"', '"config.toml"', '"checkpoints"', '"latest"'):
             assert f"= {literal}" not in text, f"{path.name} defines {literal} again"
 

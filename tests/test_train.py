@@ -362,7 +362,18 @@ def test_target_val_loss_stops_the_run(char_data, tmp_path):
     assert result.step % 5 == 0
 
 
+def _locale_is_utf8() -> bool:
+    import codecs
+
+    from gptforge.device import open_encoding
+
+    return codecs.lookup(open_encoding()).name == "utf-8"
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not _locale_is_utf8(), reason="torch.compile cannot read its kernel templates "
+                    "under a non-UTF-8 locale with UTF-8 mode off (torch's bug); gptforge says so "
+                    "in one line: test_compile_under_a_non_utf8_locale_is_one_line")
 def test_compiled_training_tracks_eager_and_saves_plain_names(char_data, tmp_path):
     """train.compile=true: the same losses as eager (fusion reorders float sums), a log line for
     the compilation, and checkpoints without torch.compile's "_orig_mod." prefix."""
@@ -492,3 +503,15 @@ def test_format_duration():
     from gptforge.console import format_duration
 
     assert [format_duration(s) for s in (7.54, 95, 3725, 90000)] == ["7.5s", "1m35s", "1h02m", "25h00m"]
+
+
+def test_compile_under_a_non_utf8_locale_is_one_line(char_data, tmp_path, monkeypatch, capsys):
+    import gptforge.device
+
+    monkeypatch.setattr(gptforge.device, "open_encoding", lambda: "ANSI_X3.4-1968")
+    assert run_cli("train", "--data", str(char_data), "--out", str(tmp_path / "run"), "--preset",
+                   "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.dtype=float32",
+                   "--set", "train.compile=true", "--set", "train.max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "encoding (ANSI_X3.4-1968): run with PYTHONUTF8=1" in err
+    assert "train.compile=false" in err

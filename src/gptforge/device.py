@@ -8,8 +8,11 @@ step timer is step.py's, and the batches' way to the device data/loader.py's (``
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import locale
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -236,6 +239,24 @@ def preset_micro_batch(t: TrainConfig, world_size: int, preset: str | None) -> i
 
 # ----------------------------------------------------------------------------------------------
 # Autocast and backend switches
+
+
+def open_encoding() -> str:
+    """The encoding ``open()`` uses when given none: UTF-8 in Python's UTF-8 mode, else the
+    locale's."""
+    return "utf-8" if sys.flags.utf8_mode else locale.getpreferredencoding(False)
+
+
+def check_compile_locale() -> None:
+    """torch.compile's inductor reads its kernel templates (UTF-8 files) in the locale's encoding
+    (torch 2.13, torch/_inductor/utils.py load_template): under an ASCII or Latin-1 locale with
+    Python's UTF-8 mode off it stops with a UnicodeDecodeError deep inside torch. Say so first."""
+    encoding = open_encoding()
+    if codecs.lookup(encoding).name != "utf-8":
+        raise ConfigError(
+            f"train.compile: torch.compile cannot load its kernel templates under this locale's "
+            f"encoding ({encoding}): run with PYTHONUTF8=1 or a UTF-8 locale (LC_ALL=C.UTF-8), or "
+            "set train.compile=false")
 
 
 def eager(compiled: bool = True) -> contextlib.AbstractContextManager:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from gptforge.config import ConfigError
-from gptforge.device import pick_device
+from gptforge.device import check_compile_locale, pick_device
 from gptforge.errors import GptforgeError
 from gptforge.launch import launched_by_torchrun
 
@@ -201,6 +201,8 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str, compile: bool = Fa
     bucket boundaries, refuses graphs that hold checkpoint's higher-order op in older torch
     versions (pytorch#104674); DDP's own hooks overlap the all-reduce as they do uncompiled.
     """
+    if compile:
+        check_compile_locale()
     if activation_checkpointing:
         checkpoint_blocks(model)
     if not env.distributed:
