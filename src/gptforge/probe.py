@@ -53,7 +53,8 @@ HEAD_ROWS = 256  # the head is timed on this many positions
 REPEATS = 2  # timed rounds at the least (each times every part in each dtype); the fastest counts
 WARMUP_S, TIMED_S, MAX_ROUNDS = 0.3, 0.5, 50  # see _fastest
 SCREEN_ROWS = 512  # rows of the screening matmul (see _screen)
-SCREEN_SLOWER = 2.0  # bf16 matmuls this much slower than fp32: emulated, fp32 without a probe
+SCREEN_SLOWER = 2.0  # bf16 matmuls this much slower than fp32 (emulated, or too small a width
+# for bf16 to pay: gpt2-tiny's 16 on an AMX Xeon): fp32 without timing a step
 CACHE_FILE = "probes.json"
 CACHE_FORMAT = 1
 
@@ -105,7 +106,8 @@ class DtypeChoice:
         verdict = ("bf16 autocast is chosen" if self.dtype == "bfloat16"
                    else f"fp32 is kept (bf16 must be {BF16_MARGIN:.2f}x)")
         note = f"; {self.note}" if self.note else ""
-        what = "a step" if self.timed == "step" else "the model's matmuls (bf16 is not native here)"
+        what = ("a step" if self.timed == "step"
+                else "the model's MLP matmul (so much slower that no step was timed)")
         return (f"train.dtype=auto -> {self.dtype}: on this CPU bf16 autocast made {what} "
                 f"{self.speedup:.2f}x as fast as fp32, so {verdict} ({how}{note})")
 
