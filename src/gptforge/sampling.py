@@ -115,27 +115,84 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(logits: torch.Tensor, key: tuple[float, int, float],
+def draw(logits: torch.Tensor, keys: Sequence[tuple[float, int, float]],
          generators: Sequence[torch.Generator | None]) -> list[int]:
-    """The sampling step: one token per row of float logits (B, V), all rows with one setting
-    (``Sampling.draw_key``).
+    """The sampling step: one token per row of float logits (B, V), the whole batch at once.
 
-    Greedy rows take the argmax, which is what sampling from the top-1 filter's one-hot
-    distribution returns (save for exactly tied logits, where argmax picks the lowest id),
-    without its cost: on a CPU ``multinomial`` draws one exponential variate per vocabulary entry
-    (~4 ms a row for GPT-2's 50,257 on a 2-core EPYC), more than a small model's forward pass.
-    Otherwise: logits / temperature, top-k and top-p filtering, softmax, ``multinomial``. One
-    generator draws for the whole batch at once (``gptforge sample``'s samples); one per row
-    draws each row from its own (the server's requests, each with its own seed).
+    ``keys`` holds each row's ``Sampling.draw_key``, or one key for every row; ``generators``
+    one generator per row (the server's requests, each with its own seed) or one for the whole
+    batch (``gptforge sample``'s samples; None: torch's global one).
+
+    Greedy rows take the argmax (the lowest id among exactly tied logits) and draw nothing.
+    Every other row draws one float64 uniform u from its generator and takes the token where u
+    falls in the cumulative distribution of its filtered softmax, laid out in vocabulary order
+    (``choose``): inverse-transform sampling, the same distribution as ``multinomial`` for one
+    random number a row. ``multinomial`` drew one exponential variate per vocabulary entry
+    (torch's single-sample path is the exponential race, argmax(p / q)): ~0.9 ms a row for
+    GPT-2's 50,257 on a 2-core Xeon, 14 ms a step for 16 rows, three times gpt2-mini's forward
+    pass (BENCHMARKS.md, "Serving: batching that scales").
     """
     import torch
 
-    temperature, top_k, top_p = key
-    if top_k == 1:
-        return logits.argmax(dim=-1).tolist()
-    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)  # (B, V)
+    B = logits.size(0)
+    if len(keys) == 1:
+        keys = list(keys) * B
+    assert len(keys) == B and len(generators) in (1, B), "one key and generator, or one per row"
+    sampled = [b for b, key in enumerate(keys) if key[1] != 1]  # draw_key gives greedy top_k 1
+    if len(sampled) < B:
+        tokens = logits.argmax(dim=-1)  # (B,)
+    if not sampled:
+        return tokens.tolist()
     if len(generators) == 1:
-        return torch.multinomial(probs, 1, generator=generators[0])[:, 0].tolist()
-    assert len(generators) == logits.size(0), "one generator, or one per row"
-    return [int(torch.multinomial(probs[i : i + 1], 1, generator=g))
-            for i, g in enumerate(generators)]
+        u = torch.rand(len(sampled), dtype=torch.float64, generator=generators[0],
+                       device=logits.device)
+    else:
+        u = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[b],
+                                  device=logits.device) for b in sampled])
+    if len(sampled) == B:
+        return choose(logits, keys, u).tolist()
+    tokens[sampled] = choose(logits[sampled], [keys[b] for b in sampled], u)
+    return tokens.tolist()
+
+
+def choose(logits: torch.Tensor, keys: Sequence[tuple[float, int, float]], u: torch.Tensor,
+           every: bool = False) -> torch.Tensor:
+    """Tokens (B,) for uniforms ``u`` (B,) in [0, 1): row b's is the lowest vocabulary id t with
+    F_b(t) > u_b, F_b being the cumulative (in vocabulary order, float64) distribution of
+    softmax(logits_b / temperature_b) filtered as ``filter_logits`` filters it (top-k keeping
+    ties with the k-th logit; the nucleus of mass top_p). A row's token depends on its own
+    logits, settings and u only, never on the rows beside it.
+
+    Only the K + 1 best logits of each row take part (``topk``, sorted), K being the largest
+    top-k in the batch: every token outside them has probability 0. All V take part (``every``)
+    when a row has no top-k, or when the (K + 1)-th logit ties a row's k-th, as a tie may go on
+    past it.
+    """
+    import torch
+
+    B, V = logits.shape
+    dev = logits.device
+    temperature = torch.tensor([k[0] for k in keys], dtype=logits.dtype, device=dev)
+    top_k = [k[1] if 0 < k[1] < V else V for k in keys]
+    K = V if every else min(max(top_k) + 1, V)
+    vals, idx = torch.topk(logits / temperature[:, None], K, dim=-1)  # (B, K) descending
+    kth = vals.gather(-1, torch.tensor(top_k, device=dev)[:, None] - 1)  # (B, 1) k-th logit
+    if K < V and bool((vals[:, -1:] == kth).any()):
+        return choose(logits, keys, u, every=True)
+    w = torch.exp((vals - vals[:, :1]).double()).masked_fill_(vals < kth, 0.0)  # (B, K)
+    top_p = torch.tensor([k[2] for k in keys], dtype=torch.float64, device=dev)
+    if bool((top_p < 1).any()):
+        # Nucleus (Holtzman et al. 2019): drop a token once the tokens ranked above it reach top_p.
+        cum = w.cumsum(-1)
+        w.masked_fill_((cum - w) / cum[:, -1:] >= top_p[:, None], 0.0)
+    if K == V:  # back to vocabulary order
+        w = torch.zeros_like(w).scatter_(-1, idx, w)  # (B, V)
+    else:
+        order = idx.argsort(dim=-1)  # (B, K) the candidates by vocabulary id
+        w, idx = w.gather(-1, order), idx.gather(-1, order)
+    cdf = w.cumsum(-1)  # float64: 50,257 terms lose ~1e-12 of the mass at most
+    total = cdf[:, -1:]
+    # u * total < total, so the entry chosen has a weight > 0 (nextafter guards the rounding).
+    v = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    j = torch.searchsorted(cdf, v, right=True)  # (B, 1) the first entry with F > v
+    return (j if K == V else idx.gather(-1, j))[:, 0]

@@ -305,18 +305,9 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row from logits (B, V), each row with its own settings and generator:
-        rows that share settings are drawn together (sampling.py's ``draw``), each from its own
-        generator, as ``generate`` draws for a single row."""
-        groups: dict[tuple[float, int, float], list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row.job.params.draw_key, []).append(i)
-        out = [0] * len(rows)
-        for key, idxs in groups.items():
-            part = logits if len(idxs) == len(rows) else logits[idxs]  # (b, V)
-            for i, tok in zip(idxs, draw(part, key, [rows[i].gen for i in idxs])):
-                out[i] = tok
-        return out
+        """One token per row from logits (B, V), each row with its own settings and generator,
+        the whole batch in one call (sampling.py's ``draw``, which ``generate`` uses too)."""
+        return draw(logits, [row.job.params.draw_key for row in rows], [row.gen for row in rows])
 
     def _deliver(self, rows: list[_Row], tokens: list[int]) -> None:
         """Hand each row its token: text to its stream, and End when the row is complete."""
