@@ -84,6 +84,20 @@ def test_cached_forward_equals_the_full_forward():
         model(idx[:, :1], kv_cache=cache)
 
 
+def test_last_only_is_the_last_positions_logits():
+    model, _ = model_and_prompt()
+    idx = torch.randint(0, 50, (3, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, _ = model(idx, last_only=True)
+        cached, _ = model(idx, kv_cache=model.new_kv_cache(), last_only=True)
+    assert last.shape == (3, 1, full.size(-1))
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached, full[:, -1:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no targets"):
+        model(idx, targets=idx, last_only=True)
+
+
 @pytest.mark.parametrize("prompt_len, new", [(5, 30), (50, 40), (64, 10), (200, 5)])
 def test_greedy_with_cache_equals_without_it_across_the_context(prompt_len, new):
     """block_size is 64: these cross it from below, start at it, and start past it."""

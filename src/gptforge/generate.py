@@ -68,7 +68,7 @@ def generate(
         if cache is not None and cache.length + fresh.size(1) > block_size:
             cache.reset()  # the window slid: positions changed, so refill it from scratch
             fresh = seq
-        logits, _ = model(fresh if cache is not None else seq, kv_cache=cache)
+        logits, _ = model(fresh if cache is not None else seq, kv_cache=cache, last_only=True)
         tokens = draw(logits[:, -1, :].float(), [key], [generator])  # B ids
         nxt = torch.tensor(tokens, dtype=seq.dtype, device=seq.device)[:, None]  # (B, 1)
         seq = torch.cat([seq, nxt], dim=1)[:, -block_size:]

@@ -282,6 +282,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | RaggedKVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T), the mean loss.
 
@@ -292,7 +293,13 @@ class GPT(nn.Module):
         cache.length .. cache.length + T - 1 (a ragged cache: each row at its own length), attend
         to every cached key of their row, and are appended to the cache. Cached and uncached
         calls give the same logits (up to float rounding).
+
+        ``last_only`` (generation, which reads the next token's logits only; no targets): the
+        final LayerNorm and the head run on the last position alone, logits (B, 1, V). With
+        GPT-2's 50,257-row head that is most of a short prompt's cost on a small model.
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only gives one position's logits: it takes no targets")
         B, T = idx.size()
         if kv_cache is None:
             if T > self.config.block_size:
@@ -307,6 +314,8 @@ class GPT(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded V)
         if self.config.padded_vocab_size != self.config.vocab_size:

@@ -175,7 +175,11 @@ def choose(logits: torch.Tensor, keys: Sequence[tuple[float, int, float]], u: to
     temperature = torch.tensor([k[0] for k in keys], dtype=logits.dtype, device=dev)
     top_k = [k[1] if 0 < k[1] < V else V for k in keys]
     K = V if every else min(max(top_k) + 1, V)
-    vals, idx = torch.topk(logits / temperature[:, None], K, dim=-1)  # (B, K) descending
+    # Dividing by a temperature > 0 keeps the order, so only the K taken are divided. Two logits
+    # that round to one value once divided lie next to each other, so the check of ties below
+    # still sees every tie of the divided values.
+    vals, idx = torch.topk(logits, K, dim=-1)  # (B, K) descending
+    vals = vals / temperature[:, None]
     kth = vals.gather(-1, torch.tensor(top_k, device=dev)[:, None] - 1)  # (B, 1) k-th logit
     if K < V and bool((vals[:, -1:] == kth).any()):
         return choose(logits, keys, u, every=True)

@@ -278,7 +278,8 @@ class Engine:
         n_layer = self.model.config.n_layer
         for p, ids in enumerate(job.prompts):
             cache = KVCache(n_layer, len(ids))
-            logits, _ = self.model(torch.tensor([ids], device=self.device), kv_cache=cache)
+            logits, _ = self.model(torch.tensor([ids], device=self.device), kv_cache=cache,
+                                   last_only=True)
             new = []
             for j in range(job.n):
                 choice = p * job.n + j
