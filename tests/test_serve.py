@@ -540,3 +540,38 @@ def test_the_page_streams_text_in_a_real_browser(server, tmp_path):
         driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()
+
+
+def test_the_outbox_hands_a_burst_of_events_over_at_one_wake_up_in_order():
+    import asyncio
+
+    from gptforge.serve.app import _Outbox
+
+    class Counting:  # the loop, counting the engine thread's wake-ups
+        def __init__(self, loop):
+            self.loop, self.calls = loop, 0
+
+        def call_soon_threadsafe(self, fn):
+            self.calls += 1
+            self.loop.call_soon_threadsafe(fn)
+
+    async def run() -> None:
+        loop = Counting(asyncio.get_running_loop())
+        box = _Outbox(loop)
+        queues = [asyncio.Queue() for _ in range(3)]
+
+        def engine(first: int) -> None:
+            for i in range(first, first + 50):
+                for q in queues:
+                    box.put(q, i)
+
+        for burst in range(2):
+            t = threading.Thread(target=engine, args=(burst * 50,))
+            t.start()
+            t.join()  # the loop is held here, as when it is busy: the whole burst waits
+            await asyncio.sleep(0.01)
+            assert loop.calls == burst + 1
+        for q in queues:
+            assert [q.get_nowait() for _ in range(100)] == list(range(100)) and q.empty()
+
+    asyncio.run(run())

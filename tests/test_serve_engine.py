@@ -111,6 +111,32 @@ def test_choices_are_seeded_one_apart_and_prompts_batch_without_changing_anythin
     assert len({out.text[c] for c in range(3)}) == 3  # three seeds, three texts
 
 
+@pytest.mark.parametrize("settings", [
+    [Params(max_tokens=25, temperature=0), Params(max_tokens=30, top_k=0, seed=3),
+     Params(max_tokens=20, seed=4, stops=("E",)), Params(max_tokens=30, top_k=0, top_p=0.5, seed=5)],
+    [Params(max_tokens=30, top_k=5, seed=6), Params(max_tokens=30, top_k=40, temperature=1.5, seed=7),
+     Params(max_tokens=12, top_k=1), Params(max_tokens=30, top_k=20, top_p=0.9, seed=8)],
+], ids=["some-rows-without-top-k", "every-row-with-top-k"])
+def test_a_rows_tokens_do_not_depend_on_the_settings_beside_it(char_model, settings):
+    """One sampling call takes the whole batch; each row's token still comes from its own
+    logits, settings and seed (with no top-k in the batch every logit takes part; with top-k
+    only the best of each row)."""
+    tok = CharTokenizer(CHARS)
+    prompts = ["ABC", "THE QUICK FOX", "HELLO THERE", "Z"]
+    engine = Engine(char_model, tok, torch.device("cpu"), max_batch=4, max_queue=4)
+    jobs = [job(tok, [p], params) for p, params in zip(prompts, settings)]
+    for j, _ in jobs:
+        engine.submit(j)
+    while engine.step():
+        pass
+    assert engine.stats.peak_rows == 4
+    for (_, out), prompt, params in zip(jobs, prompts, settings):
+        alone = run_alone(char_model, tok, prompt, params)
+        assert out.text == alone.text and out.ends == alone.ends
+    reasons = {out.ends[0].reason for _, out in jobs}
+    assert reasons <= {"stop", "length"} and "length" in reasons
+
+
 def test_stop_strings_end_of_text_and_partial_characters():
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-tiny", vocab_size=50257)).eval()

@@ -14,9 +14,10 @@ another key, gets 401 in OpenAI's error shape; the key is compared in constant t
 right.
 
 A request becomes an engine ``Job`` whose events cross from the engine's thread into this event
-loop through ``call_soon_threadsafe``. While a request runs, a watcher reads the connection: a
-client that goes away (closed tab, Ctrl-C, timeout) cancels its job, which frees its rows at the
-engine's next step, whether it was streaming or waiting for a whole answer.
+loop through ``call_soon_threadsafe``, all those waiting at one wake-up (``_Outbox``). While a
+request runs, a watcher reads the connection: a client that goes away (closed tab, Ctrl-C,
+timeout) cancels its job, which frees its rows at the engine's next step, whether it was
+streaming or waiting for a whole answer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
@@ -64,18 +66,46 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class _Outbox:
+    """Events from the engine's thread into the event loop, as many as are waiting per wake-up.
+
+    A decode step ends with one event per row; handing each over with its own
+    ``call_soon_threadsafe`` woke the loop (a write to its self-pipe, and the GIL taken back and
+    forth) 16 times a step for 16 rows. Here the first event of a batch schedules one delivery,
+    and the events that come before it runs ride along with it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def put(self, queue: asyncio.Queue[Any], event: Any) -> None:  # engine thread
+        with self._lock:
+            self._items.append((queue, event))
+            if len(self._items) > 1:
+                return  # a delivery is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the server has gone
+            pass
+
+    def _deliver(self) -> None:  # event loop
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class _Bridge:
     """One job's events, carried from the engine's thread into this event loop."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, outbox: _Outbox) -> None:
+        self.outbox = outbox
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
 
     def emit(self, event: Event) -> None:  # engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the server has gone
-            pass
+        self.outbox.put(self.queue, event)
 
     async def watch(self, receive: Receive) -> None:
         """Wait for the client to go away; then say so in the queue."""
@@ -125,6 +155,7 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
               api_key: str = "") -> FastAPI:
     app = FastAPI(title="gptforge serve", version="1", docs_url=None, redoc_url=None)
     page = resources.files("gptforge.serve").joinpath("static/index.html").read_text("utf-8")
+    outboxes: dict[str, Any] = {}  # the serving loop's _Outbox, made on the first request
 
     if api_key:
         @app.middleware("http")
@@ -190,7 +221,10 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
 
     async def _run(request: Request, plan: Plan, is_chat: bool) -> Any:
         """Submit a checked request to the engine; its answer, streamed or whole."""
-        bridge = _Bridge()
+        loop = asyncio.get_running_loop()
+        if outboxes.get("loop") is not loop:
+            outboxes.update(loop=loop, outbox=_Outbox(loop))
+        bridge = _Bridge(outboxes["outbox"])
         job = Job(plan.ids, plan.n, plan.params, bridge.emit)
         try:
             engine.submit(job)
