@@ -174,7 +174,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise GptforgeError(f"--num-samples {cfg.num_samples} is out of range: give 1 or more")
     shown = SampleEcho(cfg.prompt)  # one sample is printed as it is generated
     texts = sample(args.ckpt, cfg.prompt, sampling, cfg.num_samples, device=args.device,
-                   use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None)
+                   use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None,
+                   weights_dtype=cfg.weights_dtype, announce=lambda line: print(line, file=sys.stderr))
     if shown.parts:
         print(texts[0][len("".join(shown.parts)):])
         return 0
@@ -212,7 +213,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = checked_sampling(Sampling(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_tokens=args.max_new_tokens or 1, seed=args.seed, stops=tuple(args.stop)))
-    session = open_session(args.ckpt, sampling, args.system, args.device)
+    session = open_session(args.ckpt, sampling, args.system, args.device, args.weights_dtype)
+    if session.weights_used is not None:
+        print(session.weights_used.line(), file=sys.stderr, flush=True)
     if args.max_new_tokens is None:  # the rest of the context, as OpenAI's chat completions
         session.sampling = dc.replace(sampling, max_tokens=session.model.config.block_size)
     if args.message is not None:
@@ -445,6 +448,8 @@ def chat_options(p: argparse.ArgumentParser) -> None:
                    help="seeds the session's replies: the same seed and messages give the same replies")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="also end a reply where TEXT appears (repeatable, up to 4)")
+    p.add_argument("--weights-dtype", default="auto", metavar="DTYPE",
+                   help=field_help(SampleConfig)["weights_dtype"])
 
 
 def export_options(p: argparse.ArgumentParser) -> None:

@@ -225,7 +225,9 @@ class SampleConfig:
     num_samples: int = 1
     "independent samples to draw, generated as one batch"
     seed: int = sampling.DEFAULT_SEED
-    "random seed: the same seed gives the same text"
+    "random seed: the same seed gives the same text (for a given --weights-dtype)"
+    weights_dtype: str = "auto"
+    "the weights' dtype for generation: auto (the fastest here: measured once on a CPU and cached, bf16 on a CUDA GPU that has it), float32, bfloat16, or int8 (CPU only; pip install 'gptforge[int8]'); not train's --dtype"
 
     def to_sampling(self, stops: tuple[str, ...] = ()) -> sampling.Sampling:
         return sampling.Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -385,6 +387,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS_DTYPES = ("auto", "float32", "bfloat16", "int8")  # generation's (weights.py)
 LOADERS = ("sequential", "random")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -465,6 +468,7 @@ def validate(obj: Any, section: str) -> None:
             "must be 1 to 128 characters, none of / \\ # ? % :")
     elif isinstance(obj, SampleConfig):
         chk("num_samples", obj.num_samples >= 1, "must be >= 1")
+        chk("weights_dtype", obj.weights_dtype in WEIGHTS_DTYPES, f"choose one of {', '.join(WEIGHTS_DTYPES)}")
         found = obj.to_sampling().problem()  # the rules sample, chat and serve share
         if found is not None:
             name = {"max_tokens": "max_new_tokens"}.get(found[0], found[0])
