@@ -23,6 +23,7 @@ RANK = {
     "data": 3,
     "probe": 3,  # what train.dtype=auto becomes on a CPU: the model's block timed, cached
     "device": 4,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
+    "weights": 4,  # generation's weights dtype: casting, int8, what auto becomes (measured as probe)
     "optim": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "llamacpp": 4,  # GGUF files for llama.cpp, written with the gguf package (export --format gguf)
     "distributed": 5,  # process groups and wrapping: under device, which picks the device
