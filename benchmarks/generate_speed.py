@@ -125,7 +125,8 @@ def llama_generate(gguf: str, ids: list[int], n: int, threads: int,
 
         llama_cpp.llama_cpp.llama_model_default_params = params
     try:
-        llm = Llama(gguf, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = Llama(gguf, n_ctx=1024, n_threads=threads, n_threads_batch=threads, logits_all=True,
+                verbose=False)
     finally:
         if not extra_bufts:
             llama_cpp.llama_cpp.llama_model_default_params = default
@@ -180,7 +181,7 @@ def compare_engines(args: argparse.Namespace) -> None:
         m = weights.cast(load_model(args.ckpt)[0], dtype)
         ours(m, ids, 4)  # warm-up
         got, r = ours(m, ids, args.new)
-        loss = val_loss(m, val, m.config.block_size) if val is not None else float("nan")
+        loss = val_loss(m, val, args.val_window) if val is not None else float("nan")
         rows.append({"engine": "gptforge", "weights": dtype, "tokens": got, "tokens_per_s": r,
                      "val_loss": loss})
         del m
@@ -231,6 +232,8 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/generate-speed", help="with --ckpt: where exports go")
     p.add_argument("--new", type=int, default=128, help="with --ckpt: greedy tokens timed")
     p.add_argument("--val-tokens", type=int, default=8192, help="with --ckpt: tokens scored")
+    p.add_argument("--val-window", type=int, default=64,
+                   help="with --ckpt: tokens per scored window (gpt2-shakespeare's seq_len)")
     args = p.parse_args()
     if args.ckpt:
         compare_engines(args)
