@@ -38,6 +38,7 @@ RANK = {
     "bench": 8,
     "serve": 8,  # the HTTP server over generate's KV cache and sampling
     "cli": 9,
+    "docgen": 10,  # the generated reference pages (python -m gptforge.docgen): config and the CLI
 }
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {

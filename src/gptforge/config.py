@@ -220,7 +220,7 @@ class TrainConfig:
         f"choose one of {', '.join(DEVICES)} or cuda:N"))
     "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
     dtype: str = field(default="auto", metadata=one_of(DTYPES))
-    "auto (on CUDA bf16 autocast where the GPU has it, else fp32; on a CPU the faster of fp32 and bf16 autocast for this model, measured at start-up in a few seconds and cached; on MPS fp32), float32, bfloat16 or float16"
+    "auto (on CUDA bf16 autocast where the GPU has it, else fp32; on a CPU the faster of fp32 and bf16 autocast for this model, measured at start-up and cached; on MPS fp32), float32, bfloat16 or float16"
     seed: int = field(default=1337, metadata=allows(lambda v, _: 0 <= v < 2**63,
                                                     "must be a non-negative integer"))
     "seed for model initialisation, data order and dropout"
