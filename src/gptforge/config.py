@@ -5,11 +5,9 @@ A run is resolved in this order, each layer overriding the one before:
 Every value is checked at this boundary: a wrong value raises ``ConfigError`` naming the key and
 what is allowed, and an unknown key is an error rather than silently ignored.
 
-Field docstrings (the string literal under each field) are the CLI's help text, and each field's
-range is declared in its metadata (ranges.py): validation, ``--help`` and the configuration
-reference (docs/reference/configuration.md, written by ``python -m gptforge.docgen``) all read
-these two, so they cannot disagree. This module imports nothing heavier than the standard
-library, so it is cheap to import anywhere.
+A field's docstring (the string literal under it) is its meaning and its metadata its range
+(ranges.py): validation, ``--help`` and docs/reference/configuration.md (docgen.py) read both.
+This module imports nothing heavier than the standard library, so it is cheap to import anywhere.
 """
 
 from __future__ import annotations
