@@ -61,6 +61,7 @@ def test_check_names_a_drifted_page_and_writing_mends_it(tmp_path, capsys):
     ("lr * (step + 1) / warmup_steps", r"lr \* (step + 1) / warmup\_steps"),
     ("at most train.seq_len + 1", "at most `train.seq_len` + 1"),
     ("ends at <|im_end|>", "ends at &lt;\\|im\\_end\\|>"),
+    ("e.g. --set optim.lr=3e-4 (the way `train` does)", "e.g. --set `optim.lr=3e-4` (the way `train` does)"),
 ])
 def test_text_renders_as_written(text, markdown):
     assert docgen.md(text, table=True) == markdown
