@@ -103,7 +103,7 @@ SECTION_WORDS = {
     "data": "what the run reads, and how",
     "optim": "the optimizer and the learning-rate schedule",
     "train": "batch, stopping, cadences, device and precision, several processes, trackers",
-    "sample": "what the samples at the end of a run and `gptforge sample` use",
+    "sample": "`gptforge sample`'s options and their defaults (`--top-k` is `sample.top_k`)",
 }
 
 
@@ -140,7 +140,7 @@ def configuration_page() -> str:
         lines += ["", f"## {section}", "", f"`[{section}]`: {SECTION_WORDS[section]}.", "",
                   *section_table(section)]
     lines += ["", "## Rules across sections", "",
-              "Checked once every section is read; the error names the first key below.", ""]
+              "Checked once every section is read; an error names the key and what is allowed.", ""]
     lines += [f"- {code(key)}: {md(rule.doc)}" for key, rule in RUN_RULES.items()]
     return "\n".join(lines) + "\n"
 
