@@ -491,7 +491,8 @@ def config_cmd_options(p: argparse.ArgumentParser) -> None:
                    help="resolve for N processes (accumulation steps) (default: 1)")
     p.add_argument("--measure", action="store_true",
                    help="on a CPU, measure now what train.dtype=auto becomes for this model and "
-                        "micro-batch (fp32 and bf16 autocast timed on the run's shapes), again where an answer is cached; it is cached for train")
+                        "micro-batch (fp32 and bf16 autocast timed on the run's shapes), again "
+                        "where an answer is cached; it is cached for train")
 
 
 def bench_shape_options(p: argparse.ArgumentParser) -> None:

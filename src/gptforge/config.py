@@ -85,8 +85,7 @@ class GPTConfig:
     pad_vocab_multiple: int | str = field(default=1, metadata=at_least(1, "(1 means no padding)",
                                                                      auto=True))
     "round the embedding table up to a multiple of this (64 gives 50,304 rows for faster matmuls); auto: 64 on CUDA and MPS, 1 on the CPU, fixed when a run starts (it is the model's shape); padded ids are never predicted"
-    dropout: float = field(default=0.0, metadata=allows(lambda v, _: 0.0 <= v < 1.0,
-                                                        "must be in [0, 1)"))
+    dropout: float = field(default=0.0, metadata=below_one())
     "dropout probability on attention, residual and embeddings (0 disables)"
     bias: bool = True
     "biases in Linear and LayerNorm layers, as in GPT-2"
