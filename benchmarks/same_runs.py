@@ -20,7 +20,8 @@ log lines that are expected to differ (a deliberate change in what train prints)
 ``--new-field NAME`` a metrics.jsonl field that only the new tree writes. ``--new-set KEY=VALUE``
 is passed to the new tree's train commands only: a key the base tree does not know, set so that
 the two trees compute the same thing (``train.sliced_loss=false``: the sliced head and loss equal
-the unsliced ones within float rounding, not bit for bit, so a refactor's proof turns them off).
+the unsliced ones within float rounding, not bit for bit, so a refactor's proof turns them off;
+the new tree's config line then names the override: add ``--allow-log "^config: preset"``).
 """
 
 from __future__ import annotations
