@@ -111,8 +111,10 @@ from gptforge.step import (
     TrainingDiverged,
     build_trainable,
     fit_micro_batch,
+    loss_slice,
     settle_dtype,
 )
+from gptforge.version import __version__
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
 
@@ -274,7 +276,8 @@ class Trainer:
                          self._loader(start.val_tokens, start.val_mask, "the val split", True))
         self.t: Trainable = build_trainable(cfg.model, env, precision, tc.seed, tc.parallel,
                                             self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights,
-                                            activation_checkpointing=tc.activation_checkpointing)
+                                            activation_checkpointing=tc.activation_checkpointing,
+                                            loss_slice=loss_slice(tc))
         self.optimizer = build_optimizer(self.t.model, cfg.optim, device.type,
                                          shard=(env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1))
         # where the run stands; state_dict() saves it, load_state_dict() restores it
@@ -576,6 +579,7 @@ class Trainer:
         tc, device = cfg.train, env.device
         if not env.is_main:
             return
+        log(f"gptforge {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
         log(config_line(cfg, self.start.preset or read_run_record(self.run_dir).get("preset"),
                         self.run_dir / RUN_CONFIG_FILE))
         procs = f" x {env.world_size} processes ({tc.parallel})" if env.distributed else ""
