@@ -3,8 +3,8 @@
 Generating one token at batch 1 reads every weight once and does little arithmetic with it, so
 its speed follows the bytes of the weights: GPT-2 124M reads 498 MB a token in fp32. Smaller
 weights read less, but whether a CPU turns that into tokens per second depends on its kernels,
-not its flags: on an AMX Xeon at batch 1, bf16 weights decoded only 1.05x as fast as fp32
-(BENCHMARKS.md, "Generation in bf16 and int8"), int8 ones 1.8x. So, as for ``train.dtype=auto``
+not its flags: on an AMX Xeon at batch 1, bf16 weights decoded only 1.03x-1.13x as fast as fp32
+(BENCHMARKS.md, "Generation with bf16 and int8 weights"), int8 ones 1.5x-1.8x. So, as for ``train.dtype=auto``
 (probe.py), ``auto`` is measured, once per machine and model shape, and cached beside it:
 
 - float32: the checkpoint as it is; what ``eval`` always uses, so reported losses do not move.
