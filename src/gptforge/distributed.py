@@ -139,9 +139,10 @@ _DTENSOR_CACHES = (
 
 def _clear_dtensor_caches() -> None:
     """Empty DTensor's caches that hold a DeviceMesh (see shutdown), where DTensor is in use."""
+    emptied: set[str] = set()
     for module_name, path in _DTENSOR_CACHES:
-        if module_name.rsplit(".", 1)[0] not in sys.modules:
-            continue  # DTensor never imported: nothing cached (a plain DDP run)
+        if path in emptied or module_name.rsplit(".", 1)[0] not in sys.modules:
+            continue  # emptied under torch's current name, or DTensor never imported (plain DDP)
         try:
             target: Any = importlib.import_module(module_name)
             for name in path.split("."):
@@ -149,6 +150,7 @@ def _clear_dtensor_caches() -> None:
         except (ImportError, AttributeError):
             continue
         target()
+        emptied.add(path)
 
 
 @contextlib.contextmanager
