@@ -23,7 +23,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 SRC = Path(__file__).resolve().parents[1] / "src"
 COMMON = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.dtype=float32",
           "--set", "train.log_interval=1", "--set", "train.total_batch_tokens=512",
-          "--set", "train.eval_interval=4", "--set", "train.save_interval=4", "--set", "train.keep_last=5"]
+          "--set", "train.eval_interval=4", "--set", "train.save_interval=4", "--set", "train.keep_last=5",
+          # the head and loss in slices of 48 positions (several per micro-batch, the last one
+          # short), so that DDP and FSDP2 run the sliced loss against one process running it
+          "--set", "train.loss_slice_tokens=48"]
 
 
 

@@ -24,6 +24,7 @@ from gptforge.config import (
     DTYPES,
     MODEL_PRESETS,
     SampleConfig,
+    TrainConfig,
     field_help,
 )
 from gptforge.errors import GptforgeError
@@ -149,9 +150,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from gptforge.bench import bench, compare_with_plain, format_results, result_dict
 
+    if args.loss_slice_tokens < 1:
+        raise GptforgeError("--loss-slice-tokens must be >= 1 (--no-sliced-loss turns the slices off)")
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
                    args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
-                   args.ddp_bucket_mb, args.activation_checkpointing)
+                   args.ddp_bucket_mb, args.activation_checkpointing,
+                   args.loss_slice_tokens if args.sliced_loss else 0)
     if result is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports for the job
     results = [result]
@@ -519,6 +523,10 @@ def bench_run_options(p: argparse.ArgumentParser) -> None:
                    help="DDP gradient bucket size, as train.ddp_bucket_mb")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass, as train.activation_checkpointing")
+    p.add_argument("--sliced-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="the head and loss in slices of --loss-slice-tokens positions, as train.sliced_loss")
+    p.add_argument("--loss-slice-tokens", type=int, default=TrainConfig.loss_slice_tokens, metavar="N",
+                   help="positions per slice, as train.loss_slice_tokens")
     p.add_argument("--plain", action="store_true",
                    help="the baseline: fp32, eager, default allocator, default AdamW")
     p.add_argument("--compare", action="store_true",

@@ -231,6 +231,10 @@ class TrainConfig:
     "DDP gradient bucket size in MB: each bucket's all-reduce starts as soon as its gradients are ready, overlapping the backward pass"
     activation_checkpointing: bool = False
     "keep only each block's input for the backward pass and recompute the rest there: far less activation memory for about a third more compute; the same losses and gradients"
+    sliced_loss: bool = True
+    "compute the final LayerNorm, the head and the cross-entropy over slices of train.loss_slice_tokens positions, never holding all the logits (with GPT-2's vocabulary the largest activation: 823 MB in fp32 at 4 x 1024); the same loss and gradients up to float rounding; false: all at once"
+    loss_slice_tokens: int = field(default=1024, metadata=at_least(1))
+    "positions per slice with train.sliced_loss: at most this many x the vocabulary's logits exist at once"
     keep_freed_memory: bool = True
     "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
@@ -475,6 +479,7 @@ RESUMABLE_KEYS = frozenset({
     "train.hellaswag_interval", "train.hellaswag_data",
     "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
     "train.dist_timeout_s", "train.ddp_bucket_mb", "train.activation_checkpointing",
+    "train.sliced_loss", "train.loss_slice_tokens",  # the same numbers up to float rounding
     "train.keep_freed_memory",
     "train.tensorboard", "train.wandb", "train.wandb_project", "train.mlflow", "train.run_name",
     *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),

@@ -111,6 +111,7 @@ from gptforge.step import (
     TrainingDiverged,
     build_trainable,
     fit_micro_batch,
+    loss_slice,
     settle_dtype,
 )
 from gptforge.version import __version__
@@ -275,7 +276,8 @@ class Trainer:
                          self._loader(start.val_tokens, start.val_mask, "the val split", True))
         self.t: Trainable = build_trainable(cfg.model, env, precision, tc.seed, tc.parallel,
                                             self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights,
-                                            activation_checkpointing=tc.activation_checkpointing)
+                                            activation_checkpointing=tc.activation_checkpointing,
+                                            loss_slice=loss_slice(tc))
         self.optimizer = build_optimizer(self.t.model, cfg.optim, device.type,
                                          shard=(env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1))
         # where the run stands; state_dict() saves it, load_state_dict() restores it
