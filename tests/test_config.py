@@ -114,19 +114,23 @@ def test_the_preset_sizes_in_help_are_the_presets():
 
 
 def test_the_readmes_preset_table_is_the_one_in_help():
-    """README's table of presets: a row per preset, with --help's parameters and tokens per step
-    (the README gives no timings: those are in BENCHMARKS.md, each naming its machine)."""
+    """README's table of presets, and docs/training.md's: a row per preset, in --help's order, with
+    --help's tokenizer, parameters and tokens per step (PRESET_SIZES, which the test above checks
+    against the presets). No timings: those are in BENCHMARKS.md, each naming its machine."""
     import re
     from pathlib import Path
 
     from gptforge.presets import PRESET_SIZES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    rows = {m.group(1): [c.strip() for c in m.group(2).split(" | ")]
-            for m in re.finditer(r"^\| `([a-z0-9-]+)`[^|]* \| (.*) \|$", readme, re.MULTILINE)}
-    assert set(PRESET_SIZES) <= set(rows), set(PRESET_SIZES) - set(rows)
-    for name, (tokenizer, params, tokens) in PRESET_SIZES.items():
-        assert f"{params:,}" in rows[name] and f"{tokens:,}" in rows[name], (name, rows[name])
+    root = Path(__file__).resolve().parents[1]
+    row = r"^\| `([a-z0-9-]+)`[^|]* \| [^|]* \| (char|GPT-2 BPE) \| ([\d,]+) \| ([\d,]+) \|$"
+    readme, page = (re.findall(row, (root / name).read_text(encoding="utf-8"), re.MULTILINE)
+                    for name in ("README.md", "docs/training.md"))
+    assert [r[0] for r in readme] == list(RUN_PRESETS) and page == readme
+    shown = {"char": "char", "gpt2": "GPT-2 BPE"}
+    for name, data, params, tokens in readme:
+        tokenizer, p, t = PRESET_SIZES[name]
+        assert (data, params, tokens) == (shown[tokenizer], f"{p:,}", f"{t:,}"), name
 
 
 def test_dotted_overrides_are_typed_by_field():
