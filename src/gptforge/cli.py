@@ -53,11 +53,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptforge.launch import launch_rank, restart_count
+    from gptforge.launch import elastic, launch_rank, restart_count
     from gptforge.rundir import check_not_locked, hold_run_lock
 
     writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
-    restarted = restart_count() > 0  # torchrun's agents restarted the job after a process died
+    restarted = restart_count() > 0 or elastic()  # torchrun's agents may have restarted the job
     if writer and not restarted:  # a live run is refused at once: not inside torchrun, nor after
         check_not_locked(args.out)  # importing torch (a restart waits for the dead one's lock)
     launching = _launch_of(args)
@@ -108,9 +108,11 @@ RESTART_LOCK_WAIT_S = 60
 
 
 def _resume_after_restart(out: str, resume: str | None) -> str:
-    """A job torchrun restarted continues its run from the last checkpoint: no --resume means
+    """A job torchrun restarts continues its run from the last checkpoint: no --resume means
     --resume auto, and a run started from another checkpoint (--resume PATH) continues from its
-    own latest once it has one."""
+    own latest once it has one. Every start of an elastic job (--max-restarts > 0) is treated
+    so, the first included: all ranks must decide alike, and torchrun's restart count may be 0
+    on one machine and 1 on another after the same restart (pytorch#108158)."""
     from gptforge.rundir import CHECKPOINT_DIR, LATEST
 
     if resume is None:

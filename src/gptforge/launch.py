@@ -48,14 +48,42 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
-def restart_count() -> int:
-    """How many times torchrun's agents have restarted this job (0: the first attempt)."""
-    if not launched_by_torchrun():
-        return 0
+def _env_int(name: str) -> int:
     try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        return int(os.environ.get(name, "0"))
     except ValueError:
         return 0
+
+
+def elastic() -> bool:
+    """Whether torchrun may restart this job (--max-restarts > 0): then every start of it, the
+    first included, continues the run if it has a checkpoint (as --resume auto does)."""
+    return launched_by_torchrun() and _env_int("TORCHELASTIC_MAX_RESTARTS") > 0
+
+
+_ATTEMPT: list[int] = []
+
+
+def restart_count() -> int:
+    """How many times torchrun's agents have restarted this job (0: the first attempt).
+
+    ``TORCHELASTIC_RESTART_COUNT`` is counted by each machine's agent, and an agent that restarts
+    its workers because another machine's failed may not count it (pytorch#108158): under
+    gptforge's launcher each worker slot also counts its own starts in the launch's report
+    directory, and the larger count is taken. Counted once per process."""
+    if not launched_by_torchrun():
+        return 0
+    if not _ATTEMPT:
+        count = _env_int("TORCHELASTIC_RESTART_COUNT")
+        where = os.environ.get(REPORT_ENV)
+        if where and os.path.isdir(where):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(where, f"starts-{os.environ['LOCAL_RANK']}"), "a+", encoding="utf-8") as f:
+                    f.seek(0)
+                    count = max(count, len(f.read().splitlines()))
+                    f.write(f"{os.getpid()}\n")
+        _ATTEMPT.append(count)
+    return _ATTEMPT[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +223,12 @@ def torchrun(launch: Launch, argv: list[str]) -> LaunchResult:
     tmp = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     previous: dict[int, Any] = {}
     try:
-        agent = subprocess.Popen([sys.executable, "-c", _AGENT, *args], env={**os.environ, REPORT_ENV: tmp})
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: a fresh store for each attempt. With the store the
+        # agents share (torch >= 2.5's default), restarted workers may read the addresses of the
+        # dead ones and fail to connect (pytorch#135712), since attempts are told apart by
+        # restart counts that differ between machines (pytorch#108158).
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, REPORT_ENV: tmp}
+        agent = subprocess.Popen([sys.executable, "-c", _AGENT, *args], env=env)
 
         def forward(signum: int, frame: Any) -> None:
             with contextlib.suppress(OSError):
