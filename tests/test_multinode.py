@@ -388,6 +388,47 @@ def test_a_failure_that_repeats_stops_when_the_restarts_run_out_with_one_line(ch
 # Without a launch
 
 
+SRUN_STUB = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done  # srun's own options
+for ((n = 0; n < SLURM_NNODES; n++)); do
+    python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$STUB_LOG"
+done
+exit "${STUB_CODE:-0}"
+"""
+SCONTROL_STUB = """#!/bin/bash
+case "$1" in
+    show) printf '127.0.0.1\\n127.0.0.2\\n' ;;
+    requeue) echo "requeue $2" >> "$STUB_LOG.requeue" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("code, requeued", [(0, False), (2, False), (1, True), (143, True)])
+def test_the_slurm_script_runs_the_documented_command_on_each_node(tmp_path, code, requeued):
+    """docs/slurm/train.sbatch with the Slurm variables set by hand, srun and scontrol stubbed:
+    on each node, exactly the command the multi-node tests run; requeued unless it succeeded or
+    the command was wrong."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    documented = documented_command()
+    recipe = documented[documented.index("--resume") + 2:]  # what follows the script's own options
+    value = dict(zip(documented, documented[1:]))
+    log = tmp_path / "srun.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_CODE": str(code),
+           "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": value["--nnodes"], "SLURM_JOB_ID": value["--rdzv-id"],
+           "DATA": value["--data"], "RUN": value["--out"], "NPROC": value["--nproc"],
+           "PORT": value["--rdzv-endpoint"].split(":")[1], "MAX_RESTARTS": value["--max-restarts"]}
+    out = subprocess.run(["bash", str(ROOT / "docs" / "slurm" / "train.sbatch"), *recipe], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == code, out.stderr
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [documented] * 2
+    requeue = Path(f"{log}.requeue")
+    assert requeue.exists() == requeued and (not requeued or requeue.read_text() == "requeue demo\n")
+
+
 def test_the_launch_options_become_torchruns():
     assert Launch(nproc=2).torchrun_args() == ["--standalone", "--nproc_per_node=2"]
     assert Launch(nproc=8, nnodes=2, rdzv_endpoint="10.0.0.1:29500", rdzv_id="gpt2", max_restarts=3
