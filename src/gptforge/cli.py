@@ -15,6 +15,7 @@ import codecs
 import dataclasses
 import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from gptforge.config import (
 )
 from gptforge.errors import GptforgeError
 from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, keys_help
+from gptforge.version import DOCS_URL, __version__, docs_page
 
 Options = Callable[[argparse.ArgumentParser], None]
 
@@ -409,8 +411,8 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                    "bytes, <|im_start|>, <|im_end|> and <|endoftext|>) to 131,072 tokens; past "
                    "65,536 the shards are uint32")
     p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", help="with bpe: train on a "
-                   "deterministic sample of about MB megabytes of larger inputs; 0: all (default: "
-                   "100: 2.3 to 3 min and up to 1.5 GB of memory on 2 cores of a shared AMD EPYC)")
+                   "deterministic sample of about MB megabytes of larger inputs; 0: all (default: 100; the "
+                   f"time and memory it took on named machines: {docs_page('benchmarks')})")
     p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"],
                    help="read every input as this format, whatever its extension")
     p.add_argument("--text-field", default="text", metavar="NAME",
@@ -560,8 +562,8 @@ def config_cmd_options(p: argparse.ArgumentParser) -> None:
                    help="resolve for N processes (accumulation steps) (default: 1)")
     p.add_argument("--measure", action="store_true",
                    help="on a CPU, measure now what train.dtype=auto becomes for this model and "
-                        "micro-batch (a few seconds: fp32 and bf16 autocast timed on the run's "
-                        "shapes), again where an answer is cached; it is cached for train")
+                        "micro-batch (fp32 and bf16 autocast timed on the run's shapes), again "
+                        "where an answer is cached; it is cached for train")
 
 
 def bench_shape_options(p: argparse.ArgumentParser) -> None:
@@ -676,10 +678,15 @@ COMMANDS: tuple[Command, ...] = (
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps descriptions as written and shows every option's default after its meaning."""
+    """Keeps descriptions as written and shows every option's default after its meaning; an
+    address is never broken across lines (so it can be copied)."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False,
+                             break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -705,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="gptforge",
         description="Train GPT-2-class language models from scratch on your own text.",
+        epilog=f"documentation: {DOCS_URL} (every command's options: {docs_page('reference/cli')})",
     )
+    p.add_argument("--version", action="version", version=f"gptforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in COMMANDS:

@@ -19,6 +19,7 @@ from gptforge.console import Eta, Progress
 from gptforge.errors import GptforgeError
 from gptforge.rundir import METRICS_FILE, RUN_FILE, free_space_then_continue, guarded_write
 from gptforge.trackers import Trackers
+from gptforge.version import __version__
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -96,8 +97,9 @@ def _record_step(line: str) -> float:
 
 
 class RunRecord:
-    """``RUN/run.json``: the command, preset, host and pid that produced the run, its status
-    (running, finished, stopped, crashed) and the latest totals; rewritten atomically."""
+    """``RUN/run.json``: the command, preset, gptforge version, host and pid that produced the
+    run, its status (running, finished, stopped, crashed) and the latest totals; rewritten
+    atomically."""
 
     def __init__(self, run_dir: str | Path, **fields: Any):
         self.path = Path(run_dir) / RUN_FILE
@@ -116,6 +118,7 @@ class RunRecord:
             # ... and how train.dtype=auto was decided, which a resumed run keeps
             **{k: v for k, v in old.items() if k in ("preset", "command", "trackers", "dtype_auto")},
             **fields,
+            "gptforge_version": __version__,  # of this session: a resumed run may be upgraded
             "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "session_started": now, "updated": now,
         }

@@ -114,6 +114,7 @@ from gptforge.step import (
     fit_micro_batch,
     settle_dtype,
 )
+from gptforge.version import __version__
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
 
@@ -578,6 +579,7 @@ class Trainer:
         tc, device = cfg.train, env.device
         if not env.is_main:
             return
+        log(f"gptforge {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
         log(config_line(cfg, self.start.preset or read_run_record(self.run_dir).get("preset"),
                         self.run_dir / RUN_CONFIG_FILE))
         procs = f" x {env.world_size} processes ({tc.parallel})" if env.distributed else ""
