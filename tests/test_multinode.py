@@ -2,7 +2,7 @@
 127.0.0.1, gloo bound to lo, gpt2-tiny, one process per node), launched with the command that
 docs/distributed.md gives, read from that page.
 
-One scenario, run once for the module (every launch imports torch in four processes), gives the
+One scenario, run once for the session (every launch imports torch in four processes), gives the
 tests below their evidence:
 
     one        one process, in this one: the reference the two nodes must equal
@@ -221,7 +221,9 @@ def checkpoint_steps(run: Path) -> list[int]:
 # The scenario
 
 
-@pytest.fixture(scope="module")
+# Session-scoped, not module-scoped: conftest runs the slow tests of every module first, so the
+# tests below do not run back to back, and a module fixture would be built once per run of them.
+@pytest.fixture(scope="session")
 def scenario(char_data, tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("multinode")
     s = SimpleNamespace(tmp=tmp, data=char_data)
@@ -297,10 +299,11 @@ def _lost(s: SimpleNamespace, tmp: Path) -> None:
 # The tests
 
 
-pytestmark = [needs_gloo, needs_proc, pytest.mark.xdist_group("multinode")]
+pytestmark = [needs_gloo, needs_proc]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("multinode")  # one worker builds the scenario
 def test_two_nodes_equal_one_process_and_write_each_checkpoint_once(scenario):
     assert_close_runs(scenario.one, scenario.straight)
     assert_only_rank_0_wrote(scenario.audit)  # rank 0 of the job, wherever torchrun put it
@@ -319,6 +322,7 @@ def test_two_nodes_equal_one_process_and_write_each_checkpoint_once(scenario):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("multinode")  # one worker builds the scenario
 def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(scenario):
     killed_at = scenario.healed_last + 1  # steps done when rank 0 was killed
     assert losses(scenario.healed) == losses(scenario.straight)
@@ -333,6 +337,7 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_bit_identical(scenario):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("multinode")  # one worker builds the scenario
 def test_a_lost_node_ends_the_survivor_with_one_line_and_no_half_checkpoint(scenario):
     s = scenario
     err = s.lost_survivor.stderr()
@@ -355,6 +360,7 @@ def test_a_lost_node_ends_the_survivor_with_one_line_and_no_half_checkpoint(scen
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("multinode")  # one worker builds the scenario
 def test_both_nodes_restarted_with_resume_auto_end_bit_identical(scenario):
     assert losses(scenario.lost) == losses(scenario.straight)
     wa, wb = weights(scenario.straight), weights(scenario.lost)
@@ -362,6 +368,7 @@ def test_both_nodes_restarted_with_resume_auto_end_bit_identical(scenario):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("multinode")  # one worker builds the scenario
 def test_fsdp2_across_two_nodes_equals_one_process(scenario):
     assert_close_runs(scenario.one, scenario.fsdp)
     assert load_checkpoint(scenario.fsdp).trainer["world_size"] == 2
