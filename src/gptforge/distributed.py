@@ -167,6 +167,10 @@ def session(device_name: str, timeout_s: int) -> Iterator[DistEnv]:
     shutdown(env)
 
 
+class PeerLost(GptforgeError):
+    """A collective failed because another process of the job is gone (killed, or its machine)."""
+
+
 def peer_lost(e: BaseException, env: DistEnv) -> GptforgeError | None:
     """A collective that failed because another process of the job died or hung, as one line
     (the launcher names the process and how to continue); None for any other error, which keeps
@@ -178,7 +182,7 @@ def peer_lost(e: BaseException, env: DistEnv) -> GptforgeError | None:
     if not (isinstance(e, backend) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
                                                                 "Connection reset by peer"))):
         return None
-    return GptforgeError(f"rank {env.rank} stops: another process of the job is gone ({text[:160]})")
+    return PeerLost(f"rank {env.rank} stops: another process of the job is gone ({text[:160]})")
 
 
 def _fsdp2():

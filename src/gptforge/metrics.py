@@ -69,17 +69,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: str | Path, step: int) -> None:
+def truncate_metrics(path: str | Path, step: int) -> int | None:
     """Keep only records of steps before ``step``: a resumed run re-logs the steps after its
-    checkpoint, and a crash may have logged some of them already. Rewritten atomically."""
+    checkpoint, and a crash may have logged some of them already. Rewritten atomically. Returns
+    the last step dropped (what the run had done past ``step``, as far as it logged), or None."""
     p = Path(path)
     if not p.is_file():
-        return
-    kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and _record_step(line) < step]
+        return None
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    kept = [line for line in lines if _record_step(line) < step]
+    dropped = [s for s in map(_record_step, lines) if step <= s < float("inf")]
     with guarded_write("metrics", p, free_space_then_continue(p.parent)):
         # durable: the run resumes from this file's steps together with its checkpoint
         write_text(p, "".join(kept), durable=True, tmp=p.with_name(p.name + ".tmp"))
+    return int(max(dropped)) if dropped else None
 
 
 def _record_step(line: str) -> float:
