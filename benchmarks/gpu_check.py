@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --out DIR                # on the GPU machine
     python benchmarks/gpu_check.py --out DIR --smoke        # every step tiny, on the CPU (a test)
 
-The steps, in order (README, "Checking a GPU", says how to run it where a GPU is lent):
+The steps, in order (docs/gpu-check.md says how to run it where a GPU is lent):
 
   environment     the GPU, driver, torch, CUDA, NCCL, cuDNN, Python
   pytest-gpu      python -m pytest -m gpu

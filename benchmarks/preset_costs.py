@@ -12,7 +12,8 @@ is timed and multiplied by 32, the number of such micro-batches in its 524,288 t
 time is its micro-batches' times: accumulation adds nothing but the optimizer step, once).
 
 Prints a Markdown table and writes it, with the raw figures, to OUT/preset_costs.json. The
-figures go into presets.PRESET_COSTS (``train --help``) and the README, with this machine named.
+figures go into BENCHMARKS.md, with this machine named; ``train --help`` lists only the presets'
+sizes (presets.PRESET_SIZES) and points there, and to ``gptforge bench`` for a machine's own.
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ Scenarios: prepare (char and GPT-2), a plain run with evaluation and saves, a ru
 resumed, a 2-process DDP run (torchrun, gloo), and a Muon run. Differences are printed; the exit
 code is the number of scenarios that differ. ``--allow-log PATTERN`` (a regex, repeatable) names
 log lines that are expected to differ (a deliberate change in what train prints), and
-``--new-field NAME`` a metrics.jsonl field that only the new tree writes.
+``--new-field NAME`` a metrics.jsonl field that only the new tree writes. ``--new-set KEY=VALUE``
+is passed to the new tree's train commands only: a key the base tree does not know, set so that
+the two trees compute the same thing (``train.sliced_loss=false``: the sliced head and loss equal
+the unsliced ones within float rounding, not bit for bit, so a refactor's proof turns them off;
+the new tree's config line then names the override: add ``--allow-log "^config: preset"``).
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ def main() -> int:
     ap.add_argument("--new-field", action="append", default=[], metavar="NAME",
                     help="a metrics.jsonl field only the new tree writes (a deliberate addition): "
                          "left out of the comparison (repeatable)")
+    ap.add_argument("--new-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a --set for the new tree's train commands only (repeatable), e.g. "
+                         "train.sliced_loss=false")
     args = ap.parse_args()
     allow = [re.compile(p) for p in args.allow_log]
     shutil.rmtree(args.out, ignore_errors=True)
@@ -207,7 +214,9 @@ def main() -> int:
             run = args.out / tree / name
             text = ""
             for cmd in commands:
-                text += gptforge(src, *[c.replace("{run}", str(run)) for c in cmd], cwd=args.out / tree)
+                extra = [a for kv in args.new_set for a in ("--set", kv)] if tree == "new" else []
+                text += gptforge(src, *[c.replace("{run}", str(run)) for c in cmd], *extra,
+                                 cwd=args.out / tree)
             out[tree] = masked(text, allow, args.out / tree)
         problems = compare_runs(args.out / "base" / name, args.out / "new" / name,
                                 frozenset(args.new_field))

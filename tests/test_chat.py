@@ -351,7 +351,8 @@ def chat_client(tuned):
     from gptforge.serve.options import ServeOptions
     from gptforge.serve.server import build_engine, model_info
 
-    opts = ServeOptions(ckpt=str(tuned), device="cpu", max_batch=4, model_name="tuned")
+    opts = ServeOptions(ckpt=str(tuned), device="cpu", max_batch=4, model_name="tuned",
+                        weights_dtype="float32")  # compared with ChatSession on the fp32 model
     engine = Engine.launch(lambda: build_engine(opts))
     app = build_app(engine, model_info(engine, opts), engine.tok, 1 << 20, api_key="sesame-1234")
     http = TestClient(app)

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 SRC = Path(__file__).resolve().parents[1] / "src"
 COMMON = ["--preset", "gpt2-tiny", "--set", "train.device=cpu", "--set", "train.dtype=float32",
           "--set", "train.log_interval=1", "--set", "train.total_batch_tokens=512",
-          "--set", "train.eval_interval=4", "--set", "train.save_interval=4", "--set", "train.keep_last=5"]
+          "--set", "train.eval_interval=4", "--set", "train.save_interval=4", "--set", "train.keep_last=5",
+          # the head and loss in slices of 48 positions (several per micro-batch, the last one
+          # short), so that DDP and FSDP2 run the sliced loss against one process running it
+          "--set", "train.loss_slice_tokens=48"]
 
 
 
@@ -145,9 +148,11 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
     assert_close_runs(tmp_path / "one", tmp_path / "fsdp")
     # ... and a one-process checkpoint resumes under FSDP (with activation checkpointing).
     step4 = tmp_path / "one" / "checkpoints" / "step_0000004"
-    gptforge("--out", str(tmp_path / "one-to-fsdp"), "--resume", str(step4),
-             "--set", "train.max_steps=8", "--set", "train.parallel=fsdp",
-             "--set", "train.activation_checkpointing=true", nproc=2)
+    # Every rank leaves FSDP's process group torn down before its exit (see distributed.shutdown)
+    out = gptforge("--out", str(tmp_path / "one-to-fsdp"), "--resume", str(step4),
+                   "--set", "train.max_steps=8", "--set", "train.parallel=fsdp",
+                   "--set", "train.activation_checkpointing=true", nproc=2, env=probed(tmp_path))
+    assert_released(out)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "one-to-fsdp")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -155,17 +160,42 @@ def test_ddp_and_fsdp_equal_one_process_and_checkpoints_cross_over(char_data, tm
 
 # Imported by every process of the probed run (PYTHONPATH): with automatic garbage collection
 # off, whatever train() leaves in a reference cycle stays alive; at exit each rank says how many
-# DDP models are still alive.
+# DDP models are still alive, and which of the process group's gloo threads (gloo_tcp_loop,
+# pt_gloo_runloop: they live as long as the C++ group) still run, read from /proc (Linux).
 TEARDOWN_PROBE = """
 import atexit, gc, os, sys
 gc.disable()
 def _report():
     from torch.nn.parallel import DistributedDataParallel
     alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
-    sys.stderr.write(f"probe: rank {os.environ['RANK']} exits with {alive} DDP models alive\\n")
+    names = []
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
+    for task in tasks:
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except OSError:
+            pass
+    gloo = sorted(n for n in names if "gloo" in n)
+    sys.stderr.write(f"probe: rank {os.environ['RANK']} exits with {alive} DDP models, gloo threads {gloo}\\n")
 if "RANK" in os.environ:
     atexit.register(_report)
 """
+
+
+def probed(tmp_path: Path) -> dict:
+    """Environment for a run whose ranks report at exit what holds on to the process group."""
+    hooks = tmp_path / "probe-hook"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(TEARDOWN_PROBE)
+    return {"PYTHONPATH": f"{hooks}:{SRC}"}
+
+
+def assert_released(out: subprocess.CompletedProcess) -> None:
+    """Every rank released the process group before its exit: no DDP model alive, no gloo thread
+    running (a group torn down in the interpreter's finalization aborted a rank now and then)."""
+    probes = sorted(line for line in out.stderr.splitlines() if line.startswith("probe: "))
+    assert probes == [f"probe: rank {r} exits with 0 DDP models, gloo threads []" for r in (0, 1)], \
+        out.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -176,13 +206,9 @@ def test_muon_under_ddp_equals_one_process(char_data, tmp_path):
     aborted ("terminate called without an active exception") after a finished run."""
     d = ["--data", str(char_data), *COMMON, "--set", "train.max_steps=6", "--set", "optim.name=muon"]
     one_process("--out", str(tmp_path / "one"), *d)
-    hooks = tmp_path / "probe-hook"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(TEARDOWN_PROBE)
-    out = gptforge("--out", str(tmp_path / "ddp"), *d, nproc=2, env={"PYTHONPATH": f"{hooks}:{SRC}"})
+    out = gptforge("--out", str(tmp_path / "ddp"), *d, nproc=2, env=probed(tmp_path))
     assert_close_runs(tmp_path / "one", tmp_path / "ddp")
-    probes = sorted(line for line in out.stderr.splitlines() if line.startswith("probe: "))
-    assert probes == [f"probe: rank {r} exits with 0 DDP models alive" for r in (0, 1)], out.stderr[-2000:]
+    assert_released(out)
 
 
 def children(pid: int) -> list[int]:

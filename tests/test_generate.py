@@ -202,7 +202,8 @@ def test_sample_stop_string_and_streaming(tmp_path, capsys):
     d = tmp_path / "hf"
     d.mkdir()
     write_hf_dir(d, model, {"name": "gpt2"}, {})
-    base = ["sample", "--ckpt", str(d), "--prompt", "The", "--max-new-tokens", "20", "--top-k", "1"]
+    base = ["sample", "--ckpt", str(d), "--prompt", "The", "--max-new-tokens", "20", "--top-k", "1",
+            "--weights-dtype", "float32"]  # compared with the fp32 model's tokens
     assert run_cli(*base) == 0
     full = capsys.readouterr().out
     assert run_cli(*base, "--no-cache") == 0
@@ -217,7 +218,7 @@ def test_sample_stop_string_and_streaming(tmp_path, capsys):
     streamed: list[tuple[int, str]] = []
     cfg = SampleConfig(prompt="The", max_new_tokens=20, top_k=1, num_samples=2)
     texts = sample(str(d), cfg.prompt, cfg.to_sampling(), cfg.num_samples, device="cpu",
-                   stream=lambda b, s: streamed.append((b, s)))
+                   stream=lambda b, s: streamed.append((b, s)), weights_dtype="float32")
     assert texts == [full[:-1]] * 2
     assert "".join(s for b, s in streamed if b == 1) == full[len("The"):-1]
     assert run_cli(*base, "--top-p", "1.5") == 2

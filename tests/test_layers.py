@@ -13,6 +13,7 @@ RANK = {
     "sampling": 0,  # the one set of sampling values and rules (torch only inside its functions)
     "cachedir": 0,  # gptforge's cache directory (named datasets, the CPU's measured dtype)
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
+    "ranges": 0,  # what a config field allows, declared in its metadata (config reads it)
     "config": 1, "rundir": 1,  # the run directory's names, lock, free space, guarded writes
     "console": 1,  # say, progress bars, the ETA: what every command prints (data's bars too)
     "tokenizer": 2, "presets": 2,  # presets: named run configs, and resolving one
@@ -23,6 +24,7 @@ RANK = {
     "data": 3,
     "probe": 3,  # what train.dtype=auto becomes on a CPU: the model's block timed, cached
     "device": 4,  # device and precision, and what "auto" becomes (batch_size=auto: memory's search)
+    "weights": 4,  # generation's weights dtype: casting, int8, what auto becomes (measured as probe)
     "optim": 4, "hf": 4,  # HF GPT-2 files <-> GPT; checkpoint dispatches to it
     "llamacpp": 4,  # GGUF files for llama.cpp, written with the gguf package (export --format gguf)
     "distributed": 5,  # process groups and wrapping: under device, which picks the device
@@ -37,6 +39,7 @@ RANK = {
     "bench": 8,
     "serve": 8,  # the HTTP server over generate's KV cache and sampling
     "cli": 9,
+    "docgen": 10,  # the generated reference pages (python -m gptforge.docgen): config and the CLI
 }
 # A package is one layer outside; inside, its modules are layered the same way.
 PACKAGE_RANK = {

@@ -15,7 +15,7 @@ import pytest
 import torch
 from corpus import SHAKESPEARE as _SHAKESPEARE
 
-from gptforge import GPT, GPTConfig
+from gptforge import GPT, GPTConfig, __version__
 from gptforge.checkpoint import (
     build_model,
     load_checkpoint,
@@ -235,6 +235,10 @@ def test_cli_prepare_train_sample_end_to_end(tmp_path, capsys):
     assert config.startswith("config: preset gpt2-tiny with ") and "train.max_steps=30" in config
     assert "train.device=\"cpu\"" in config and str(tmp_path / "run" / "config.toml") in config
     assert "train.seed" not in config  # unchanged keys stay out
+    # the version that ran, first of the start-up lines and in run.json
+    started = out.index(f"\ngptforge {__version__} (torch {torch.__version__}, Python ")
+    assert started < out.index("\nconfig: ")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["gptforge_version"] == __version__
     assert run_cli("sample", "--ckpt", str(tmp_path / "run"), "--prompt", "ROMEO:",
                    "--max-new-tokens", "40", "--num-samples", "2", "--seed", "3") == 0
     first = capsys.readouterr().out

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptforge.config import AUTO, MODEL_PRESETS, GPTConfig, OptimConfig, RunConfig
+from gptforge.config import AUTO, MODEL_PRESETS, GPTConfig, OptimConfig, RunConfig, TrainConfig
 from gptforge.presets import run_preset
 from gptforge.data import BatchFeeder, TokenLoader, load_meta, load_split
 from gptforge.device import Precision, configure_backends, cpu_auto_dtype, resolve_for
@@ -44,6 +44,7 @@ from gptforge.model import GPT
 from gptforge.optim import build_optimizer, param_groups
 from gptforge.probe import ProbeShape
 from gptforge.step import Stepper, build_trainable
+from gptforge.step import loss_slice as loss_slice_of
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s): (a fragment of
 # torch.cuda.get_device_name(), the form factor, the peak), the first match wins. The same chip
@@ -91,6 +92,7 @@ class BenchResult:
     activation_checkpointing: bool = False
     measured_peak_tflops: float = 0.0  # the matmul measured here (== peak_tflops but on CUDA)
     dtype_auto: str = ""  # how --dtype auto decided, on a CPU
+    loss_slice: int = 0  # positions per slice of the head and loss (0: all at once)
 
 
 def model_for(preset: str, device_type: str = "cpu", plain: bool = False,
@@ -174,14 +176,17 @@ def bench(
     data: str | None = None,
     bucket_mb: int = 25,
     activation_checkpointing: bool = False,
+    loss_slice: int | None = None,
 ) -> BenchResult:
-    """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape or
-    ``compile`` means train's default on the device. Under torchrun, a DDP job (rank 0's result
-    is the whole job's; the others return None). Running out of memory is one line."""
+    """Time ``steps`` full training steps after ``warmup`` untimed ones. ``None`` for the shape,
+    ``compile`` or ``loss_slice`` (positions per slice of the head and loss, 0: unsliced) means
+    train's default on the device. Under torchrun, a DDP job (rank 0's result is the whole job's;
+    the others return None). Running out of memory is one line."""
     with session(device, 900) as env:
         try:
             return _bench(env, preset, batch_size, seq_len, steps, warmup, dtype, compile, plain,
-                          peak_seconds, data, bucket_mb, activation_checkpointing and not plain)
+                          peak_seconds, data, bucket_mb, activation_checkpointing and not plain,
+                          0 if plain else loss_slice_of(TrainConfig()) if loss_slice is None else loss_slice)
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
@@ -191,13 +196,15 @@ def bench(
 
 
 def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, compile: bool,
-             plain: bool, bucket_mb: int, batches: Any, checkpointing: bool) -> tuple[Stepper, str]:
+             plain: bool, bucket_mb: int, batches: Any, checkpointing: bool,
+             loss_slice: int) -> tuple[Stepper, str]:
     """train's own step on the preset's model, and its optimizer's name: a run preset's optimizer
     (Muon for the speedrun), AdamW's defaults for a model preset, torch's default AdamW for the
     plain baseline."""
     optim = OptimConfig() if preset in MODEL_PRESETS else run_preset(preset).optim
     trainable = build_trainable(cfg, env, precision, seed=0, parallel="ddp", compile=compile,
-                                bucket_mb=bucket_mb, activation_checkpointing=checkpointing)
+                                bucket_mb=bucket_mb, activation_checkpointing=checkpointing,
+                                loss_slice=loss_slice)
     if plain:
         optimizer = torch.optim.AdamW(param_groups(trainable.model, optim.weight_decay), lr=optim.lr,
                                       betas=(optim.beta1, optim.beta2))
@@ -209,7 +216,8 @@ def _stepper(env: DistEnv, preset: str, cfg: GPTConfig, precision: Precision, co
 
 def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, steps: int,
            warmup: int, dtype: str, compile: bool | None, plain: bool, peak_seconds: float,
-           data: str | None, bucket_mb: int, checkpointing: bool) -> BenchResult | None:
+           data: str | None, bucket_mb: int, checkpointing: bool,
+           loss_slice: int) -> BenchResult | None:
     dev = env.device
     cuda = dev.type == "cuda"
     batch_size = batch_size or (64 if cuda else 16)
@@ -230,7 +238,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     loader = TokenLoader(_token_source(data, cfg.vocab_size, max(tokens_needed, 1 << 20)),
                          batch_size, seq_len, rank=env.rank, world_size=env.world_size)
     step, optimizer = _stepper(env, preset, cfg, precision, compile, plain, bucket_mb,
-                               BatchFeeder(loader.next_batch, dev), checkpointing)
+                               BatchFeeder(loader.next_batch, dev), checkpointing, loss_slice)
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
@@ -248,6 +256,7 @@ def _bench(env: Any, preset: str, batch_size: int | None, seq_len: int | None, s
     result = _result(env, preset, cfg, precision, compile, plain, batch_size, seq_len, step_s,
                      startup, steps, optimizer, peak_seconds)
     result.activation_checkpointing, result.dtype_auto = checkpointing, dtype_auto
+    result.loss_slice = loss_slice
     return result
 
 
@@ -314,6 +323,7 @@ def format_results(results: list[BenchResult]) -> str:
     for r in results:
         name = "plain fp32 eager" if r.plain else f"gptforge {r.precision}, {r.optimizer}"
         name += ", activation checkpointing" if r.activation_checkpointing else ""
+        name += f", loss in slices of {r.loss_slice}" if r.loss_slice else ""
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-"
         rows.append((name, f"{r.tokens_per_s:,.1f}", f"{r.step_ms:,.1f}", f"{r.achieved_tflops:.3f}",
                      f"{r.mfu:.1%}", f"{r.peak_tflops:.3f} ({r.peak_source})",

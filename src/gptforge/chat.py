@@ -20,6 +20,7 @@ import torch
 
 from gptforge.checkpoint import load_model
 from gptforge.device import pick_device
+from gptforge import weights
 from gptforge.errors import GptforgeError
 from gptforge.generate import TextStream, generate
 from gptforge.model import GPT
@@ -46,6 +47,7 @@ class ChatSession:
     system: str | None = None
     reserve: int = 0  # tokens kept free for a reply when trimming the history (0: a quarter)
     history: list[dict[str, str]] = field(default_factory=list)
+    weights_used: weights.WeightsChoice | None = None  # the dtype of the weights, and why
 
     def __post_init__(self) -> None:
         device = next(self.model.parameters()).device
@@ -98,14 +100,18 @@ class ChatSession:
         return Reply(text, reason, dropped)
 
 
-def open_session(ckpt: str, sampling: Sampling, system: str | None, device: str) -> ChatSession:
-    """The session for a checkpoint, or one line saying why it cannot chat."""
+def open_session(ckpt: str, sampling: Sampling, system: str | None, device: str,
+                 weights_dtype: str = "auto") -> ChatSession:
+    """The session for a checkpoint, or one line saying why it cannot chat. Its weights are in
+    ``weights_dtype`` (weights.py); ``weights_used`` says which and why."""
+    weights.check(weights_dtype)
     model, record = load_model(ckpt)
     tok = tokenizer_from_dict(record)
     require_chat(tok, f"{ckpt} is a base model: its vocabulary",
                  "chat needs a model fine-tuned on conversations (docs/chat.md); "
                  "gptforge sample continues text")
-    return ChatSession(model.to(pick_device(device)), tok, sampling, system)
+    model, choice = weights.prepare(model, weights_dtype, pick_device(device))
+    return ChatSession(model, tok, sampling, system, weights_used=choice)
 
 
 def write(text: str) -> None:

@@ -452,8 +452,9 @@ def load_checkpoint(path: str | Path, verify: str = "sizes") -> Checkpoint:
         )
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} has format {meta['format_version']}, newer than this "
-            f"gptforge reads ({FORMAT_VERSION}): upgrade gptforge"
+            f"checkpoint {ckpt_dir} has format {meta['format_version']} (written by gptforge "
+            f"{meta.get('gptforge_version', '?')}), newer than this gptforge {__version__} reads "
+            f"({FORMAT_VERSION}): upgrade gptforge (pip install --upgrade gptforge)"
         )
     if not has_manifest and meta["format_version"] >= 2:
         raise CheckpointError(

@@ -15,18 +15,22 @@ import codecs
 import dataclasses
 import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from gptforge.config import (
     DTYPES,
     MODEL_PRESETS,
     SampleConfig,
+    TrainConfig,
     field_help,
 )
 from gptforge.errors import GptforgeError
 from gptforge.presets import DEFAULT_PRESET, RUN_PRESETS, keys_help
+from gptforge.version import DOCS_URL, __version__, docs_page
 
 Options = Callable[[argparse.ArgumentParser], None]
 
@@ -52,19 +56,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptforge.launch import launch_rank
+    from gptforge.launch import elastic, launch_rank, restart_count
     from gptforge.rundir import check_not_locked, hold_run_lock
 
     writer = launch_rank() == 0  # under torchrun, rank 0 writes the run and holds its lock
-    if writer:  # a live run is refused at once: not inside torchrun, nor after importing torch
-        check_not_locked(args.out)
-    if args.nproc is not None:  # this process only launches and waits: it needs no torch
-        return launch(args.nproc, args.argv, run_dir=args.out)
+    restarted = restart_count() > 0 or elastic()  # torchrun's agents may have restarted the job
+    if writer and not restarted:  # a live run is refused at once: not inside torchrun, nor after
+        check_not_locked(args.out)  # importing torch (a restart waits for the dead one's lock)
+    launching = _launch_of(args)
+    if launching is not None:  # this process only launches and waits: it needs no torch
+        return launch(launching, args.argv, run_dir=args.out)
+    if restarted:
+        args.resume = _resume_after_restart(args.out, args.resume)
     from gptforge.console import say
+    from gptforge.distributed import PeerLost
     from gptforge.resume import FINISHED, plan_run
     from gptforge.train import train
     # The lock first: a live run is reported before anything of it is read or written.
-    with hold_run_lock(args.out, enabled=writer, create=args.resume != ""):
+    with hold_run_lock(args.out, enabled=writer, create=args.resume != "",
+                       wait_s=RESTART_LOCK_WAIT_S if restarted else 0):
         plan = plan_run(args.out, args.resume, args.preset, args.config, args.set, args.data,
                         args.init_from, verify="sha256" if writer else "sizes")
         if plan.complete is not None:
@@ -73,9 +83,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         if not plan.cfg.data.path:
             raise GptforgeError("no training data: pass --data DIR (made by `gptforge prepare`)")
-        result = train(plan.cfg, args.out, resume=plan.resume, restart=plan.restart,
-                       preset=None if plan.resume is not None else (args.preset or DEFAULT_PRESET),
-                       init_from=args.init_from if plan.resume is None else None)
+        try:
+            result = train(plan.cfg, args.out, resume=plan.resume, restart=plan.restart,
+                           preset=None if plan.resume is not None else (args.preset or DEFAULT_PRESET),
+                           init_from=args.init_from if plan.resume is None else None)
+        except PeerLost as e:
+            from gptforge.launch import report_peer_lost
+
+            if report_peer_lost(str(e)):  # gptforge's launcher names the lost machine, once
+                return 2
+            raise
     # Stopped by a signal (saved, resumable): 128 + its number, as a shell reports a process a
     # signal stopped (130 for Ctrl-C, 143 for SIGTERM). 0 means the run reached its end, so a
     # job script can loop until it gets 0.
@@ -87,22 +104,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
-def launch(nproc: int, argv: list[str], run_dir: str | None = None) -> int:
-    """``gptforge COMMAND --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge
-    COMMAND ...``. A process of the job that dies ends the command with one line: which rank,
-    how, and (for a training run) its last checkpoint and the command that continues it."""
-    from gptforge.launch import torchrun
+# How long a restarted job's new rank 0 waits for the run's lock: torchrun stops every worker
+# before it restarts any, so the lock is normally free at once; this covers a dead holder's
+# descriptor that outlives it for a moment (a forked child, an NFS server's lease).
+RESTART_LOCK_WAIT_S = 60
 
-    code, failure = torchrun(nproc, argv)
-    if failure is None or failure.exitcode == 2:  # 2: the process said what was wrong, in one line
-        return code
-    line = f"gptforge {argv[0]}: error: rank {failure.rank} {failure.how}, and the job stopped"
+
+def _resume_after_restart(out: str, resume: str | None) -> str:
+    """A job torchrun restarts continues its run from the last checkpoint: no --resume means
+    --resume auto, and a run started from another checkpoint (--resume PATH) continues from its
+    own latest once it has one. Every start of an elastic job (--max-restarts > 0) is treated
+    so, the first included: all ranks must decide alike, and torchrun's restart count may be 0
+    on one machine and 1 on another after the same restart (pytorch#108158)."""
+    from gptforge.rundir import CHECKPOINT_DIR, LATEST
+
+    if resume is None:
+        return "auto"
+    if resume not in ("", "auto") and (Path(out) / CHECKPOINT_DIR / LATEST).is_file():
+        return ""
+    return resume
+
+
+def _launch_of(args: argparse.Namespace):  # noqa: ANN202 - gptforge.launch.Launch | None
+    """The --nproc family as a Launch, or None when this process is to train itself."""
+    from gptforge.launch import Launch
+
+    given = {k: getattr(args, k, None) for k in ("nproc", "nnodes", "rdzv_endpoint", "rdzv_id", "max_restarts")}
+    if all(v is None for v in given.values()):
+        return None
+    return Launch(**{k: v for k, v in given.items() if v is not None})
+
+
+def launch(launching, argv: list[str], run_dir: str | None = None) -> int:  # noqa: ANN001
+    """``gptforge COMMAND --nproc N ...`` = ``torchrun --standalone --nproc_per_node=N -m gptforge
+    COMMAND ...`` (with --nnodes, on each machine: ``torchrun --nnodes=M ... --rdzv-backend=c10d``).
+    A job that fails ends the command with one line: which rank died and how, or which machine
+    was lost, and (for a training run) its last checkpoint and the command that continues it."""
+    from gptforge.launch import lost_peers, torchrun
+
+    result = torchrun(launching, argv)
+    if not result.failures:
+        return result.code
+    first = result.failures[0]
+    dead = [f for f in result.failures if f.exitcode != 2]  # 2: it said what was wrong, in one line
+    restarts = (f" after its {launching.max_restarts} restart{'s' * (launching.max_restarts > 1)} "
+                "(--max-restarts) were used up" if launching.max_restarts else "")
+    if dead:
+        line = f"gptforge {argv[0]}: error: rank {dead[0].rank} {dead[0].how}, and the job stopped{restarts}"
+    elif result.lost is not None:
+        line = f"gptforge {argv[0]}: error: {lost_peers(result.lost)}, and the job stopped{restarts}"
+    elif restarts:
+        line = (f"gptforge {argv[0]}: error: the job failed the same way on every attempt (above), "
+                f"and stopped{restarts}")
+    else:
+        return result.code
     if run_dir is not None:
         from gptforge.resume import continue_hint
 
-        line += "; " + continue_hint(run_dir, argv)
+        line += "; " + continue_hint(run_dir, argv) + (" (on every node)" if launching.multinode else "")
     print(line, file=sys.stderr)
-    return failure.code
+    return dead[0].code if dead else first.code
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -142,14 +203,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.nproc is not None:  # this process only launches and waits: it needs no torch
         if args.compare:
             raise GptforgeError("--compare runs one process: leave out --nproc for it")
-        return launch(args.nproc, args.argv)
+        from gptforge.launch import Launch
+
+        return launch(Launch(nproc=args.nproc), args.argv)
     import json
 
     from gptforge.bench import bench, compare_with_plain, format_results, result_dict
 
+    if args.loss_slice_tokens < 1:
+        raise GptforgeError("--loss-slice-tokens must be >= 1 (--no-sliced-loss turns the slices off)")
     result = bench(args.preset, args.batch_size, args.seq_len, args.steps, args.warmup,
                    args.device, args.dtype, args.compile, args.plain, args.peak_seconds, args.data,
-                   args.ddp_bucket_mb, args.activation_checkpointing)
+                   args.ddp_bucket_mb, args.activation_checkpointing,
+                   args.loss_slice_tokens if args.sliced_loss else 0)
     if result is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports for the job
     results = [result]
@@ -174,7 +240,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise GptforgeError(f"--num-samples {cfg.num_samples} is out of range: give 1 or more")
     shown = SampleEcho(cfg.prompt)  # one sample is printed as it is generated
     texts = sample(args.ckpt, cfg.prompt, sampling, cfg.num_samples, device=args.device,
-                   use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None)
+                   use_cache=not args.no_cache, stream=shown if cfg.num_samples == 1 else None,
+                   weights_dtype=cfg.weights_dtype, announce=lambda line: print(line, file=sys.stderr))
     if shown.parts:
         print(texts[0][len("".join(shown.parts)):])
         return 0
@@ -212,7 +279,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = checked_sampling(Sampling(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_tokens=args.max_new_tokens or 1, seed=args.seed, stops=tuple(args.stop)))
-    session = open_session(args.ckpt, sampling, args.system, args.device)
+    session = open_session(args.ckpt, sampling, args.system, args.device, args.weights_dtype)
+    if session.weights_used is not None:
+        print(session.weights_used.line(), file=sys.stderr, flush=True)
     if args.max_new_tokens is None:  # the rest of the context, as OpenAI's chat completions
         session.sampling = dc.replace(sampling, max_tokens=session.model.config.block_size)
     if args.message is not None:
@@ -349,8 +418,8 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
                    "bytes, <|im_start|>, <|im_end|> and <|endoftext|>) to 131,072 tokens; past "
                    "65,536 the shards are uint32")
     p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", help="with bpe: train on a "
-                   "deterministic sample of about MB megabytes of larger inputs; 0: all (default: "
-                   "100: 2.3 to 3 min and up to 1.5 GB of memory on 2 cores of a shared AMD EPYC)")
+                   "deterministic sample of about MB megabytes of larger inputs; 0: all (default: 100; the "
+                   f"time and memory it took on named machines: {docs_page('benchmarks')})")
     p.add_argument("--format", default=None, choices=["text", "jsonl", "parquet"],
                    help="read every input as this format, whatever its extension")
     p.add_argument("--text-field", default="text", metavar="NAME",
@@ -402,7 +471,18 @@ def train_start_options(p: argparse.ArgumentParser) -> None:
                         "gptforge run/checkpoint (fine-tuning); the model shape comes from there")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train with N processes on this machine (launches torchrun; one per GPU, "
-                        "or N CPU processes with gloo); for several machines run torchrun yourself")
+                        "or N CPU processes with gloo); with --nnodes, N on each machine")
+    p.add_argument("--nnodes", type=int, default=None, metavar="M",
+                   help="train on M machines: run the same command on each (docs/distributed.md); "
+                        "torchrun decides which one writes the run, so --out must be shared storage")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="where the machines meet: an address of one of them (the first) and a free "
+                        "port there, the same on every machine (torchrun's c10d rendezvous)")
+    p.add_argument("--rdzv-id", default=None, metavar="ID",
+                   help="the job's name at the endpoint, the same on every machine (default: gptforge)")
+    p.add_argument("--max-restarts", type=int, default=None, metavar="R",
+                   help="restart the whole job up to R times when a process dies (torchrun's elastic "
+                        "restarts); the run continues from its last checkpoint")
 
 
 def sample_options(p: argparse.ArgumentParser) -> None:
@@ -445,6 +525,8 @@ def chat_options(p: argparse.ArgumentParser) -> None:
                    help="seeds the session's replies: the same seed and messages give the same replies")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="also end a reply where TEXT appears (repeatable, up to 4)")
+    p.add_argument("--weights-dtype", default="auto", metavar="DTYPE",
+                   help=field_help(SampleConfig)["weights_dtype"])
 
 
 def export_options(p: argparse.ArgumentParser) -> None:
@@ -489,8 +571,8 @@ def config_cmd_options(p: argparse.ArgumentParser) -> None:
                    help="resolve for N processes (accumulation steps) (default: 1)")
     p.add_argument("--measure", action="store_true",
                    help="on a CPU, measure now what train.dtype=auto becomes for this model and "
-                        "micro-batch (a few seconds: fp32 and bf16 autocast timed on the run's "
-                        "shapes), again where an answer is cached; it is cached for train")
+                        "micro-batch (fp32 and bf16 autocast timed on the run's shapes), again "
+                        "where an answer is cached; it is cached for train")
 
 
 def bench_shape_options(p: argparse.ArgumentParser) -> None:
@@ -517,6 +599,10 @@ def bench_run_options(p: argparse.ArgumentParser) -> None:
                    help="DDP gradient bucket size, as train.ddp_bucket_mb")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass, as train.activation_checkpointing")
+    p.add_argument("--sliced-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="the head and loss in slices of --loss-slice-tokens positions, as train.sliced_loss")
+    p.add_argument("--loss-slice-tokens", type=int, default=TrainConfig.loss_slice_tokens, metavar="N",
+                   help="positions per slice, as train.loss_slice_tokens")
     p.add_argument("--plain", action="store_true",
                    help="the baseline: fp32, eager, default allocator, default AdamW")
     p.add_argument("--compare", action="store_true",
@@ -605,10 +691,15 @@ COMMANDS: tuple[Command, ...] = (
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps descriptions as written and shows every option's default after its meaning."""
+    """Keeps descriptions as written and shows every option's default after its meaning; an
+    address is never broken across lines (so it can be copied)."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False,
+                             break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -634,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="gptforge",
         description="Train GPT-2-class language models from scratch on your own text.",
+        epilog=f"documentation: {DOCS_URL} (every command's options: {docs_page('reference/cli')})",
     )
+    p.add_argument("--version", action="version", version=f"gptforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in COMMANDS:
@@ -684,7 +777,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = func(args)
     except GptforgeError as e:
-        print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
+        from gptforge.launch import repeated_error
+
+        line = f"gptforge {args.command}: error: {e}"
+        if not repeated_error(line):  # said once by an elastic job, not on every restart
+            print(line, file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"gptforge {args.command}: interrupted", file=sys.stderr)

@@ -5,7 +5,8 @@ A run is resolved in this order, each layer overriding the one before:
 Every value is checked at this boundary: a wrong value raises ``ConfigError`` naming the key and
 what is allowed, and an unknown key is an error rather than silently ignored.
 
-Field docstrings (the string literal under each field) are the CLI's help text.
+A field's docstring (the string literal under it) is its meaning and its metadata its range
+(ranges.py): validation, ``--help`` and docs/reference/configuration.md (docgen.py) read both.
 This module imports nothing heavier than the standard library, so it is cheap to import anywhere.
 """
 
@@ -23,6 +24,19 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from gptforge import sampling
 from gptforge.errors import GptforgeError
+from gptforge.ranges import (
+    AUTO,
+    Range,
+    allows,
+    at_least,
+    below_one,
+    between,
+    disables,
+    non_negative,
+    one_of,
+    out_of_range,
+    positive,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,8 +48,15 @@ class ConfigError(GptforgeError):
     """A configuration value, key or file is wrong."""
 
 
-# A value that depends on the device a run starts on (device.resolve_for decides it).
-AUTO = "auto"
+# AUTO ("auto"): a value that depends on the device a run starts on (device.resolve_for decides it).
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS_DTYPES = ("auto", "float32", "bfloat16", "int8")  # generation's (weights.py)
+LOADERS = ("sequential", "random")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+PARALLEL = ("ddp", "fsdp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,19 +67,26 @@ AUTO = "auto"
 class GPTConfig:
     """Shape of a GPT-2 model. Names follow GPT-2's own (n_layer, n_head, n_embd, block_size)."""
 
-    n_layer: int = 12
+    n_layer: int = field(default=12, metadata=at_least(1))
     "number of transformer blocks"
-    n_head: int = 12
+    n_head: int = field(default=12, metadata=at_least(1))
     "attention heads per block (n_embd must divide by it)"
-    n_embd: int = 768
+    n_embd: int = field(default=768, metadata=allows(
+        lambda v, m: v >= 1 and v % m.n_head == 0,
+        lambda m: f"must be >= 1 and divisible by model.n_head={m.n_head}",
+        "must be >= 1 and divisible by model.n_head"))
     "width of the residual stream"
-    block_size: int = 1024
+    block_size: int = field(default=1024, metadata=at_least(1))
     "longest context the model can attend over (positions in wpe)"
-    vocab_size: int = 50257
+    vocab_size: int = field(default=50257, metadata=allows(
+        lambda v, _: 0 <= v <= 131_072,  # tokenizer.MAX_VOCAB_SIZE
+        "must be between 1 and 131,072 (the largest vocabulary prepare trains), or 0 to take it "
+        "from the data"))
     "tokens the model can read and predict; 0 in a run config means: take it from the data"
-    pad_vocab_multiple: int | str = 1
+    pad_vocab_multiple: int | str = field(default=1, metadata=at_least(1, "(1 means no padding)",
+                                                                     auto=True))
     "round the embedding table up to a multiple of this (64 gives 50,304 rows for faster matmuls); auto: 64 on CUDA and MPS, 1 on the CPU, fixed when a run starts (it is the model's shape); padded ids are never predicted"
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata=below_one())
     "dropout probability on attention, residual and embeddings (0 disables)"
     bias: bool = True
     "biases in Linear and LayerNorm layers, as in GPT-2"
@@ -107,104 +135,127 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class DataConfig:
     path: str = ""
     "directory written by `gptforge prepare` (meta.json and its train and val shards)"
-    loader: str = "sequential"
+    loader: str = field(default="sequential", metadata=one_of(LOADERS))
     "sequential: consecutive windows, wrapping at the end (the original recipe); random: seeded random windows drawn uniformly over all shards"
     mask: bool = True
-    "with conversation data (prepare of messages), train only on what the mask marks: the assistants' replies and their end of turn; false: on every token of each conversation (a comparison, see BENCHMARKS.md)"
-    verify: str = "sha256"
-    "what train checks of the shards before it starts: sha256 (each shard against meta.json; reads the data once: about 1.2 s per GB from the page cache on a 2-core AMD EPYC, BENCHMARKS.md) or sizes (headers and sizes only)"
+    "with conversation data (prepare of messages), train only on what the mask marks: the assistants' replies and their end of turn; false: on every token of each conversation (a comparison)"
+    verify: str = field(default="sha256", metadata=one_of(("sha256", "sizes"), "choose sha256 or sizes"))
+    "what train checks of the shards before it starts: sha256 (each shard against meta.json; reads every byte of the data once) or sizes (headers and sizes only)"
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = field(default="adamw", metadata=one_of(OPTIMIZERS))
     "adamw: AdamW for every parameter; muon: Muon for the blocks' matrices, AdamW for embeddings, gains and biases"
-    lr: float = 6e-4
+    lr: float = field(default=6e-4, metadata=positive())
     "peak learning rate (AdamW's), reached at the end of warmup"
-    min_lr: float = 6e-5
+    min_lr: float = field(default=6e-5, metadata=allows(
+        lambda v, o: math.isfinite(v) and 0 <= v <= o.lr,
+        lambda o: f"must be between 0 and optim.lr={o.lr}", "must be between 0 and optim.lr"))
     "learning rate at the end of the cosine decay, and after it"
-    warmup_steps: int = 1000
+    warmup_steps: int = field(default=1000, metadata=non_negative())
     "steps of linear warmup: lr = lr * (step + 1) / warmup_steps"
-    decay_steps: int = 300_000
+    decay_steps: int = field(default=300_000, metadata=allows(
+        lambda v, o: v >= o.warmup_steps, lambda o: f"must be >= optim.warmup_steps={o.warmup_steps}",
+        "must be >= optim.warmup_steps"))
     "step at which the decay reaches min_lr"
-    schedule: str = "cosine"
+    schedule: str = field(default="cosine", metadata=one_of(SCHEDULES))
     "after warmup: cosine (half cosine down to min_lr at decay_steps) or wsd (hold lr, then a linear cooldown to min_lr over the last cooldown_steps before decay_steps)"
-    cooldown_steps: int = 0
+    cooldown_steps: int = field(default=0, metadata=allows(
+        lambda v, o: 0 <= v <= o.decay_steps - o.warmup_steps and (o.schedule != "wsd" or v >= 1),
+        lambda o: f"must be between 1 and optim.decay_steps - optim.warmup_steps = "
+                  f"{o.decay_steps - o.warmup_steps} with schedule=wsd (0 otherwise)",
+        "must be between 1 and optim.decay_steps - optim.warmup_steps with schedule=wsd (0 otherwise)"))
     "with schedule=wsd: length of the linear cooldown that ends at decay_steps"
-    beta1: float = 0.9
+    beta1: float = field(default=0.9, metadata=below_one())
     "AdamW beta1"
-    beta2: float = 0.95
+    beta2: float = field(default=0.95, metadata=below_one())
     "AdamW beta2"
-    eps: float = 1e-8
+    eps: float = field(default=1e-8, metadata=positive())
     "AdamW epsilon"
-    weight_decay: float = 0.1
+    weight_decay: float = field(default=0.1, metadata=non_negative())
     "AdamW weight decay, applied to 2-D weights (matmuls, embeddings) only"
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata=disables())
     "clip the global gradient norm to this (0 disables clipping)"
-    muon_lr: float = 0.02
+    muon_lr: float = field(default=0.02, metadata=positive())
     "with name=muon: peak learning rate of the Muon matrices (follows the same warmup and decay)"
-    muon_momentum: float = 0.95
+    muon_momentum: float = field(default=0.95, metadata=below_one())
     "with name=muon: Nesterov momentum of the Muon matrices"
-    ns_steps: int = 5
+    ns_steps: int = field(default=5, metadata=between(1, 20))
     "with name=muon: Newton-Schulz iterations that orthogonalize each update"
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int | str = 16
+    batch_size: int | str = field(default=16, metadata=at_least(1, auto=True))
     "sequences per micro-step per process; auto: on CUDA the largest that fits, found by trial steps at start-up and kept in the run's config (it must divide total_batch_tokens / (seq_len x processes)), elsewhere the preset's"
-    seq_len: int = 64
+    seq_len: int = field(default=64, metadata=at_least(1))
     "tokens per sequence (at most model.block_size)"
-    total_batch_tokens: int = 4096
+    total_batch_tokens: int = field(default=4096, metadata=at_least(1))
     "tokens per optimizer step over all processes; accumulation steps = this / (batch_size * seq_len * processes)"
-    max_steps: int = 300_000
+    max_steps: int = field(default=300_000, metadata=at_least(1))
     "stop after this many optimizer steps"
-    target_loss: float = 0.0
+    target_loss: float = field(default=0.0, metadata=disables())
     "stop once the training loss of a step is below this (0 disables)"
-    target_val_loss: float = 0.0
+    target_val_loss: float = field(default=0.0, metadata=disables())
     "stop once an evaluation's validation loss is below this (0 disables; needs eval_interval)"
-    log_interval: int = 100
+    log_interval: int = field(default=100, metadata=at_least(1))
     "print a log line and write metrics.jsonl every this many steps"
-    eval_interval: int = 0
+    eval_interval: int = field(default=0, metadata=disables())
     "compute validation loss every this many steps when the data has a val split (0 disables; always done at the end)"
-    eval_max_batches: int = 0
+    eval_max_batches: int = field(default=0, metadata=disables())
     "cap on validation batches per evaluation (0: the whole val split)"
-    hellaswag_interval: int = 0
+    hellaswag_interval: int = field(default=0, metadata=disables())
     "score HellaSwag (acc, acc_norm) every this many steps and at the end (0 disables; needs GPT-2 BPE data)"
     hellaswag_data: str = ""
     "HellaSwag .jsonl file for hellaswag_interval (empty: the validation set, downloaded once and cached)"
-    save_interval: int = 0
+    save_interval: int = field(default=0, metadata=disables())
     "write a checkpoint every this many steps (0: only at the end)"
-    keep_last: int = 3
+    keep_last: int = field(default=3, metadata=at_least(1))
     "how many step checkpoints to keep (older ones are deleted)"
-    device: str = "auto"
+    device: str = field(default="auto", metadata=allows(
+        lambda v, _: v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()),
+        f"choose one of {', '.join(DEVICES)} or cuda:N"))
     "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
-    dtype: str = "auto"
-    "auto (bf16 autocast where the hardware supports it, on a CPU only for models 128 wide or more; else fp32), float32, bfloat16 or float16"
-    seed: int = 1337
+    dtype: str = field(default="auto", metadata=one_of(DTYPES))
+    "auto (on CUDA bf16 autocast where the GPU has it, else fp32; on a CPU the faster of fp32 and bf16 autocast for this model, measured at start-up and cached; on MPS fp32), float32, bfloat16 or float16"
+    seed: int = field(default=1337, metadata=allows(lambda v, _: 0 <= v < 2**63,
+                                                    "must be a non-negative integer"))
     "seed for model initialisation, data order and dropout"
     compile: bool | str = AUTO
     "torch.compile the training forward and backward; auto: on CUDA only (the first step pays the compilation; torch caches it for later runs)"
-    parallel: str = "ddp"
+    parallel: str = field(default="ddp", metadata=one_of(PARALLEL))
     "with several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer state"
-    dist_timeout_s: int = 900
+    dist_timeout_s: int = field(default=900, metadata=at_least(1))
     "seconds a collective may wait before the job fails (a dead rank then stops the others)"
-    ddp_bucket_mb: int = 25
+    ddp_bucket_mb: int = field(default=25, metadata=at_least(1))
     "DDP gradient bucket size in MB: each bucket's all-reduce starts as soon as its gradients are ready, overlapping the backward pass"
     activation_checkpointing: bool = False
     "keep only each block's input for the backward pass and recompute the rest there: far less activation memory for about a third more compute; the same losses and gradients"
+    sliced_loss: bool = True
+    "compute the final LayerNorm, the head and the cross-entropy over slices of train.loss_slice_tokens positions, never holding all the logits (with GPT-2's vocabulary the largest activation: 823 MB in fp32 at 4 x 1024); the same loss and gradients up to float rounding; false: all at once"
+    loss_slice_tokens: int = field(default=1024, metadata=at_least(1))
+    "positions per slice with train.sliced_loss: at most this many x the vocabulary's logits exist at once"
     keep_freed_memory: bool = True
     "keep freed memory in the process for reuse instead of returning it to the OS each step (Linux; faster on CPU)"
     tensorboard: bool = False
     "also write the logged numbers as TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)"
     wandb: bool = False
     "also log the numbers and the config to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)"
-    wandb_project: str = "gptforge"
+    wandb_project: str = field(default="gptforge", metadata=allows(
+        lambda v, _: 0 < len(v) <= 128 and not any(c in v for c in "/\\#?%:"),
+        "must be 1 to 128 characters, none of / \\ # ? % :"))
     "the W&B project that the run goes to"
     mlflow: bool = False
     "also log the numbers and the config to MLflow at MLFLOW_TRACKING_URI, else ./mlruns (needs the mlflow-skinny package)"
     run_name: str = ""
     "the run's name in W&B and MLflow (empty: the name of the --out directory)"
+
+
+def sampling_rule(name: str) -> Any:
+    """A sampling value's range: sampling.py's rule, the one that sample, chat and serve share."""
+    return allows(lambda v, _: sampling.Sampling(**{name: v}).problem() is None,
+                  f"give {sampling.RULES[name]}")
 
 
 @dataclass
@@ -214,18 +265,20 @@ class SampleConfig:
 
     prompt: str = "\n"
     "text to continue"
-    max_new_tokens: int = sampling.DEFAULT_MAX_TOKENS
+    max_new_tokens: int = field(default=sampling.DEFAULT_MAX_TOKENS, metadata=sampling_rule("max_tokens"))
     "tokens to generate per sample (fewer where the end of text or of a turn comes first)"
-    top_k: int = sampling.DEFAULT_TOP_K
+    top_k: int = field(default=sampling.DEFAULT_TOP_K, metadata=sampling_rule("top_k"))
     "sample among the k most likely tokens (0: all; 1: greedy)"
-    top_p: float = sampling.DEFAULT_TOP_P
+    top_p: float = field(default=sampling.DEFAULT_TOP_P, metadata=sampling_rule("top_p"))
     "then among the most likely tokens whose probabilities sum to p (nucleus sampling; 1: all)"
-    temperature: float = sampling.DEFAULT_TEMPERATURE
+    temperature: float = field(default=sampling.DEFAULT_TEMPERATURE, metadata=sampling_rule("temperature"))
     "divide logits by this before sampling, 0 to 2 (lower is more conservative; 0: greedy)"
-    num_samples: int = 1
+    num_samples: int = field(default=1, metadata=at_least(1))
     "independent samples to draw, generated as one batch"
-    seed: int = sampling.DEFAULT_SEED
-    "random seed: the same seed gives the same text"
+    seed: int = field(default=sampling.DEFAULT_SEED, metadata=sampling_rule("seed"))
+    "random seed: the same seed gives the same text (for a given --weights-dtype)"
+    weights_dtype: str = field(default="auto", metadata=one_of(WEIGHTS_DTYPES))
+    "the weights' dtype for generation: auto (the fastest here: measured once on a CPU and cached, bf16 on a CUDA GPU that has it), float32, bfloat16, or int8 (CPU only; pip install 'gptforge[int8]'); not train's --dtype"
 
     def to_sampling(self, stops: tuple[str, ...] = ()) -> sampling.Sampling:
         return sampling.Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -381,14 +434,19 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: each rule names the key and the allowed values.
+# Validation: each field's range is declared beside it (ranges.py); the rules that join sections
+# are declared here. Every error names the key and what is allowed.
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOADERS = ("sequential", "random")
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
-PARALLEL = ("ddp", "fsdp")
+# Rules across sections: key -> its Range, checked against the whole RunConfig.
+RUN_RULES: dict[str, Range] = {
+    "train.seq_len": Range(lambda v, cfg: v <= cfg.model.block_size,
+                           lambda cfg: f"must be <= model.block_size={cfg.model.block_size}",
+                           "must be <= model.block_size"),
+    # Muon orthogonalizes whole matrices; FSDP holds each rank's shard of them.
+    "train.parallel": Range(lambda v, cfg: not (cfg.optim.name == "muon" and v == "fsdp"),
+                            "optim.name=muon needs whole matrices on every rank: use train.parallel=ddp",
+                            "ddp when optim.name=muon (Muon needs whole matrices on every rank)"),
+}
 
 
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -398,90 +456,19 @@ def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate(obj: Any, section: str) -> None:
     """Range checks for one section; raises ConfigError naming the key."""
-    def chk(key: str, ok: bool, allowed: str) -> None:
-        _check(ok, f"{section}.{key}", allowed, getattr(obj, key))
-
-    def finite(key: str) -> bool:
-        return math.isfinite(getattr(obj, key))
-
-    if isinstance(obj, GPTConfig):
-        chk("n_layer", obj.n_layer >= 1, "must be >= 1")
-        chk("n_head", obj.n_head >= 1, "must be >= 1")
-        chk("n_embd", obj.n_embd >= 1 and obj.n_embd % obj.n_head == 0,
-            f"must be >= 1 and divisible by model.n_head={obj.n_head}")
-        chk("block_size", obj.block_size >= 1, "must be >= 1")
-        chk("vocab_size", 0 <= obj.vocab_size <= 131_072,  # tokenizer.MAX_VOCAB_SIZE
-            "must be between 1 and 131,072 (the largest vocabulary prepare trains), or 0 to take "
-            "it from the data")
-        chk("pad_vocab_multiple", obj.pad_vocab_multiple == AUTO or obj.pad_vocab_multiple >= 1,
-            "must be >= 1 (1 means no padding) or auto")
-        chk("dropout", 0.0 <= obj.dropout < 1.0, "must be in [0, 1)")
-    elif isinstance(obj, DataConfig):
-        chk("loader", obj.loader in LOADERS, f"choose one of {', '.join(LOADERS)}")
-        chk("verify", obj.verify in ("sha256", "sizes"), "choose sha256 or sizes")
-    elif isinstance(obj, OptimConfig):
-        chk("name", obj.name in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}")
-        chk("lr", finite("lr") and obj.lr > 0, "must be a positive number")
-        chk("min_lr", finite("min_lr") and 0 <= obj.min_lr <= obj.lr,
-            f"must be between 0 and optim.lr={obj.lr}")
-        chk("warmup_steps", obj.warmup_steps >= 0, "must be >= 0")
-        chk("decay_steps", obj.decay_steps >= obj.warmup_steps,
-            f"must be >= optim.warmup_steps={obj.warmup_steps}")
-        chk("schedule", obj.schedule in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}")
-        chk("cooldown_steps",
-            0 <= obj.cooldown_steps <= obj.decay_steps - obj.warmup_steps
-            and (obj.schedule != "wsd" or obj.cooldown_steps >= 1),
-            f"must be between 1 and optim.decay_steps - optim.warmup_steps = "
-            f"{obj.decay_steps - obj.warmup_steps} with schedule=wsd (0 otherwise)")
-        chk("beta1", 0.0 <= obj.beta1 < 1.0, "must be in [0, 1)")
-        chk("beta2", 0.0 <= obj.beta2 < 1.0, "must be in [0, 1)")
-        chk("eps", finite("eps") and obj.eps > 0, "must be a positive number")
-        chk("weight_decay", finite("weight_decay") and obj.weight_decay >= 0, "must be >= 0")
-        chk("grad_clip", finite("grad_clip") and obj.grad_clip >= 0, "must be >= 0 (0 disables)")
-        chk("muon_lr", finite("muon_lr") and obj.muon_lr > 0, "must be a positive number")
-        chk("muon_momentum", 0.0 <= obj.muon_momentum < 1.0, "must be in [0, 1)")
-        chk("ns_steps", 1 <= obj.ns_steps <= 20, "must be between 1 and 20")
-    elif isinstance(obj, TrainConfig):
-        chk("batch_size", obj.batch_size == AUTO or obj.batch_size >= 1, "must be >= 1 or auto")
-        for key in ("seq_len", "total_batch_tokens", "max_steps", "log_interval"):
-            chk(key, getattr(obj, key) >= 1, "must be >= 1")
-        for key in ("eval_interval", "eval_max_batches", "save_interval", "hellaswag_interval"):
-            chk(key, getattr(obj, key) >= 0, "must be >= 0 (0 disables)")
-        chk("keep_last", obj.keep_last >= 1, "must be >= 1")
-        chk("target_loss", finite("target_loss") and obj.target_loss >= 0, "must be >= 0 (0 disables)")
-        chk("target_val_loss", finite("target_val_loss") and obj.target_val_loss >= 0,
-            "must be >= 0 (0 disables)")
-        base = obj.device.split(":")[0]
-        chk("device", base in DEVICES and (obj.device.count(":") == 0 or
-                                          (base == "cuda" and obj.device.split(":")[1].isdigit())),
-            f"choose one of {', '.join(DEVICES)} or cuda:N")
-        chk("dtype", obj.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}")
-        chk("seed", 0 <= obj.seed < 2**63, "must be a non-negative integer")
-        chk("parallel", obj.parallel in PARALLEL, f"choose one of {', '.join(PARALLEL)}")
-        chk("dist_timeout_s", obj.dist_timeout_s >= 1, "must be >= 1")
-        chk("ddp_bucket_mb", obj.ddp_bucket_mb >= 1, "must be >= 1")
-        chk("wandb_project", 0 < len(obj.wandb_project) <= 128
-            and not any(c in obj.wandb_project for c in "/\\#?%:"),
-            "must be 1 to 128 characters, none of / \\ # ? % :")
-    elif isinstance(obj, SampleConfig):
-        chk("num_samples", obj.num_samples >= 1, "must be >= 1")
-        found = obj.to_sampling().problem()  # the rules sample, chat and serve share
-        if found is not None:
-            name = {"max_tokens": "max_new_tokens"}.get(found[0], found[0])
-            chk(name, False, f"give {sampling.RULES[found[0]]}")
-    else:  # pragma: no cover
-        raise AssertionError(type(obj))
+    found = out_of_range(obj)
+    if found is not None:
+        name, value, allowed = found
+        _check(False, f"{section}.{name}", allowed, value)
 
 
 def validate_run(cfg: RunConfig) -> None:
     for section in SECTIONS:
         validate(getattr(cfg, section), section)
-    t, m = cfg.train, cfg.model
-    _check(t.seq_len <= m.block_size, "train.seq_len",
-           f"must be <= model.block_size={m.block_size}", t.seq_len)
-    # Muon orthogonalizes whole matrices; FSDP holds each rank's shard of them.
-    _check(not (cfg.optim.name == "muon" and t.parallel == "fsdp"), "train.parallel",
-           "optim.name=muon needs whole matrices on every rank: use train.parallel=ddp", t.parallel)
+    for key, rule in RUN_RULES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(rule.ok(value, cfg), key, rule.allowed(cfg), value)
 
 
 # Keys a resumed run may change: when it stops, how often it reports, evaluates and saves, and
@@ -495,6 +482,7 @@ RESUMABLE_KEYS = frozenset({
     "train.hellaswag_interval", "train.hellaswag_data",
     "train.keep_last", "train.device", "train.dtype", "train.compile", "train.parallel",
     "train.dist_timeout_s", "train.ddp_bucket_mb", "train.activation_checkpointing",
+    "train.sliced_loss", "train.loss_slice_tokens",  # the same numbers up to float rounding
     "train.keep_freed_memory",
     "train.tensorboard", "train.wandb", "train.wandb_project", "train.mlflow", "train.run_name",
     *(f"sample.{f.name}" for f in dataclasses.fields(SampleConfig)),

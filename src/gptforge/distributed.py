@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,24 +95,62 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def shutdown(env: DistEnv, clean: bool = True) -> None:
-    """Leave the process group. After a clean run all ranks meet first: a rank that tears gloo
-    down while a peer is still finishing its last collective can abort the peer ("terminate
-    called without an active exception", seen in about 1 of 6 FSDP runs here). After an error
-    there is no meeting: the other ranks may never arrive, and torchrun stops them.
+    """Leave the process group, so that it is torn down here and not at the interpreter's exit.
+    After a clean run all ranks meet first: a rank that tears gloo down while a peer is still
+    finishing its last collective can abort the peer ("terminate called without an active
+    exception", seen in about 1 of 6 FSDP runs here). After an error there is no meeting: the
+    other ranks may never arrive, and torchrun stops them.
 
-    First, garbage is collected: torch's lazy import of torch._dynamo, made under the first
-    optimizer's construction, leaves a reference cycle through the frames then on the stack (the
-    caller's, holding its model), which keeps the DDP/FSDP model, a holder of the group, alive
-    until some later collection, often the interpreter's exit, where gloo's teardown still
-    aborted a rank now and then (once in five runs of the test suite). gptforge.train imports
-    torch._dynamo up front for that reason; bench, and any other such cycle, rely on this
-    collection. Collected here, the group goes when it is destroyed. The caller drops its own
-    references first (train's Trainer)."""
+    ``destroy_process_group`` only drops torch's own references to the group; the C++ group, with
+    gloo's threads (``gloo_tcp_loop``, two ``pt_gloo_runloop``), goes when the last holder goes.
+    A holder left to the interpreter's exit moves gloo's teardown into its finalization, where a
+    rank aborted now and then after a finished run (issue 31). Two holders are released first:
+
+    - DTensor's caches (FSDP2): sharding propagation, mesh topology and redistribution plans are
+      memoized on keys that hold the DeviceMesh, whose ``_pg_registry`` holds the group. Without
+      emptying them every FSDP rank kept gloo's three threads alive past the destroy, to its exit.
+    - reference cycles: torch's lazy import of torch._dynamo, made under the first optimizer's
+      construction, left a cycle through the frames then on the stack (the caller's, holding its
+      model), which kept the DDP/FSDP model, a holder of the group, alive to the exit.
+      gptforge.train imports torch._dynamo up front for that reason; bench, and any other such
+      cycle, rely on this collection. The caller drops its own references first (train's Trainer).
+
+    tests/test_distributed.py's probe checks that no gloo thread is left at exit, DDP and FSDP."""
     if env.distributed and dist.is_initialized():
+        _clear_dtensor_caches()
         gc.collect()
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+# DTensor's caches whose keys or values hold a DeviceMesh (and so its process groups), as
+# (module, attribute path to a function that empties the cache); private to torch, so looked up
+# and skipped where absent. Found by following gc.get_referrers from the mesh after a gptforge
+# FSDP run (torch 2.13).
+_DTENSOR_CACHES = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),  # Python and C++ fast path
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed._tensor.debug", "_clear_sharding_prop_cache"),  # torch < 2.5's name
+)
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty DTensor's caches that hold a DeviceMesh (see shutdown), where DTensor is in use."""
+    emptied: set[str] = set()
+    for module_name, path in _DTENSOR_CACHES:
+        if path in emptied or module_name.rsplit(".", 1)[0] not in sys.modules:
+            continue  # emptied under torch's current name, or DTensor never imported (plain DDP)
+        try:
+            target: Any = importlib.import_module(module_name)
+            for name in path.split("."):
+                target = getattr(target, name)
+        except (ImportError, AttributeError):
+            continue
+        target()
+        emptied.add(path)
 
 
 @contextlib.contextmanager
@@ -127,6 +167,10 @@ def session(device_name: str, timeout_s: int) -> Iterator[DistEnv]:
     shutdown(env)
 
 
+class PeerLost(GptforgeError):
+    """A collective failed because another process of the job is gone (killed, or its machine)."""
+
+
 def peer_lost(e: BaseException, env: DistEnv) -> GptforgeError | None:
     """A collective that failed because another process of the job died or hung, as one line
     (the launcher names the process and how to continue); None for any other error, which keeps
@@ -138,7 +182,7 @@ def peer_lost(e: BaseException, env: DistEnv) -> GptforgeError | None:
     if not (isinstance(e, backend) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
                                                                 "Connection reset by peer"))):
         return None
-    return GptforgeError(f"rank {env.rank} stops: another process of the job is gone ({text[:160]})")
+    return PeerLost(f"rank {env.rank} stops: another process of the job is gone ({text[:160]})")
 
 
 def _fsdp2():

@@ -16,6 +16,7 @@ import torch
 
 from gptforge.checkpoint import load_model
 from gptforge.device import pick_device
+from gptforge import weights
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, KVCache
 from gptforge.sampling import Sampling, draw, filter_logits
@@ -170,18 +171,25 @@ def sample(
     device: str = "auto",
     use_cache: bool = True,
     stream: Callable[[int, str], None] | None = None,
+    weights_dtype: str = "auto",
+    announce: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Load a checkpoint (or a Hugging Face GPT-2 directory) and return ``num_samples`` texts:
     the prompt and its continuation of up to ``sampling.max_tokens`` tokens, ended by the end of
     text or of a turn, or cut before the first of ``sampling.stops``. ``sampling`` is checked by
     the caller (``Sampling.problem``); a seed of None draws a random one.
 
-    ``stream(row, text)``, if given, receives each row's continuation as it is generated.
+    ``stream(row, text)``, if given, receives each row's continuation as it is generated. The
+    weights are in ``weights_dtype`` (weights.py; ``auto``: the faster here), and ``announce``,
+    if given, receives the line that says which and why.
     """
+    weights.check(weights_dtype)
     model, tok_dict = load_model(ckpt_path)
     tok = tokenizer_from_dict(tok_dict)
     dev = pick_device(device)
-    model = model.to(dev)
+    model, choice = weights.prepare(model, weights_dtype, dev, rows=num_samples)
+    if announce is not None:
+        announce(choice.line())
     ids = tok.encode(prompt)
     if not ids:
         if tok.eot_id is None:

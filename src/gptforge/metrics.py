@@ -19,6 +19,7 @@ from gptforge.console import Eta, Progress
 from gptforge.errors import GptforgeError
 from gptforge.rundir import METRICS_FILE, RUN_FILE, free_space_then_continue, guarded_write
 from gptforge.trackers import Trackers
+from gptforge.version import __version__
 
 
 def format_step(step: int, loss: float, lr: float, norm: float, dt_ms: float, tok_per_s: float) -> str:
@@ -68,17 +69,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: str | Path, step: int) -> None:
+def truncate_metrics(path: str | Path, step: int) -> int | None:
     """Keep only records of steps before ``step``: a resumed run re-logs the steps after its
-    checkpoint, and a crash may have logged some of them already. Rewritten atomically."""
+    checkpoint, and a crash may have logged some of them already. Rewritten atomically. Returns
+    the last step dropped (what the run had done past ``step``, as far as it logged), or None."""
     p = Path(path)
     if not p.is_file():
-        return
-    kept = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and _record_step(line) < step]
+        return None
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    kept = [line for line in lines if _record_step(line) < step]
+    dropped = [s for s in map(_record_step, lines) if step <= s < float("inf")]
     with guarded_write("metrics", p, free_space_then_continue(p.parent)):
         # durable: the run resumes from this file's steps together with its checkpoint
         write_text(p, "".join(kept), durable=True, tmp=p.with_name(p.name + ".tmp"))
+    return int(max(dropped)) if dropped else None
 
 
 def _record_step(line: str) -> float:
@@ -93,8 +97,9 @@ def _record_step(line: str) -> float:
 
 
 class RunRecord:
-    """``RUN/run.json``: the command, preset, host and pid that produced the run, its status
-    (running, finished, stopped, crashed) and the latest totals; rewritten atomically."""
+    """``RUN/run.json``: the command, preset, gptforge version, host and pid that produced the
+    run, its status (running, finished, stopped, crashed) and the latest totals; rewritten
+    atomically."""
 
     def __init__(self, run_dir: str | Path, **fields: Any):
         self.path = Path(run_dir) / RUN_FILE
@@ -113,6 +118,7 @@ class RunRecord:
             # ... and how train.dtype=auto was decided, which a resumed run keeps
             **{k: v for k, v in old.items() if k in ("preset", "command", "trackers", "dtype_auto")},
             **fields,
+            "gptforge_version": __version__,  # of this session: a resumed run may be upgraded
             "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "session_started": now, "updated": now,
         }

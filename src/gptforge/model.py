@@ -165,6 +165,109 @@ class RaggedKVCache:
         self.lengths[dst] = n
 
 
+def _slice_of_head(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor | None, eps: float,
+                   w: torch.Tensor, t: torch.Tensor, vocab: int, scale: torch.Tensor,
+                   grad_w: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
+    """One slice of S positions: final LayerNorm, head and cross-entropy, and with ``grad_w``
+    (V', C) the gradients of loss x ``scale`` as well, the head's added into ``grad_w``.
+
+    x (S, C); w (V', C) already in the matmul's dtype; t (S,), -1 ignored. Returns the slice's
+    summed loss and (d x, d ln_w, d ln_b) or None. The logits (S, V') exist only in here.
+    """
+    C = x.size(1)
+    h, mean, rstd = torch.ops.aten.native_layer_norm(x, [C], ln_w, ln_b, eps)  # (S, C)
+    hc = h.to(w.dtype)
+    logits = (hc @ w.t()).float()  # (S, V'), fp32 as the unsliced loss takes them
+    if logits.size(1) > vocab:
+        logits[:, vocab:] = float("-inf")  # padded rows can never be predicted
+    scored = t != -1
+    t = t.masked_fill(~scored, 0)
+    logp = torch.log_softmax(logits, dim=1)
+    del logits
+    loss = -(logp.gather(1, t[:, None]).squeeze(1) * scored).sum()
+    if grad_w is None:
+        return loss, None
+    # d loss / d logits = softmax - one_hot(target), per scored position, times scale
+    g = logp.exp_()
+    g.scatter_add_(1, t[:, None], -scored.to(g.dtype)[:, None])
+    g.mul_((scored * scale)[:, None])
+    g = g.to(w.dtype)
+    dh = (g @ w).to(h.dtype)  # (S, C)
+    if grad_w.dtype == w.dtype:
+        grad_w.addmm_(g.t(), hc)  # (V', C) accumulated in place
+    else:
+        grad_w += g.t() @ hc  # bf16 products into the fp32 sum
+    mask = [True, ln_w.requires_grad, ln_b is not None and ln_b.requires_grad]
+    return loss, torch.ops.aten.native_layer_norm_backward(dh, x, [C], mean, rstd, ln_w, ln_b, mask)
+
+
+class SlicedHeadLoss(torch.autograd.Function):
+    """Final LayerNorm, tied head and mean cross-entropy over slices of ``slice_tokens``
+    positions, so that no more than one slice's logits (slice_tokens x V) ever exist.
+
+    With GPT-2's 50,257-token vocabulary the logits dwarf every other activation: 4 x 1024
+    positions make 823 MB of them in fp32, and the unsliced loss keeps them, their log-softmax
+    and their gradient. Here each slice's gradients are computed in the forward pass, while its
+    logits are at hand, and the backward pass only scales them by the incoming gradient: no
+    recomputation, the same three matmuls as the unsliced head. This is Liger-Kernel's fused
+    linear cross-entropy (linkedin/Liger-Kernel, src/liger_kernel/ops/fused_linear_cross_entropy.py,
+    after mgmalek/efficient_cross_entropy); recomputing each slice's logits in the backward pass
+    instead (Cut Cross-Entropy, Wijmans et al. 2024, arXiv:2411.09009) keeps only a per-position
+    log-sum-exp but costs a fourth matmul: 0.70x the head's speed here (BENCHMARKS.md).
+
+    Numerically it is the unsliced path re-associated: the same LayerNorm kernels, the matmuls
+    in ``compute_dtype`` (autocast's, where it is on) with fp32 logits, the mean over positions
+    whose target is not -1. Gradients are sums over slices instead of over all positions at once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, weight, targets, eps, vocab, slice_tokens, compute_dtype,
+                want_grads):
+        # x (N, C), targets (N,); autocast off in here: the casts are explicit
+        with torch.autocast(x.device.type, enabled=False):
+            N = x.size(0)
+            w = weight.to(compute_dtype)  # (V', C), once for every slice
+            count = (targets != -1).sum()
+            scale = 1.0 / count  # the mean over scored positions (0/0 is NaN, as F.cross_entropy)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
+            grad_x = torch.empty_like(x) if want_grads else None
+            grad_ln = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if p is not None else None
+                       for p in (ln_w, ln_b)]
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            for a in range(0, N, slice_tokens):
+                b = min(a + slice_tokens, N)
+                part, grads = _slice_of_head(x[a:b], ln_w, ln_b, eps, w, targets[a:b], vocab, scale, grad_w)
+                loss = loss + part
+                if grads is not None:
+                    grad_x[a:b] = grads[0]
+                    for acc, g in zip(grad_ln, grads[1:]):
+                        if acc is not None and g is not None:
+                            acc += g
+        if want_grads:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), *[
+                g.to(p.dtype) if g is not None else None for g, p in zip(grad_ln, (ln_w, ln_b))])
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = [g * grad_loss if g is not None else None for g in ctx.saved_tensors]
+        grad_x, grad_w, grad_ln_w, grad_ln_b = grads
+        return grad_x, grad_ln_w, grad_ln_b, grad_w, None, None, None, None, None, None
+
+
+def sliced_head_loss(x: torch.Tensor, ln_f: nn.LayerNorm, weight: torch.Tensor, targets: torch.Tensor,
+                     vocab: int, slice_tokens: int) -> torch.Tensor:
+    """The mean cross-entropy of ln_f(x) @ weight.T against targets (-1 ignored), in slices of
+    ``slice_tokens`` positions (SlicedHeadLoss). x (B, T, C), targets (B, T)."""
+    C = x.size(-1)
+    dev = x.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    want_grads = torch.is_grad_enabled() and any(
+        p is not None and p.requires_grad for p in (x, ln_f.weight, ln_f.bias, weight))
+    return SlicedHeadLoss.apply(x.reshape(-1, C), ln_f.weight, ln_f.bias, weight, targets.reshape(-1),
+                                ln_f.eps, vocab, slice_tokens, compute_dtype, want_grads)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
@@ -232,8 +335,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """GPT-2. ``loss_slice``: with targets, compute the final LayerNorm, the head and the loss in
+    slices of this many positions (SlicedHeadLoss), returning no logits; 0: all at once."""
+
+    def __init__(self, config: GPTConfig, loss_slice: int = 0):
         super().__init__()
+        self.loss_slice = loss_slice
         if config.vocab_size < 1:
             raise ValueError("GPTConfig.vocab_size must be set (>= 1) before building a model")
         self.config = config
@@ -283,8 +390,9 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | RaggedKVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T), the mean loss.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T), the mean loss;
+        with targets and ``loss_slice``, the logits are never all made and None is returned.
 
         Logits cover the real vocabulary only: padded rows of the embedding table exist for
         matmul speed and can never be predicted. Targets equal to -1 are ignored in the loss.
@@ -314,6 +422,9 @@ class GPT(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if targets is not None and self.loss_slice:
+            return None, sliced_head_loss(x, self.transformer.ln_f, self.lm_head.weight, targets,
+                                          self.config.vocab_size, self.loss_slice)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)

@@ -21,10 +21,13 @@ from gptforge.config import (
     apply_dict,
     apply_overrides,
     config_differences,
+    RUN_RULES,
     field_help,
     load_toml,
     validate_run,
 )
+from gptforge.ranges import field_range
+from gptforge.version import docs_page
 
 # The char speedrun's optimizer: Muon for the blocks' matrices, a higher AdamW lr for the
 # embeddings, warmup-stable-decay ending at the last step (shared by the main job's preset).
@@ -126,29 +129,19 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 DEFAULT_PRESET = "gpt2-shakespeare"
 
-# What each preset costs, measured by benchmarks/preset_costs.py on Tiny Shakespeare prepared with
-# the tokenizer the preset is meant for: parameters, tokens per optimizer step, and seconds per
-# 100 steps on each CPU named below, in train.dtype=auto (tests/test_config.py checks the first two
-# against the presets, so the table cannot silently go stale). GPU figures join it once measured
-# (gpu_check.py).
-COST_MACHINES = (  # (column, what it is): one column of seconds each, in this order
-    ("EPYC", "2 cores of an AMD EPYC with AVX2 only (so fp32), shared with other jobs: upper bounds"),
-    ("Xeon", "2 cores of an idle Intel Xeon with AVX-512 and AMX (bf16 from 128 wide)"),
-)
-COSTS_MEASURED = "2026-12-05, torch 2.13"
-# None: not measured on that machine.
-PRESET_COSTS: dict[str, tuple[str, int, int, tuple[float | None, ...]]] = {  # tokenizer, parameters, tokens/step, s/100
-    "gpt2-shakespeare": ("gpt2", 124_439_808, 4_096, (10_270.0, 530.3)),
-    "shakespeare-char": ("char", 804_096, 768, (13.5, 3.9)),
-    "shakespeare-char-speedrun": ("char", 106_880, 2_048, (8.3, 1.7)),
-    "shakespeare-char-quick": ("char", 344_832, 2_048, (16.6, 4.1)),
-    # its 64 x 1024 micro-batch does not fit in 24 GB: Xeon timed steps of 2 x 8 x 1024 tokens, x 32
-    # (preset_costs.py); EPYC is from 124M's measured rate at 8 x 1024 (BENCHMARKS.md)
-    "gpt2-fineweb": ("gpt2", 124_439_808, 524_288, (851_000.0, 94_927.0)),
-    "gpt2-tiny": ("char", 29_600, 256, (1.5, 0.3)),
-    "gpt2-mini": ("gpt2", 7_259_008, 2_048, (213.2, 41.8)),
-    # gpt2-mini's shape and tokens per step (so about its time); not measured on its own yet
-    "chat-sft": ("gpt2", 7_259_008, 2_048, (None, None)),
+# What each preset is in size: the tokenizer of the data it is meant for, parameters (with that
+# tokenizer's vocabulary, unpadded as on a CPU) and tokens per optimizer step; tests/test_config.py
+# checks them against the presets. What a step costs is machine-dependent: --help says how to
+# measure it (gptforge bench), and BENCHMARKS.md holds the figures, each naming its machine.
+PRESET_SIZES: dict[str, tuple[str, int, int]] = {  # tokenizer, parameters, tokens/step
+    "gpt2-shakespeare": ("gpt2", 124_439_808, 4_096),
+    "shakespeare-char": ("char", 804_096, 768),
+    "shakespeare-char-speedrun": ("char", 106_880, 2_048),
+    "shakespeare-char-quick": ("char", 344_832, 2_048),
+    "gpt2-fineweb": ("gpt2", 124_439_808, 524_288),
+    "gpt2-tiny": ("char", 29_600, 256),
+    "gpt2-mini": ("gpt2", 7_259_008, 2_048),
+    "chat-sft": ("gpt2", 7_259_008, 2_048),  # gpt2-mini's shape; with --init-from, that model's
 }
 
 
@@ -179,41 +172,32 @@ def config_line(cfg: RunConfig, preset: str | None, path: Path) -> str:
 
 
 def keys_help() -> str:
-    """Every config key with its default and meaning, and the presets, for ``--help``."""
+    """Every config key with its default, allowed values and meaning, and the presets' sizes, for
+    ``--help``: the same field docs and ranges the configuration reference is generated from."""
     lines = ["config keys (set with --set KEY=VALUE or in a --config TOML file; defaults shown",
-             "before a preset is applied):"]
+             "before a preset is applied, allowed values in brackets):"]
     defaults = RunConfig()
     for section in SECTIONS:
         cls = SECTION_TYPES[section]
         helps = field_help(cls)
         for f in dataclasses.fields(cls):
             default = getattr(getattr(defaults, section), f.name)
-            lines.append(f"  {section}.{f.name} = {default!r}")
+            allowed = [r.doc for r in (field_range(f), RUN_RULES.get(f"{section}.{f.name}")) if r]
+            lines.append(f"  {section}.{f.name} = {default!r}"
+                         + (f"  [{'; '.join(allowed)}]" if allowed else ""))
             if helps.get(f.name):
                 lines.append(f"      {helps[f.name]}")
+    lines.append(f"every key with its type and range: {docs_page('reference/configuration')}")
     lines.append("")
-    lines.append(f"presets, with the CPU time of 100 steps measured on each machine ({COSTS_MEASURED};")
-    lines.append("no GPU measured yet):")
-    lines += [f"  {column}: {what}" for column, what in COST_MACHINES]
-    lines.append(f"  {'preset':<26} {'data':<5} {'parameters':>12} {'tokens/step':>12}"
-                 + "".join(f" {column:>8}" for column, _ in COST_MACHINES))
+    lines.append("presets (parameters with the vocabulary of the data each is meant for):")
+    lines.append(f"  {'preset':<26} {'data':<5} {'parameters':>12} {'tokens/step':>12}")
     for name in RUN_PRESETS:
-        if name not in PRESET_COSTS:  # tests/test_config.py keeps every preset in the table
-            lines.append(f"  {name:<26} (not measured)")
+        if name not in PRESET_SIZES:  # tests/test_config.py keeps every preset in the table
+            lines.append(f"  {name:<26} (size not listed)")
             continue
-        tok, params, tokens, seconds = PRESET_COSTS[name]
-        lines.append(f"  {name:<26} {tok:<5} {params:>12,} {tokens:>12,}"
-                     + "".join(f" {_duration(s):>8}" for s in seconds))
+        tok, params, tokens = PRESET_SIZES[name]
+        lines.append(f"  {name:<26} {tok:<5} {params:>12,} {tokens:>12,}")
+    lines.append("what a preset costs on this machine: gptforge bench --preset NAME measures its")
+    lines.append("tokens/s (a step takes tokens/step / tokens/s); figures measured on named machines:")
+    lines.append(f"{docs_page('benchmarks')}")
     return "\n".join(lines)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

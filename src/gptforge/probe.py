@@ -149,12 +149,17 @@ def cpu_identity() -> tuple[str, str]:
 ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def probe_key(shape: ProbeShape) -> str:
+def machine_key() -> str:
+    """What any measurement on this CPU depends on besides the shapes timed: the CPU's model and
+    flags, settings that hold its kernels to fewer instructions, torch and its threads."""
     model, flags = cpu_identity()
-    s = shape
     held = "".join(f" | {k}={os.environ[k]}" for k in ISA_SETTINGS if os.environ.get(k))
-    return (f"{model} | flags {flags}{held} | torch {torch.__version__} | "
-            f"{torch.get_num_threads()} threads | L{s.n_layer} C{s.n_embd} H{s.n_head} V{s.vocab} | "
+    return f"{model} | flags {flags}{held} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def probe_key(shape: ProbeShape) -> str:
+    s = shape
+    return (f"{machine_key()} | L{s.n_layer} C{s.n_embd} H{s.n_head} V{s.vocab} | "
             f"{s.batch}x{s.seq_len}x{s.accum}{' ac' if s.checkpointing else ''}"
             f"{'' if s.bias else ' no-bias'}{'' if s.keep_freed else ' malloc-trim'}")
 
@@ -207,24 +212,41 @@ def _cache_lock(path: str) -> Iterator[str]:
         os.close(fd)
 
 
-def measured_choice(shape: ProbeShape, again: bool = False) -> DtypeChoice:
-    """The cached answer for ``shape``, or (none, or ``again``) a new measurement, cached."""
+def remembered(key: str, measure_now: Callable[[], dict], again: bool = False) -> tuple[dict, str]:
+    """The cache's entry for ``key`` (marked ``"cached": True``), or, where there is none or
+    ``again``, a new one from ``measure_now()``, cached. Returns (entry, note): the note says why
+    the entry could not be cached ("" otherwise). Other measurements than train's (generation's
+    weights dtype, weights.py) keep their answers here too, under keys of their own."""
     path = cache_path()
     with _cache_lock(path) as problem:
         entries = {} if problem else _read_cache(path)
-        key = probe_key(shape)
-        found = None if again else _from_entry(entries.get(key))
-        if found is not None:
-            return found
-        choice = measure(shape)
+        if not again and isinstance(entries.get(key), dict):
+            return {**entries[key], "cached": True}, ""
+        entry = measure_now()
         if problem:
-            return DtypeChoice(**{**asdict(choice), "note": problem})
-        entries[key] = {k: v for k, v in asdict(choice).items() if k not in ("cached", "note")}
+            return entry, problem
+        entries[key] = entry
         try:
             write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1))
         except OSError as e:
-            return DtypeChoice(**{**asdict(choice), "note": f"not cached: {e.strerror}"})
-        return choice
+            return entry, f"not cached: {e.strerror}"
+        return entry, ""
+
+
+def measured_choice(shape: ProbeShape, again: bool = False) -> DtypeChoice:
+    """The cached answer for ``shape``, or (none, or ``again``) a new measurement, cached."""
+    def measure_now() -> dict:
+        return {k: v for k, v in asdict(measure(shape)).items() if k not in ("cached", "note")}
+
+    entry, note = remembered(probe_key(shape), measure_now, again)
+    found = _from_entry(entry) if entry.get("cached") else None
+    if found is not None:
+        return found
+    entry = {k: v for k, v in entry.items() if k != "cached"}
+    try:
+        return DtypeChoice(**{**entry, "note": note})
+    except TypeError:  # an entry of another version's shape: measured again
+        return measured_choice(shape, again=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -398,3 +398,17 @@ def out_of_memory_stop(e: BaseException, cfg: RunConfig, env: DistEnv, run_dir: 
         then += (f"; continue it with gptforge train --out {run_dir} --resume "
                  "--set train.activation_checkpointing=true")
     return out_of_memory(e, env.device, cfg.train, env.world_size, when, then)
+
+
+def restart_line(restarts: int, resume: Checkpoint | None, step: int, last_done: int | None,
+                 log_interval: int) -> str:
+    """What the log says when torchrun restarted the job (``restarts`` times so far): where the run
+    continues, and the steps the dead attempt had done past that point, which are done again
+    (``last_done``: the last step it logged; between logged steps it may have done more)."""
+    where = (f"resuming from {resume.path} at step {step}" if resume is not None
+             else "it had saved no checkpoint: starting again at step 0")
+    lost = 0 if last_done is None else last_done + 1 - step
+    more = "at least " if log_interval > 1 and lost else ""
+    return (f"restarted by torchrun after a process of the job died (restart {restarts}): {where}; "
+            f"{more}{lost} step{'s' * (lost != 1)} done since {'then' if resume else 'the start'} "
+            "were lost and are done again")

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,7 +150,10 @@ class RunLock:
         self._fd: int | None = None
         self._created: list[Path] = []  # directories acquire() made, deepest first
 
-    def acquire(self) -> None:
+    def acquire(self, wait_s: float = 0) -> None:
+        """Take the lock, or raise RunLocked; ``wait_s``: keep trying that long first (a job
+        restarted after a process died, whose lock may outlive it for a moment)."""
+        deadline = time.monotonic() + wait_s
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise GptforgeError(f"--out {self.run_dir} is a file: choose a directory for the run")
         if not self.run_dir.exists():
@@ -178,6 +182,9 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                if time.monotonic() < deadline:  # a restarted job: the dead holder's lock goes
+                    time.sleep(0.1)
+                    continue
                 raise RunLocked(_locked(self.run_dir, self.what)) from None
             except OSError as e:
                 os.close(fd)
@@ -249,18 +256,18 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def hold_run_lock(run_dir: str | Path, enabled: bool = True, create: bool = True,
-                  what: str = "train") -> Iterator[None]:
+                  what: str = "train", wait_s: float = 0) -> Iterator[None]:
     """Hold RUN's lock for the duration (re-entrant within a process); ``enabled=False`` is a
     no-op, for ranks other than the one that writes. With ``create=False`` an absent RUN is not
     created (there is nothing to lock, and the caller reports it missing). ``what``: the
     command writing it; other than "train" (a prepare's data directory), the lock file goes
-    when the lock does."""
+    when the lock does. ``wait_s``: how long a held lock is waited for (RunLock.acquire)."""
     key = os.path.realpath(run_dir)
     if not enabled or key in _HELD or (not create and not os.path.isdir(run_dir)):
         yield
         return
     lock = RunLock(run_dir, what, keep_file=what == "train")
-    lock.acquire()
+    lock.acquire(wait_s)
     _HELD[key] = lock
     try:
         yield

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gptforge.config import AUTO, GPTConfig, OptimConfig, RunConfig
+from gptforge.config import AUTO, GPTConfig, OptimConfig, RunConfig, TrainConfig
 from gptforge.device import (
     Precision,
     cpu_auto_dtype,
@@ -238,6 +238,11 @@ class Trainable:
         return mean_over_ranks(t, self.env)
 
 
+def loss_slice(t: TrainConfig) -> int:
+    """Positions per slice of the head and loss (model.SlicedHeadLoss) for a run; 0: unsliced."""
+    return t.loss_slice_tokens if t.sliced_loss else 0
+
+
 def build_trainable(
     model_cfg: GPTConfig,
     env: DistEnv,
@@ -248,15 +253,17 @@ def build_trainable(
     bucket_mb: int = 25,
     load: Callable[[GPT], None] | None = None,
     activation_checkpointing: bool = False,
+    loss_slice: int = 0,
 ) -> Trainable:
     """The model, seeded (the same seed gives the same initial weights on every rank), ``load``
     applied to the bare module (a checkpoint's weights go in before wrapping, so FSDP shards the
     loaded values), then checkpointed per block if asked, compiled/wrapped. Afterwards each rank
-    gets its own seed, for its own dropout masks."""
+    gets its own seed, for its own dropout masks. ``loss_slice``: the head and loss in slices of
+    this many positions (``loss_slice(train_config)``), 0 all at once."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    model = GPT(model_cfg).to(env.device)
+    model = GPT(model_cfg, loss_slice).to(env.device)
     if load is not None:
         load(model)
     wrapped = wrap_model(model, env, parallel, compile=compile, amp_dtype=precision.dtype,
@@ -297,7 +304,9 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
     On CUDA (or wherever ``search`` says), every rank tries micro-batches that keep
     ``train.total_batch_tokens`` (memory.largest_that_fits) on a model of the run's shape with the
     run's activation checkpointing, built for the search and dropped after it, with the
-    optimizer's state held aside; the smallest result over the ranks wins. The trials run eagerly
+    optimizer's state held aside; the smallest result over the ranks wins. The trials compute the
+    head and loss as the run will (sliced or not, ``train.sliced_loss``): slices lower the peak,
+    so the search finds the larger micro-batch they allow. The trials run eagerly
     and unsharded: compiled steps and FSDP's shards need no more memory than that, so what fits
     there fits in the run (and a model that fits only when FSDP shards it needs a batch size
     given by hand). The random generators are restored afterwards, so the run that follows
@@ -313,7 +322,7 @@ def fit_micro_batch(cfg: RunConfig, env: DistEnv, precision: Precision, preset: 
     shape = dataclasses.replace(cfg.model, pad_vocab_multiple=resolve_for(cfg, env.device.type).pad_vocab_multiple)
     with torch.random.fork_rng(devices=devices):
         with torch.device(env.device):
-            model = GPT(shape)
+            model = GPT(shape, loss_slice(t))
         if t.activation_checkpointing:
             checkpoint_blocks(model)
         optimizer = build_optimizer(model, cfg.optim, env.device.type, shard=(env.rank, env.world_size))

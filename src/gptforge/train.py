@@ -77,7 +77,7 @@ from gptforge.distributed import (
 from gptforge.evaluate import byte_table, heldout_loss
 from gptforge.hellaswag import HellaSwagResult, load_rendered
 from gptforge.hellaswag import score as score_hellaswag
-from gptforge.launch import launch_rank
+from gptforge.launch import launch_rank, restart_count
 from gptforge.memory import is_out_of_memory, keep_freed_memory
 from gptforge.metrics import RunReport, format_step, read_run_record, truncate_metrics
 from gptforge.model import GPT
@@ -91,6 +91,7 @@ from gptforge.resume import (
     check_start,
     fit_embedding,
     out_of_memory_stop,
+    restart_line,
     restore_rng,
     rng_state,
 )
@@ -111,8 +112,10 @@ from gptforge.step import (
     TrainingDiverged,
     build_trainable,
     fit_micro_batch,
+    loss_slice,
     settle_dtype,
 )
+from gptforge.version import __version__
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
 
@@ -248,6 +251,7 @@ class Trainer:
     """One run on one rank: ``Trainer(...)`` sets it up, ``run()`` trains it to its end."""
 
     batch_note: str | None = None  # how train.batch_size=auto chose, where it did
+    last_done: int | None = None  # a continued run: the last step logged past its checkpoint
     dtype_choice: DtypeChoice | None = None  # what train.dtype=auto measured, where it did
 
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, start: Start,
@@ -274,7 +278,8 @@ class Trainer:
                          self._loader(start.val_tokens, start.val_mask, "the val split", True))
         self.t: Trainable = build_trainable(cfg.model, env, precision, tc.seed, tc.parallel,
                                             self.resolved.compile, tc.ddp_bucket_mb, load=self._load_weights,
-                                            activation_checkpointing=tc.activation_checkpointing)
+                                            activation_checkpointing=tc.activation_checkpointing,
+                                            loss_slice=loss_slice(tc))
         self.optimizer = build_optimizer(self.t.model, cfg.optim, device.type,
                                          shard=(env.rank, env.world_size) if tc.parallel == "ddp" else (0, 1))
         # where the run stands; state_dict() saves it, load_state_dict() restores it
@@ -550,7 +555,7 @@ class Trainer:
         previous = read_run_record(run_dir).get("trackers", {})
         if start.resume is not None or start.restart:
             remove_incomplete(run_dir)
-            truncate_metrics(run_dir / METRICS_FILE, self.step)  # restart: step 0, all of it
+            self.last_done = truncate_metrics(run_dir / METRICS_FILE, self.step)  # restart: all
         if start.restart:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         with guarded_write("config", run_dir / RUN_CONFIG_FILE, free_space_then_continue(run_dir)):
@@ -576,6 +581,7 @@ class Trainer:
         tc, device = cfg.train, env.device
         if not env.is_main:
             return
+        log(f"gptforge {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
         log(config_line(cfg, self.start.preset or read_run_record(self.run_dir).get("preset"),
                         self.run_dir / RUN_CONFIG_FILE))
         procs = f" x {env.world_size} processes ({tc.parallel})" if env.distributed else ""
@@ -592,7 +598,9 @@ class Trainer:
         if self.dtype_choice is not None:
             log(self.dtype_choice.line())
         log("resolved: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.resolved.table().items()))
-        if start.resume is not None:
+        if restart_count():  # torchrun restarted the job: say so, and what it cost
+            log(restart_line(restart_count(), start.resume, self.step, self.last_done, tc.log_interval))
+        elif start.resume is not None:
             log(f"resuming from {start.resume.path} at step {self.step}")
         if start.restart:
             log(f"{self.run_dir} holds a run that stopped before its first checkpoint: starting it again")

@@ -37,6 +37,7 @@ from gptforge.atomic import file_sha256 as file_sha256  # re-exported: shards ar
 from gptforge.atomic import publish, temp_path
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import tokenizer_from_dict
+from gptforge.version import __version__
 
 MAGIC = b"GPTFTOK\0"
 SHARD_VERSION = 1
@@ -297,8 +298,10 @@ def load_meta(data_dir: PathLike) -> dict[str, Any]:
         raise GptforgeError(f"{path} is not gptforge metadata; {_redo(data_dir)}")
     if meta["format_version"] not in READ_FORMATS:
         raise GptforgeError(
-            f"{path} has data format version {meta['format_version']}, this gptforge reads "
-            f"versions {', '.join(map(str, READ_FORMATS))}; {_redo(data_dir)} or upgrade gptforge"
+            f"{path} has data format version {meta['format_version']} (written by gptforge "
+            f"{meta.get('gptforge_version', '?')}), this gptforge {__version__} reads versions "
+            f"{', '.join(map(str, READ_FORMATS))}; {_redo(data_dir)} or upgrade gptforge "
+            "(pip install --upgrade gptforge)"
         )
     _check_tokenizer_file(data_dir, meta["tokenizer"])
     return meta

@@ -123,6 +123,7 @@ class Engine:
         self.cache = RaggedKVCache(model.config.n_layer, max_batch, self.block_size)
         self.rows: list[_Row] = []  # the engine thread's own; row i is cache row i
         self.stats = Stats()
+        self.weights = None  # the weights' dtype and why (a weights.WeightsChoice), from the loader
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._deadline: float | None = None  # set by drain: when jobs still running are aborted
@@ -147,7 +148,7 @@ class Engine:
     def cache_bytes(self) -> int:
         """Memory of the ragged cache once allocated: keys and values, every layer and row."""
         c = self.model.config
-        itemsize = next(self.model.parameters()).element_size()
+        itemsize = self.model.transformer.wpe.weight.element_size()  # the activations' dtype
         return 2 * c.n_layer * self.max_batch * self.block_size * c.n_embd * itemsize
 
     def submit(self, job: Job) -> None:

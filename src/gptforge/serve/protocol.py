@@ -122,6 +122,7 @@ class ModelInfo:
     device: str
     created: int
     chat: bool = False  # the vocabulary has ChatML's tokens: /v1/chat/completions serves it
+    weights: dict[str, Any] | None = None  # the weights' dtype and why (weights.WeightsChoice.record)
 
 
 @dataclass
@@ -290,4 +291,5 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
     """An entry of GET /v1/models; parameters, context_length and tokenizer are extensions."""
     return {"id": info.name, "object": "model", "created": info.created, "owned_by": "gptforge",
             "parameters": info.parameters, "context_length": info.context_length,
-            "tokenizer": info.tokenizer, "device": info.device, "chat": info.chat}
+            "tokenizer": info.tokenizer, "device": info.device, "chat": info.chat,
+            "weights": info.weights}

@@ -85,6 +85,7 @@ def build_engine(opts: ServeOptions):  # noqa: ANN201 - an Engine (imported lazi
     from gptforge.device import pick_device
     from gptforge.serve.engine import Engine
     from gptforge.tokenizer import tokenizer_from_dict
+    from gptforge.weights import prepare
 
     try:
         # Every checksum, not only sizes (sample's default): a server runs for long, and a
@@ -94,8 +95,10 @@ def build_engine(opts: ServeOptions):  # noqa: ANN201 - an Engine (imported lazi
         raise GptforgeError(f"cannot read {opts.ckpt}: {e.strerror or e}: check the path and "
                             "its permissions") from None
     device = pick_device(opts.device)
-    return Engine(model.to(device), tokenizer_from_dict(tok_dict), device, opts.max_batch,
-                  opts.max_queue)
+    model, choice = prepare(model, opts.weights_dtype, device)  # at batch 1: a lone request
+    engine = Engine(model, tokenizer_from_dict(tok_dict), device, opts.max_batch, opts.max_queue)
+    engine.weights = choice  # what /v1/models and the start-up line say
+    return engine
 
 
 def model_info(engine, opts: ServeOptions):  # noqa: ANN001, ANN201 - (Engine) -> ModelInfo
@@ -106,7 +109,8 @@ def model_info(engine, opts: ServeOptions):  # noqa: ANN001, ANN201 - (Engine) -
     return ModelInfo(name=opts.model_name or default_name(opts.ckpt),
                      parameters=model.num_params(), context_length=model.config.block_size,
                      tokenizer=tok.name, vocab_size=tok.vocab_size, device=str(engine.device),
-                     created=int(time.time()), chat=is_chat(tok))
+                     created=int(time.time()), chat=is_chat(tok),
+                     weights=engine.weights.record() if engine.weights else None)
 
 
 def run(opts: ServeOptions) -> int:
@@ -166,6 +170,8 @@ def _server_class(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported lazily
                   f"{i.device}; up to "
                   f"{e.max_batch} rows at once (KV cache {mib:,.{0 if mib >= 10 else 1}f} MiB), "
                   f"{e.max_queue} waiting", flush=True)
+            if e.weights is not None:
+                print(f"gptforge serve: {e.weights.line()}", flush=True)
             api = "/v1/chat/completions, /v1/completions" if i.chat else "/v1/completions"
             key = "; the API key is required" if self.opts.api_key else ""
             print(f"gptforge serve: listening on http://{shown}:{port} (page: /, API: "
