@@ -628,3 +628,13 @@ def test_a_damaged_bundled_copy_is_one_line(tmp_path, offline_env, monkeypatch):
         prepare(["shakespeare"], str(tmp_path / "out"), progress=False)
     assert "missing or damaged" in one_line_error(e) and "reinstall gptforge" in one_line_error(e)
     assert not (tmp_path / "out").exists()
+
+
+def test_char_data_capped_by_max_tokens_holds_only_the_characters_before_the_cap(tmp_path):
+    """The char vocabulary is read from the first --max-tokens characters; the pieces tokenized
+    must stop there too (Tiny Shakespeare's first 'Q' is past 50,000 characters)."""
+    out = tmp_path / "capped"
+    data.prepare([str(SHAKESPEARE)], str(out), tokenizer="char", max_tokens=50_000, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] == 50_000 and meta["stopped_at_max_tokens"]
+    assert "Q" not in meta["tokenizer"]["chars"]

@@ -236,6 +236,19 @@ class SplitWriter:
             s.close()
 
 
+def _cut_at(pieces: Any, room: int) -> Any:
+    """The pieces cut after ``room`` characters: a char vocabulary holds the characters of the
+    first --max-tokens characters only (one token each), and pieces are tokenized whole and in
+    batches ahead of the stop, so a character past the stop would not be in the vocabulary."""
+    for i, piece in pieces:
+        if room <= 0:
+            return
+        if len(piece.text) > room:
+            piece = piece._replace(text=piece.text[:room])
+        room -= len(piece.text)
+        yield i, piece
+
+
 def tokenize_into_splits(run: Staging, sources: list[Source], tok: Tokenizer, opt: Options, rule: str,
               workers: int, bar: Any) -> None:
     """Step 3 and 4: every piece of every document, tokenized, into its split's shards."""
@@ -244,6 +257,8 @@ def tokenize_into_splits(run: Staging, sources: list[Source], tok: Tokenizer, op
     bar.update(ck["bytes"] - bar.n)
     start = (ck["file"], tuple(ck["resume"]) if ck["resume"] is not None else None)
     pieces = read_sources(sources, ReadOptions(opt.text_field, opt.errors), start)
+    if tok.name == "char" and opt.max_tokens is not None:
+        pieces = _cut_at(pieces, opt.max_tokens - writer.total())
     results = tokenized(batches(pieces), tok, workers)
     try:
         going = True
