@@ -37,13 +37,15 @@ from gptforge import GPT, GPTConfig
 from gptforge.hf import write_hf_dir
 from gptforge.tokenizer import GPT2Tokenizer
 
+WEIGHTS = "auto"  # --weights-dtype for every server (the main() option sets it)
 PROMPT = "The history of the city begins with a small village on the river, where the"
 
 
 def start(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptforge", "serve", "--ckpt", str(model_dir), "--port", "0",
-         "--device", "cpu", "--max-batch", str(max_batch), "--max-queue", "64"],
+         "--device", "cpu", "--max-batch", str(max_batch), "--max-queue", "64",
+         "--weights-dtype", WEIGHTS],
         stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
@@ -154,7 +156,10 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--weights-dtype", default="auto", help="the servers' --weights-dtype")
     args = p.parse_args()
+    global WEIGHTS
+    WEIGHTS = args.weights_dtype
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for preset in args.presets:

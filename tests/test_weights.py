@@ -121,6 +121,17 @@ def test_auto_picks_by_measurement(timed, monkeypatch, step_ms, chosen):
     assert any("decode L2 C64" in key for key in entries)
 
 
+def test_batched_decoding_on_a_cpu_keeps_fp32_without_measuring(timed):
+    """serve and sample --num-samples decode in batches, where the probe's step did not predict
+    the engine's (bf16 and int8 ran 5x slower than fp32 for 16 clients): a rule, no probe."""
+    times, calls = timed
+    times.update({"float32": 0.010, "bfloat16": 0.005, "int8": 0.002})
+    choice = weights.resolve("auto", SHAPE, torch.device("cpu"), rows=16)
+    assert choice.dtype == "float32" and choice.how == "rule" and not calls
+    assert "fp32 for batched decoding on a CPU" in choice.line()
+    assert weights.resolve("bfloat16", SHAPE, torch.device("cpu"), rows=16).dtype == "bfloat16"
+
+
 def test_auto_without_torchao_times_fp32_and_bf16_only(timed, monkeypatch):
     times, calls = timed
     times.update({"float32": 0.010, "bfloat16": 0.004})
