@@ -151,12 +151,8 @@ def authorized(header: str | None, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
-def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: int,
-              api_key: str = "") -> FastAPI:
-    app = FastAPI(title="gptforge serve", version="1", docs_url=None, redoc_url=None)
-    page = resources.files("gptforge.serve").joinpath("static/index.html").read_text("utf-8")
-    outboxes: dict[str, Any] = {}  # the serving loop's _Outbox, made on the first request
-
+def _guard(app: FastAPI, api_key: str) -> None:
+    """The API key check (when one is set) and every error as an OpenAI-style JSON body."""
     if api_key:
         @app.middleware("http")
         async def check_key(request: Request, call_next: Callable[[Request], Any]) -> Any:
@@ -181,6 +177,46 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
                                                                               str(e.detail))
         return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code,
                             headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, e: Exception) -> JSONResponse:
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(err.body(), status_code=500)
+
+
+async def _answer(engine: Engine, outboxes: dict[str, Any], request: Request, plan: Plan,
+                  model: str, is_chat: bool) -> Any:
+    """Submit a checked request to the engine; its answer, streamed or whole. ``outboxes``
+    holds the serving loop's _Outbox, made on the first request."""
+    loop = asyncio.get_running_loop()
+    if outboxes.get("loop") is not loop:
+        outboxes.update(loop=loop, outbox=_Outbox(loop))
+    bridge = _Bridge(outboxes["outbox"])
+    job = Job(plan.ids, plan.n, plan.params, bridge.emit)
+    try:
+        engine.submit(job)
+    except Overloaded as e:
+        raise ApiError(503, str(e), code="overloaded", headers={"retry-after": "1"}) from None
+    watcher = asyncio.create_task(bridge.watch(request.receive))
+
+    def close() -> None:
+        watcher.cancel()
+        engine.cancel(job)  # nothing to do when the job is complete
+
+    if plan.stream:
+        return EventStream(_stream(bridge, plan, model, is_chat), close)
+    try:
+        return await _whole(bridge, plan, model, is_chat)
+    finally:
+        close()
+
+
+def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: int,
+              api_key: str = "") -> FastAPI:
+    app = FastAPI(title="gptforge serve", version="1", docs_url=None, redoc_url=None)
+    page = resources.files("gptforge.serve").joinpath("static/index.html").read_text("utf-8")
+    outboxes: dict[str, Any] = {}  # the serving loop's _Outbox, made on the first request
+    _guard(app, api_key)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -211,42 +247,15 @@ def build_app(engine: Engine, info: ModelInfo, tok: Tokenizer, max_body_bytes: i
                                 "text. Use POST /v1/completions with a prompt",
                            code="unsupported_endpoint")
         req = chat.parse_chat(protocol.parse_json(await read_body(request, max_body_bytes)))
-        return await _run(request, chat.check_chat(req, info, tok, engine.max_batch), True)
+        plan = chat.check_chat(req, info, tok, engine.max_batch)
+        return await _answer(engine, outboxes, request, plan, info.name, True)
 
     @app.post("/v1/completions", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": protocol.CompletionRequest.model_json_schema()}}}})
     async def completions(request: Request) -> Any:
         req = protocol.parse_request(protocol.parse_json(await read_body(request, max_body_bytes)))
-        return await _run(request, protocol.check_request(req, info, tok, engine.max_batch), False)
-
-    async def _run(request: Request, plan: Plan, is_chat: bool) -> Any:
-        """Submit a checked request to the engine; its answer, streamed or whole."""
-        loop = asyncio.get_running_loop()
-        if outboxes.get("loop") is not loop:
-            outboxes.update(loop=loop, outbox=_Outbox(loop))
-        bridge = _Bridge(outboxes["outbox"])
-        job = Job(plan.ids, plan.n, plan.params, bridge.emit)
-        try:
-            engine.submit(job)
-        except Overloaded as e:
-            raise ApiError(503, str(e), code="overloaded", headers={"retry-after": "1"}) from None
-        watcher = asyncio.create_task(bridge.watch(request.receive))
-
-        def close() -> None:
-            watcher.cancel()
-            engine.cancel(job)  # nothing to do when the job is complete
-
-        if plan.stream:
-            return EventStream(_stream(bridge, plan, info.name, is_chat), close)
-        try:
-            return await _whole(bridge, plan, info.name, is_chat)
-        finally:
-            close()
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, e: Exception) -> JSONResponse:
-        err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
-        return JSONResponse(err.body(), status_code=500)
+        plan = protocol.check_request(req, info, tok, engine.max_batch)
+        return await _answer(engine, outboxes, request, plan, info.name, False)
 
     return app
 
