@@ -227,7 +227,12 @@ def torchrun(launch: Launch, argv: list[str]) -> LaunchResult:
         # agents share (torch >= 2.5's default), restarted workers may read the addresses of the
         # dead ones and fail to connect (pytorch#135712), since attempts are told apart by
         # restart counts that differ between machines (pytorch#108158).
-        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, REPORT_ENV: tmp}
+        # TORCH_CPP_LOG_LEVEL=ERROR: torch's C++ warnings stay out of the job's one-line errors
+        # (on a machine whose hostname does not resolve, as with no network, every rank printed
+        # c10d's "[W...] The hostname of the client socket cannot be retrieved"); a user's own
+        # setting wins, as with the store's.
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "TORCH_CPP_LOG_LEVEL": "ERROR",
+               **os.environ, REPORT_ENV: tmp}
         agent = subprocess.Popen([sys.executable, "-c", _AGENT, *args], env=env)
 
         def forward(signum: int, frame: Any) -> None:
