@@ -49,6 +49,7 @@ PACKAGE_RANK = {
     "serve": {"options": 0, "engine": 0, "protocol": 1, "chat": 2, "app": 3, "server": 4,
               "__init__": 5},
     "tokenizer": {"interface": 0, "chat": 0, "gpt2": 1, "char": 1, "bpe": 2, "__init__": 3},
+    "cli": {"parser": 0, "options": 0, "launching": 0, "commands": 1, "__init__": 2},
 }
 
 

@@ -207,7 +207,7 @@ def cli_page() -> str:
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     lines = [
-        GENERATED.format(command=COMMAND, source="the argument parsers (src/gptforge/cli.py)"),
+        GENERATED.format(command=COMMAND, source="the argument parsers (src/gptforge/cli/options.py)"),
         "",
         "# Command-line reference",
         "",
