@@ -11,6 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptforge"
 RANK = {
     "version": 0, "errors": 0, "atomic": 0,  # writing files safely, sha256
     "sampling": 0,  # the one set of sampling values and rules (torch only inside its functions)
+    "signals": 0,  # Ctrl-C, SIGTERM, SIGHUP: a request to stop after the step (train reads it)
     "cachedir": 0,  # gptforge's cache directory (named datasets, the CPU's measured dtype)
     "launch": 1,  # --nproc: torchrun in a child process, its failures in one line (no torch here)
     "ranges": 0,  # what a config field allows, declared in its metadata (config reads it)

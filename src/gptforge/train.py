@@ -25,7 +25,6 @@ import copy
 import json
 import platform
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
 # Imported here, not where torch would import it: lazily, under the first optimizer's construction
 # (torch.optim's dynamo guard). During that import torch.fx.wrap leaves a frame that refers to
 # itself, which keeps every frame then on the stack, the Trainer's with the model and optimizer in
@@ -85,10 +85,10 @@ from gptforge.optim import build_optimizer, optimizer_state_bytes
 from gptforge.presets import config_line
 from gptforge.probe import DtypeChoice
 from gptforge.resume import (
-    epochs_warning,
     FINISHED,
     Start,
     check_start,
+    epochs_warning,
     fit_embedding,
     out_of_memory_stop,
     restart_line,
@@ -103,6 +103,7 @@ from gptforge.rundir import (
     guarded_write,
     hold_run_lock,
 )
+from gptforge.signals import StopFlag
 from gptforge.step import (
     DivergenceWatch,
     Stepper,
@@ -118,44 +119,6 @@ from gptforge.step import (
 from gptforge.version import __version__
 
 __all__ = ["FINISHED", "StopFlag", "TrainResult", "Trainer", "TrainingDiverged", "train"]
-
-
-class StopFlag:
-    """Turns SIGINT, SIGTERM and SIGHUP (the terminal was closed) into a request to stop after
-    the current step. A signal this process was started ignoring stays ignored: under
-    ``nohup`` a closed terminal must not stop the run.
-
-    A second Ctrl-C restores the default handler's behaviour (KeyboardInterrupt) for the impatient.
-    """
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
-                    if hasattr(signal, name))
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __enter__(self) -> "StopFlag":
-        for sig in self.SIGNALS:
-            if signal.getsignal(sig) == signal.SIG_IGN:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def __bool__(self) -> bool:
-        return self.signal_name is not None
 
 
 @dataclass
