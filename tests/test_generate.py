@@ -5,6 +5,7 @@ import torch
 from test_train import run_cli
 
 from gptforge import GPT, GPTConfig
+from gptforge.cli.commands import sample_config
 from gptforge.config import SampleConfig
 from gptforge.generate import TextStream, filter_logits, generate, sample
 from gptforge.hf import write_hf_dir
@@ -223,3 +224,32 @@ def test_sample_stop_string_and_streaming(tmp_path, capsys):
     assert "".join(s for b, s in streamed if b == 1) == full[len("The"):-1]
     assert run_cli(*base, "--top-p", "1.5") == 2
     assert "--top-p" in capsys.readouterr().err
+
+
+def test_a_runs_sample_section_sets_the_defaults_of_sample_and_chat_and_a_flag_overrides_it(char_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", str(char_data), "--out", str(run), "--preset", "gpt2-tiny",
+                   "--set", "train.max_steps=2", "--set", "train.device=cpu",
+                   "--set", "train.dtype=float32", "--set", "sample.prompt=ROMEO:",
+                   "--set", "sample.max_new_tokens=12", "--set", "sample.temperature=0",
+                   "--set", "sample.weights_dtype=float32") == 0
+    capsys.readouterr()
+    assert run_cli("sample", "--ckpt", str(run), "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    assert ("sampling with the run's [sample] section: prompt='ROMEO:', max_new_tokens=12, "
+            "temperature=0.0, weights_dtype='float32' (a flag overrides it)") in err
+    explicit = ["sample", "--ckpt", str(run), "--device", "cpu", "--prompt", "ROMEO:",
+                "--max-new-tokens", "12", "--temperature", "0", "--weights-dtype", "float32"]
+    assert run_cli(*explicit) == 0
+    same, err = capsys.readouterr()
+    assert same == out and out.startswith("ROMEO:") and "[sample]" not in err  # every value given
+    assert run_cli("sample", "--ckpt", str(run), "--device", "cpu", "--max-new-tokens", "3") == 0
+    shorter, err = capsys.readouterr()
+    assert shorter == out[:len("ROMEO:") + 3] + "\n" and "max_new_tokens" not in err
+    # the checkpoint directory itself carries the same section
+    assert run_cli("sample", "--ckpt", str(run / "checkpoints" / "step_0000002"), "--device", "cpu") == 0
+    assert capsys.readouterr().out == out
+    # chat's sampling values come the same way (chat itself refuses this char model)
+    chat = sample_config(str(run), {"temperature": None, "top_k": 5, "seed": None})
+    assert (chat.temperature, chat.top_k, chat.seed) == (0.0, 5, SampleConfig().seed)
+    assert "temperature=0.0 (a flag overrides it)" in capsys.readouterr().err

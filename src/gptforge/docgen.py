@@ -103,7 +103,8 @@ SECTION_WORDS = {
     "data": "what the run reads, and how",
     "optim": "the optimizer and the learning-rate schedule",
     "train": "batch, stopping, cadences, device and precision, several processes, trackers",
-    "sample": "`gptforge sample`'s options and their defaults (`--top-k` is `sample.top_k`)",
+    "sample": "`gptforge sample`'s options (`--top-k` is `sample.top_k`); a run's values are "
+              "the defaults of `sample` and `chat` on it, and a flag overrides them",
 }
 
 

@@ -14,10 +14,12 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from gptforge.checkpoint import load_model
-from gptforge.device import pick_device
 from gptforge import weights
+from gptforge.checkpoint import load_checkpoint, load_model
+from gptforge.config import SampleConfig
+from gptforge.device import pick_device
 from gptforge.errors import GptforgeError
+from gptforge.hf import is_hf_dir
 from gptforge.model import GPT, KVCache
 from gptforge.sampling import Sampling, draw, filter_logits
 from gptforge.tokenizer import Tokenizer, stop_ids, tokenizer_from_dict
@@ -210,3 +212,14 @@ def sample(
              stop_ids(tok), top_p=sampling.top_p, use_cache=use_cache,
              on_token=lambda b, t: streams[b].push(t))
     return [prompt + s.finish() for s in streams]
+
+
+def run_sample_config(path: str) -> SampleConfig | None:
+    """The ``[sample]`` section of the run a checkpoint belongs to (a run or checkpoint
+    directory), which sets the defaults of ``gptforge sample`` and ``chat`` on it; None for a
+    Hugging Face directory. Warnings about the run's checkpoints wait for the load that follows."""
+    if is_hf_dir(path):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_checkpoint(path).config.sample

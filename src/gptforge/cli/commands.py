@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from gptforge.generate import SampleEcho, sample
 
-    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+    cfg = sample_config(args.ckpt, {f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
     sampling = checked_sampling(cfg.to_sampling(tuple(args.stop)))
     if cfg.num_samples < 1:
         raise GptforgeError(f"--num-samples {cfg.num_samples} is out of range: give 1 or more")
@@ -112,6 +112,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print("-" * 40)
         print(text)
     return 0
+
+
+def sample_config(ckpt: str, flags: dict[str, object]) -> SampleConfig:
+    """Each value from its flag if given (not None), else from the [sample] section of the run
+    ``ckpt`` belongs to, else gptforge's default; a line on stderr names what the run set."""
+    from gptforge.generate import run_sample_config
+
+    run = run_sample_config(ckpt)
+    base = run or SampleConfig()
+    unset = [name for name, value in flags.items() if value is None]
+    from_run = [f"{name}={getattr(base, name)!r}" for name in unset
+                if getattr(base, name) != getattr(SampleConfig(), name)]
+    if from_run:
+        print(f"sampling with the run's [sample] section: {', '.join(from_run)} (a flag overrides it)",
+              file=sys.stderr)
+    return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
 # The flag of each sampling value (sample and chat share them).
@@ -138,10 +154,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from gptforge.chat import interactive, one_shot, open_session
     from gptforge.sampling import Sampling
 
+    cfg = sample_config(args.ckpt, {k: getattr(args, k) for k in (
+        "temperature", "top_k", "top_p", "seed", "weights_dtype")})
     sampling = checked_sampling(Sampling(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_tokens=args.max_new_tokens or 1, seed=args.seed, stops=tuple(args.stop)))
-    session = open_session(args.ckpt, sampling, args.system, args.device, args.weights_dtype)
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        max_tokens=args.max_new_tokens or 1, seed=cfg.seed, stops=tuple(args.stop)))
+    session = open_session(args.ckpt, sampling, args.system, args.device, cfg.weights_dtype)
     if session.weights_used is not None:
         print(session.weights_used.line(), file=sys.stderr, flush=True)
     if args.max_new_tokens is None:  # the rest of the context, as OpenAI's chat completions

@@ -114,16 +114,17 @@ def train_start_options(p: argparse.ArgumentParser) -> None:
 
 
 def sample_options(p: argparse.ArgumentParser) -> None:
+    """sample's values, and chat's sampling values: a flag, else the run's [sample] section (its
+    config: ``train --set sample.temperature=0.8``), else gptforge's default; None marks unset."""
     p.add_argument("--ckpt", required=True, metavar="PATH",
                    help="run directory, checkpoint directory or Hugging Face GPT-2 directory")
     defaults, helps = SampleConfig(), field_help(SampleConfig)
     for f in dataclasses.fields(SampleConfig):  # one option per field, its docstring as help
         default = getattr(defaults, f.name)
-        text = helps.get(f.name, "")
-        if f.name == "prompt":
-            text += " (default: a newline)"  # a literal newline would break the help layout
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=text,
-                       metavar="TEXT" if f.name == "prompt" else None)
+        shown = "a newline" if f.name == "prompt" else default  # a newline would break the layout
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
+                       metavar="TEXT" if f.name == "prompt" else None,
+                       help=f"{helps.get(f.name, '')} (default: {shown}, or the run's sample.{f.name})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample where TEXT appears, leaving TEXT out (repeatable, up to 4); "
                         "samples also end at <|endoftext|> and, with a chat model, <|im_end|>")
@@ -146,16 +147,20 @@ def chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="the longest reply (default: until the model ends its turn or the "
                         "context is full, as OpenAI's chat completions)")
-    p.add_argument("--temperature", type=float, default=s.DEFAULT_TEMPERATURE,
-                   help="0 to 2; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=s.DEFAULT_TOP_K, help="0: all tokens")
-    p.add_argument("--top-p", type=float, default=s.DEFAULT_TOP_P, help="nucleus sampling; 1: all")
-    p.add_argument("--seed", type=int, default=s.DEFAULT_SEED,
-                   help="seeds the session's replies: the same seed and messages give the same replies")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 to 2; 0 is greedy (default: {s.DEFAULT_TEMPERATURE}, or the run's sample.temperature)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"0: all tokens (default: {s.DEFAULT_TOP_K}, or the run's sample.top_k)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling; 1: all (default: {s.DEFAULT_TOP_P}, or the run's sample.top_p)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the session's replies: the same seed and messages give the same replies "
+                        f"(default: {s.DEFAULT_SEED}, or the run's sample.seed)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="also end a reply where TEXT appears (repeatable, up to 4)")
-    p.add_argument("--weights-dtype", default="auto", metavar="DTYPE",
-                   help=field_help(SampleConfig)["weights_dtype"])
+    p.add_argument("--weights-dtype", default=None, metavar="DTYPE",
+                   help=field_help(SampleConfig)["weights_dtype"]
+                   + " (default: auto, or the run's sample.weights_dtype)")
 
 
 def export_options(p: argparse.ArgumentParser) -> None:
