@@ -91,3 +91,20 @@ def test_each_row_draws_from_its_own_generator_and_greedy_rows_draw_nothing():
     u = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     one = draw(rows[[0, 2, 3]], [keys[0]], [torch.Generator().manual_seed(9)])
     assert one == choose(rows[[0, 2, 3]], [keys[0]] * 3, u).tolist()
+
+
+def test_ties_in_bf16_logits_take_a_few_more_logits_not_the_whole_vocabulary(monkeypatch):
+    """Logits computed in bfloat16 tie at the k-th often: the rows still get the reference's
+    tokens, from the logits down to the k-th of any row and one more, not a sort of all V."""
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(8, 50257, generator=g) * 3).bfloat16().float()
+    keys = [(1.0, 50, 1.0), (0.7, 40, 0.9)] * 4
+    top = logits.topk(51).values
+    assert (top[:, 50] == top[:, 49]).any()  # the tie this test is about
+    u = torch.rand(8, dtype=torch.float64, generator=g)
+    want = [reference(logits[b], keys[b], float(u[b])) for b in range(8)]
+    taken = []
+    topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, **kw: (taken.append(k), topk(x, k, **kw))[1])
+    assert choose(logits, keys, u).tolist() == want
+    assert taken[0] == 51 and len(taken) == 2 and 51 < taken[1] < 200, taken

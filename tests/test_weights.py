@@ -118,18 +118,33 @@ def test_auto_picks_by_measurement(timed, monkeypatch, step_ms, chosen):
     again = weights.resolve("auto", SHAPE, torch.device("cpu"))
     assert again.dtype == chosen and again.how == "cached" and len(calls) == 1
     entries = json.loads(Path(probe.cache_path()).read_text())["entries"]
-    assert any("decode L2 C64" in key for key in entries)
+    assert any("decode and sampling L2 C64" in key for key in entries)
 
 
-def test_batched_decoding_on_a_cpu_keeps_fp32_without_measuring(timed):
-    """serve and sample --num-samples decode in batches, where the probe's step did not predict
-    the engine's (bf16 and int8 ran 5x slower than fp32 for 16 clients): a rule, no probe."""
+def test_batched_decoding_is_measured_as_each_command_decodes(timed):
+    """serve's engine (rows of different lengths, ragged=True), sample --num-samples (rows of
+    one length) and chat (one row) are each timed as they run, and cached apart."""
     times, calls = timed
-    times.update({"float32": 0.010, "bfloat16": 0.005, "int8": 0.002})
-    choice = weights.resolve("auto", SHAPE, torch.device("cpu"), rows=16)
-    assert choice.dtype == "float32" and choice.how == "rule" and not calls
-    assert "fp32 for batched decoding on a CPU" in choice.line()
-    assert weights.resolve("bfloat16", SHAPE, torch.device("cpu"), rows=16).dtype == "bfloat16"
+    times.update({"float32": 0.010, "bfloat16": 0.005, "int8": 0.009})
+    served = weights.resolve("auto", SHAPE, torch.device("cpu"), rows=16, ragged=True)
+    assert served.dtype == "bfloat16" and served.how == "measured" and len(calls) == 1
+    assert weights.resolve("auto", SHAPE, torch.device("cpu"), rows=16).how == "measured"
+    assert weights.resolve("auto", SHAPE, torch.device("cpu")).how == "measured" and len(calls) == 3
+    assert weights.resolve("auto", SHAPE, torch.device("cpu"), rows=16, ragged=True).how == "cached"
+    keys = list(json.loads(Path(probe.cache_path()).read_text())["entries"])
+    assert sum("batch 16 ragged" in k for k in keys) == 1 and sum("batch 16 |" in k for k in keys) == 1
+    assert weights.resolve("bfloat16", SHAPE, torch.device("cpu"), rows=16).how == "asked"
+
+
+@pytest.mark.parametrize("rows, ragged", [(1, False), (3, False), (3, True)])
+def test_the_decode_passes_run_the_model_and_the_sampling_step(rows, ragged):
+    """Not mocked: each pass runs (a ragged cache's rows at lengths that differ), and a cache of
+    a context shorter than DECODE_CONTEXT still fits."""
+    for cfg in (SHAPE, GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=4, vocab_size=30)):
+        passes = weights._decode_passes(cfg, "float32", rows, ragged)
+        for _ in range(3):
+            for run in passes.values():
+                run()
 
 
 def test_auto_without_torchao_times_fp32_and_bf16_only(timed, monkeypatch):

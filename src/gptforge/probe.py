@@ -254,12 +254,15 @@ def measured_choice(shape: ProbeShape, again: bool = False) -> DtypeChoice:
 
 
 def _fastest(passes: dict[str, Callable[[], None]], warmup_s: float = WARMUP_S,
-             timed_s: float = TIMED_S) -> dict[str, float]:
+             timed_s: float = TIMED_S, in_a_row: int = 1) -> dict[str, float]:
     """Each pass's fastest timed run. Untimed rounds first, for at least ``warmup_s`` (oneDNN
     builds its kernels and the thread pool wakes on first use: the first passes in a process ran
     up to 10x slower here); then at least ``REPEATS`` timed rounds, more while they add up to
     less than ``timed_s``. The passes alternate, so that a change in the machine's load or clock
-    affects every pass alike."""
+    affects every pass alike. With ``in_a_row`` > 1 a round runs each pass that many times in a
+    row and times the last, as a loop that runs one pass over and over finds the CPU's caches
+    (weights.py: a small model's fp32 decode step ran 1.6x faster so than after the other dtypes'
+    passes had taken the caches)."""
     t0 = time.perf_counter()
     for n in range(MAX_ROUNDS):
         for run in passes.values():
@@ -270,6 +273,8 @@ def _fastest(passes: dict[str, Callable[[], None]], warmup_s: float = WARMUP_S,
     t0 = time.perf_counter()
     for n in range(MAX_ROUNDS):
         for name, run in passes.items():
+            for _ in range(in_a_row - 1):
+                run()
             t = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - t)

@@ -19,10 +19,13 @@ not its flags: on an AMX Xeon at batch 1, bf16 weights decoded only 1.03x-1.13x 
   and its matmul is not.
 
 ``auto``: on CUDA a rule (bf16 where the GPU has it, as train's autocast); on MPS fp32; on a CPU,
-a decode step of the model's own shape (one block and the head, on a KV cache of
-``DECODE_CONTEXT`` positions, at the command's batch) timed in each dtype, and the least precise
-dtype chosen that is ``MARGIN`` faster than the more precise ones (int8 is timed only where
-torchao is installed). The same seed gives the same text for a given dtype; another dtype may
+a decode step of the model's own shape (one block, the head and the sampling step, on a KV cache
+of about ``DECODE_CONTEXT`` positions, at the command's batch; for the server, rows of different
+lengths, as its engine decodes them) timed in each dtype, and the least precise dtype chosen
+that is ``MARGIN`` faster than the more precise ones (int8 is timed only where torchao is
+installed). Until 0.1.1 the step timed the model alone, on rows of one length, and batched
+decoding kept fp32 by a rule: that step had bf16 1.18x as fast as fp32 for gpt2-mini at 16 rows
+where the server ran it 5x slower, a cost that was in the sampling step (BENCHMARKS.md). The same seed gives the same text for a given dtype; another dtype may
 give other text (its logits differ in rounding).
 """
 
@@ -45,7 +48,8 @@ import torch.nn.functional as F
 from gptforge import probe
 from gptforge.config import WEIGHTS_DTYPES, GPTConfig
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT
+from gptforge.model import GPT, KVCache, RaggedKVCache
+from gptforge.sampling import Sampling, draw
 
 AUTO = "auto"
 PRECISION = ("float32", "bfloat16", "int8")  # most precise first
@@ -53,8 +57,11 @@ FLAG = "--weights-dtype"
 # A less precise dtype must make a decode step at least this much faster to be chosen: within
 # 5% the more precise one is as good, and noise cannot flip the choice (probe.py's margin too).
 MARGIN = 1.05
-BATCHED = "cpu, batched"  # WeightsChoice.device of the batched-decoding rule
 DECODE_CONTEXT = 32  # positions in the KV cache while a decode step is timed
+# Each pass runs 3 times in a row and the last is timed, as generation runs one step after
+# another: timed right after the other dtypes' passes, gpt2-mini's fp32 step lost the CPU's caches
+# and the probe had int8 1.33x as fast where generate() ran it 0.93x (BENCHMARKS.md).
+IN_A_ROW = 3
 INT8_K_MULTIPLE = 16  # the int8 kernel's inner loop takes 16 inputs at a time (AVX-512)
 
 
@@ -189,9 +196,7 @@ class WeightsChoice:
         if self.how == "asked":
             return f"weights: {self.dtype} ({FLAG} {self.dtype})"
         if self.how == "rule":
-            why = ("bf16 where the GPU has it" if self.device.startswith("cuda")
-                   else "fp32 for batched decoding on a CPU" if self.device == BATCHED
-                   else "fp32 off the CPU and CUDA")
+            why = "bf16 where the GPU has it" if self.device.startswith("cuda") else "fp32 off the CPU and CUDA"
             return f"weights: {self.dtype} ({FLAG} auto on {self.device}: {why})"
         rates = ", ".join(f"{d} {x:.2f}x" for d, x in self.speedups().items() if d != "float32")
         how = (f"cached, measured {self.measured[:10]}" if self.how == "cached"
@@ -216,34 +221,52 @@ def decide(step_s: dict[str, float]) -> str:
     return best
 
 
-def _decode_passes(cfg: GPTConfig, dtype: str, rows: int) -> dict[str, Callable[[], None]]:
-    """A decode step of a one-block model of ``cfg``'s shape (embedding, block, head), and of
-    its block alone, in ``dtype``, on a KV cache of DECODE_CONTEXT positions."""
+def _decode_passes(cfg: GPTConfig, dtype: str, rows: int, ragged: bool) -> dict[str, Callable[[], None]]:
+    """A decode step of a one-block model of ``cfg``'s shape in ``dtype`` (embedding, block,
+    head and the sampling step at the default settings), and of its block alone, for ``rows``
+    rows on a KV cache of about DECODE_CONTEXT positions: one length for every row (``generate``),
+    or, ``ragged``, lengths that differ (the server's engine: its attention takes a mask)."""
     context = max(1, min(DECODE_CONTEXT, cfg.block_size - 1))
     model = cast(GPT(dataclasses.replace(cfg, n_layer=1)), dtype)
-    cache = model.new_kv_cache()
-    ids = torch.zeros(rows, context, dtype=torch.long)
+    lengths = [max(1, context - (b % 8 if ragged else 0)) for b in range(rows)]
     with torch.inference_mode():
-        model(ids, kv_cache=cache)
-    token = ids[:, :1]
+        if ragged:
+            cache = RaggedKVCache(1, rows, cfg.block_size)
+            for b, n in enumerate(lengths):
+                prompt = KVCache(1, n)
+                model(torch.zeros(1, n, dtype=torch.long), kv_cache=prompt)
+                cache.load(b, prompt)
+        else:
+            cache = model.new_kv_cache()
+            model(torch.zeros(rows, context, dtype=torch.long), kv_cache=cache)
+    token = torch.zeros(rows, 1, dtype=torch.long)
     block = model.transformer.h[0]
     x = torch.randn(rows, 1, cfg.n_embd).to(model.transformer.wpe.weight.dtype)
+    key = [Sampling().draw_key]
+    generators = [torch.Generator().manual_seed(b) for b in range(rows)]
+
+    def rewind() -> None:  # the same positions every time: the step's cost stays put
+        if ragged:
+            cache.lengths[:] = lengths
+        else:
+            cache.length = context
 
     @torch.inference_mode()
     def step() -> None:
-        cache.length = context  # the same position every time: the step's cost stays put
-        model(token, kv_cache=cache)
+        rewind()
+        logits, _ = model(token, kv_cache=cache)
+        draw(logits[:, -1, :].float(), key, generators)
 
     @torch.inference_mode()
     def block_step() -> None:
-        cache.length = context
+        rewind()
         cache.prepare(rows, 1, x.device)
         block(x, cache)
 
     return {f"step {dtype}": step, f"block {dtype}": block_step}
 
 
-def measure(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...]) -> dict:
+def measure(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...], ragged: bool = False) -> dict:
     """Time a decode step of ``cfg`` in each of ``dtypes`` on this CPU: the cache's entry."""
     t0 = time.perf_counter()
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -251,21 +274,23 @@ def measure(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...]) -> dict:
         torch.manual_seed(0)
         passes: dict[str, Callable[[], None]] = {}
         for d in dtypes:
-            passes.update(_decode_passes(cfg, d, rows))
-        best = probe._fastest(passes)
+            passes.update(_decode_passes(cfg, d, rows, ragged))
+        best = probe._fastest(passes, in_a_row=IN_A_ROW)
     step_s = {d: best[f"step {d}"] + (cfg.n_layer - 1) * best[f"block {d}"] for d in dtypes}
     return {"step_s": step_s, "measured": now, "probe_s": time.perf_counter() - t0}
 
 
-def decode_key(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...]) -> str:
-    return (f"{probe.machine_key()} | decode L{cfg.n_layer} C{cfg.n_embd} H{cfg.n_head} "
-            f"V{cfg.padded_vocab_size} T{cfg.block_size}{'' if cfg.bias else ' no-bias'} | "
-            f"batch {rows} | {' '.join(dtypes)}")
+def decode_key(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...], ragged: bool = False) -> str:
+    # "and sampling": what is timed since 0.1.1 (entries without it timed the model alone)
+    return (f"{probe.machine_key()} | decode and sampling L{cfg.n_layer} C{cfg.n_embd} "
+            f"H{cfg.n_head} V{cfg.padded_vocab_size} T{cfg.block_size}{'' if cfg.bias else ' no-bias'} | "
+            f"batch {rows}{' ragged' if ragged else ''} | {' '.join(dtypes)}")
 
 
 def resolve(name: str, cfg: GPTConfig, device: torch.device, rows: int = 1,
-            again: bool = False) -> WeightsChoice:
-    """What ``name`` (checked) becomes for a model of ``cfg`` on ``device`` at batch ``rows``."""
+            again: bool = False, ragged: bool = False) -> WeightsChoice:
+    """What ``name`` (checked) becomes for a model of ``cfg`` on ``device`` at batch ``rows``
+    (``ragged``: rows of different lengths, as the server decodes them)."""
     check(name)
     if name == "int8" and device.type != "cpu":
         raise GptforgeError(f"{FLAG} int8 runs on the CPU only: use bfloat16 on {device.type}, "
@@ -276,21 +301,16 @@ def resolve(name: str, cfg: GPTConfig, device: torch.device, rows: int = 1,
         return WeightsChoice("bfloat16" if torch.cuda.is_bf16_supported() else "float32", "rule", "cuda")
     if device.type != "cpu":
         return WeightsChoice("float32", "rule", device.type)
-    if rows > 1:
-        # Batched decoding (serve, sample --num-samples): the probe's step (one block and the
-        # head) did not predict the engine's there. gpt2-mini served to 16 clients made 2,609
-        # tokens/s in float32 against 491 in bfloat16 and 483 in int8, where the probe at 16 rows
-        # had them 1.18x and 1.06x as fast (BENCHMARKS.md): float32 until it measures that step.
-        return WeightsChoice("float32", "rule", BATCHED)
     dtypes = PRECISION if int8_available() else PRECISION[:2]
-    entry, note = probe.remembered(decode_key(cfg, rows, dtypes),
-                                   lambda: measure(cfg, rows, dtypes), again)
+    entry, note = probe.remembered(decode_key(cfg, rows, dtypes, ragged),
+                                   lambda: measure(cfg, rows, dtypes, ragged), again)
     step_s = entry["step_s"]
     return WeightsChoice(decide(step_s), "cached" if entry.get("cached") else "measured", "cpu",
                          step_s, entry["measured"], entry["probe_s"], note)
 
 
-def prepare(model: GPT, name: str, device: torch.device, rows: int = 1) -> tuple[GPT, WeightsChoice]:
+def prepare(model: GPT, name: str, device: torch.device, rows: int = 1,
+            ragged: bool = False) -> tuple[GPT, WeightsChoice]:
     """``model`` (fp32, as loaded) on ``device`` with its weights in the dtype ``name`` becomes."""
-    choice = resolve(name, model.config, device, rows)
+    choice = resolve(name, model.config, device, rows, ragged=ragged)
     return cast(model, choice.dtype).to(device), choice

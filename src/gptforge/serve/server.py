@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import errno
+import os
 import re
 import signal
 import socket
@@ -95,7 +95,7 @@ def build_engine(opts: ServeOptions):  # noqa: ANN201 - an Engine (imported lazi
         raise GptforgeError(f"cannot read {opts.ckpt}: {e.strerror or e}: check the path and "
                             "its permissions") from None
     device = pick_device(opts.device)
-    model, choice = prepare(model, opts.weights_dtype, device, rows=opts.max_batch)  # as it serves
+    model, choice = prepare(model, opts.weights_dtype, device, rows=opts.max_batch, ragged=True)  # as it serves
     engine = Engine(model, tokenizer_from_dict(tok_dict), device, opts.max_batch, opts.max_queue)
     engine.weights = choice  # what /v1/models and the start-up line say
     return engine
