@@ -23,7 +23,7 @@ a decode step of the model's own shape (one block, the head and the sampling ste
 of about ``DECODE_CONTEXT`` positions, at the command's batch; for the server, rows of different
 lengths, as its engine decodes them) timed in each dtype, and the least precise dtype chosen
 that is ``MARGIN`` faster than the more precise ones (int8 is timed only where torchao is
-installed). Until 0.1.1 the step timed the model alone, on rows of one length, and batched
+installed). In 0.1.0 the step timed the model alone, on rows of one length, and batched
 decoding kept fp32 by a rule: that step had bf16 1.18x as fast as fp32 for gpt2-mini at 16 rows
 where the server ran it 5x slower, a cost that was in the sampling step (BENCHMARKS.md). The same seed gives the same text for a given dtype; another dtype may
 give other text (its logits differ in rounding).
@@ -281,7 +281,7 @@ def measure(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...], ragged: bool = F
 
 
 def decode_key(cfg: GPTConfig, rows: int, dtypes: tuple[str, ...], ragged: bool = False) -> str:
-    # "and sampling": what is timed since 0.1.1 (entries without it timed the model alone)
+    # "and sampling": 0.1.0 timed the model alone, and its cached answers are not reused
     return (f"{probe.machine_key()} | decode and sampling L{cfg.n_layer} C{cfg.n_embd} "
             f"H{cfg.n_head} V{cfg.padded_vocab_size} T{cfg.block_size}{'' if cfg.bias else ' no-bias'} | "
             f"batch {rows}{' ragged' if ragged else ''} | {' '.join(dtypes)}")
