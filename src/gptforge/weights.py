@@ -230,11 +230,11 @@ def _decode_passes(cfg: GPTConfig, dtype: str, rows: int, ragged: bool) -> dict[
     model = cast(GPT(dataclasses.replace(cfg, n_layer=1)), dtype)
     lengths = [max(1, context - (b % 8 if ragged else 0)) for b in range(rows)]
     with torch.inference_mode():
-        if ragged:
+        if ragged:  # one prompt's keys in every row, each row cut to its own length
             cache = RaggedKVCache(1, rows, cfg.block_size)
-            for b, n in enumerate(lengths):
-                prompt = KVCache(1, n)
-                model(torch.zeros(1, n, dtype=torch.long), kv_cache=prompt)
+            prompt = KVCache(1, context)
+            model(torch.zeros(1, context, dtype=torch.long), kv_cache=prompt)
+            for b in range(rows):
                 cache.load(b, prompt)
         else:
             cache = model.new_kv_cache()
