@@ -115,6 +115,9 @@ def test_hellaswag_with_a_trained_bpe(bpe_run, tmp_path, capsys):
     assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(root / "run"), "--data",
                    str(path), "--device", "cpu") == 0
     assert "acc" in capsys.readouterr().out
+    assert run_cli("eval", "--task", "hellaswag", "--ckpt", str(root / "run"), "--data",
+                   str(path), "--device", "cpu", "--weights-dtype", "bfloat16") == 0
+    assert capsys.readouterr().out.rstrip().endswith("| weights in bfloat16 (--weights-dtype)")
 
 
 MIXED = ("Hello,   world!\n\n\tIndented — naïve café. 中文字和标点。한국어. Русский. العربية. हिन्दी "

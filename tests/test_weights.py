@@ -223,3 +223,22 @@ def test_eval_stays_fp32(run_dir, tmp_path, monkeypatch, capsys):
     text.write_text("To be, or not to be: that is the question.\n" * 4, encoding="utf-8")
     assert run_cli("eval", "--ckpt", str(run_dir), "--data", str(text), "--device", "cpu") == 0
     assert "loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.02), ("int8", 0.04)])
+def test_eval_scores_another_dtype_only_when_asked(run_dir, tmp_path, capsys, dtype, tol):
+    if dtype == "int8":
+        pytest.importorskip("torchao")
+    text = tmp_path / "val.txt"
+    text.write_text("To be, or not to be: that is the question.\n" * 4, encoding="utf-8")
+    base = ["eval", "--ckpt", str(run_dir), "--data", str(text), "--device", "cpu"]
+    assert run_cli(*base, "--json", str(tmp_path / "fp32.json")) == 0
+    stored = capsys.readouterr().out
+    assert run_cli(*base, "--weights-dtype", dtype, "--json", str(tmp_path / "cast.json")) == 0
+    cast = capsys.readouterr().out
+    assert "weights in" not in stored and cast.rstrip().endswith(f"| weights in {dtype} (--weights-dtype)")
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("fp32.json", "cast.json"))
+    assert (a["weights_dtype"], b["weights_dtype"]) == ("float32", dtype)
+    assert a["loss"] != b["loss"] and abs(a["loss"] - b["loss"]) < tol * a["loss"]
+    assert run_cli(*base, "--weights-dtype", "auto") == 2  # eval names its dtype: no auto
+    assert "invalid choice: 'auto'" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptforge import weights
 from gptforge.checkpoint import load_model
 from gptforge.console import progress_bar
 from gptforge.data import count_eval_windows, iter_eval_batches, load_meta, load_split
@@ -239,16 +240,18 @@ def evaluate_path(
     seq_len: int = 0,
     device: str = "auto",
     progress: bool = False,
+    weights_dtype: str = "float32",
 ) -> tuple[EvalResult, str]:
     """Evaluate a checkpoint (or Hugging Face GPT-2 directory) on ``data``; seq_len 0 means the
-    model's whole context. Returns the result and a description of what was scored."""
+    model's whole context; the weights in ``weights_dtype`` (float32: as stored). Returns the
+    result and a description of what was scored."""
     model, tokenizer = load_model(ckpt_path)
     tokens, what = eval_tokens(data, split, tokenizer)
     # a trained BPE's vocabulary file is in its prepared directory (eval_tokens checked it is the model's)
     token_bytes = tokenizer_from_dict(tokenizer, directory=data if os.path.isdir(data) else None
                                       ).token_bytes()
     dev = pick_device(device)
-    model = model.to(dev)
+    model = _on(model, dev, weights_dtype)
     result = evaluate(model, tokens, seq_len or model.config.block_size, batch_size, dev, progress,
                       token_bytes=token_bytes)
     return result, what
@@ -261,6 +264,7 @@ def evaluate_hellaswag_path(
     batch_size: int = 4,
     device: str = "auto",
     progress: bool = False,
+    weights_dtype: str = "float32",
 ) -> tuple[HellaSwagResult, str]:
     """HellaSwag acc and acc_norm of a checkpoint (or Hugging Face GPT-2 directory) on ``data``
     (a HellaSwag .jsonl file; None: the validation set, downloaded once). Returns the result and
@@ -269,4 +273,13 @@ def evaluate_hellaswag_path(
     items, path = load_rendered(data, tokenizer, model.config.block_size, what=ckpt_path,
                                 limit=limit)
     dev = pick_device(device)
-    return score(model.to(dev), items, batch_size=batch_size, device=dev, progress=progress), path
+    return score(_on(model, dev, weights_dtype), items, batch_size=batch_size, device=dev,
+                 progress=progress), path
+
+
+def _on(model: GPT, device: torch.device, weights_dtype: str) -> GPT:
+    """The loaded (float32) model on ``device``, its weights cast only when asked: the losses
+    ``eval`` reports stay those of the checkpoint as stored."""
+    if weights_dtype == "float32":
+        return model.to(device)
+    return weights.prepare(model, weights_dtype, device)[0]

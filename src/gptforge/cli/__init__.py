@@ -19,14 +19,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gptforge.cli.commands import (
-    cmd_bench, cmd_chat, cmd_config, cmd_eval, cmd_export, cmd_plot, cmd_prepare, cmd_runs,
-    cmd_sample, cmd_serve,
+    cmd_bench,
+    cmd_chat,
+    cmd_config,
+    cmd_eval,
+    cmd_export,
+    cmd_plot,
+    cmd_prepare,
+    cmd_runs,
+    cmd_sample,
+    cmd_serve,
 )
 from gptforge.cli.launching import cmd_train
 from gptforge.cli.options import (
-    bench_run_options, bench_shape_options, chat_options, config_cmd_options, config_options,
-    device_option, eval_options, export_options, json_option, plot_options, prepare_options,
-    runs_options, sample_options, serve_arguments, train_io_options, train_start_options,
+    bench_run_options,
+    bench_shape_options,
+    chat_options,
+    config_cmd_options,
+    config_options,
+    device_option,
+    eval_options,
+    export_options,
+    json_option,
+    plot_options,
+    prepare_options,
+    runs_options,
+    sample_options,
+    serve_arguments,
+    train_io_options,
+    train_start_options,
 )
 from gptforge.cli.parser import OneLineErrorParser, whole_text_values
 from gptforge.errors import GptforgeError

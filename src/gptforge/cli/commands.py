@@ -211,13 +211,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         raise GptforgeError("--limit applies to --task hellaswag only: leave it out")
     result, what = evaluate_path(args.ckpt, args.data, split=args.split or "val",
-                                 batch_size=args.batch_size,
-                                 seq_len=args.seq_len, device=args.device, progress=True)
-    print(result.line(what))
+                                 batch_size=args.batch_size, seq_len=args.seq_len,
+                                 device=args.device, progress=True, weights_dtype=args.weights_dtype)
+    print(result.line(what) + _weights_said(args.weights_dtype))
     if args.json:
         write_json(args.json, {"checkpoint": args.ckpt, "data": args.data, "what": what,
-                               **result.to_dict()})
+                               "weights_dtype": args.weights_dtype, **result.to_dict()})
     return 0
+
+
+def _weights_said(dtype: str) -> str:
+    """What eval's result line adds when the weights were not scored as stored."""
+    return "" if dtype == "float32" else f" | weights in {dtype} (--weights-dtype)"
 
 
 def eval_hellaswag(args: argparse.Namespace) -> int:
@@ -230,14 +235,15 @@ def eval_hellaswag(args: argparse.Namespace) -> int:
                                 "--task hellaswag")
     result, path = evaluate_hellaswag_path(args.ckpt, args.data, limit=args.limit,
                                            batch_size=args.batch_size, device=args.device,
-                                           progress=sys.stderr.isatty())
+                                           progress=sys.stderr.isatty(),
+                                           weights_dtype=args.weights_dtype)
     if result.cropped:
         print(f"note: {result.cropped:,} of {result.rows:,} rows (context + ending) were longer "
               "than the model's context and were cropped from the left", file=sys.stderr)
-    print(result.line())
+    print(result.line() + _weights_said(args.weights_dtype))
     if args.json:
         write_json(args.json, {"task": "hellaswag", **result.summary(), "checkpoint": args.ckpt,
-                               "data": path})
+                               "data": path, "weights_dtype": args.weights_dtype})
     return 0
 
 

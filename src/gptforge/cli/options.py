@@ -195,6 +195,11 @@ def eval_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per window (default: the model's context)")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="with --task hellaswag: score only the first N examples (default: all)")
+    p.add_argument("--weights-dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="the weights' dtype while scoring: float32, the checkpoint as stored, so "
+                        "that reported losses do not move with the machine; bfloat16 or int8 (CPU "
+                        "only; pip install 'gptforge[int8]') to score what sample and serve run "
+                        "(the loss itself is computed in float32) (default: float32)")
 
 
 def config_cmd_options(p: argparse.ArgumentParser) -> None:
