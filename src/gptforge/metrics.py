@@ -77,8 +77,9 @@ def truncate_metrics(path: str | Path, step: int) -> int | None:
     if not p.is_file():
         return None
     lines = [line for line in p.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
-    kept = [line for line in lines if _record_step(line) < step]
-    dropped = [s for s in map(_record_step, lines) if step <= s < float("inf")]
+    steps = [_record_step(line) for line in lines]  # each record parsed once
+    kept = [line for line, s in zip(lines, steps) if s < step]
+    dropped = [s for s in steps if step <= s < float("inf")]
     with guarded_write("metrics", p, free_space_then_continue(p.parent)):
         # durable: the run resumes from this file's steps together with its checkpoint
         write_text(p, "".join(kept), durable=True, tmp=p.with_name(p.name + ".tmp"))
