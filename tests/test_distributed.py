@@ -211,16 +211,19 @@ def test_muon_under_ddp_equals_one_process(char_data, tmp_path):
     assert_released(out)
 
 
-def children(pid: int) -> list[int]:
-    out = []
+def parents() -> dict[int, int]:
+    """Every live (not zombie) process's parent, from /proc (test_multinode uses it too)."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
+        with contextlib.suppress(OSError, IndexError, ValueError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+            if fields[0] != "Z":
+                out[int(stat.parent.name)] = int(fields[1])
     return out
+
+
+def children(pid: int) -> list[int]:
+    return [child for child, parent in parents().items() if parent == pid]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")

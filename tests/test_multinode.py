@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_checkpoint import weights
-from test_distributed import assert_only_rank_0_wrote, audited, losses
+from test_distributed import assert_only_rank_0_wrote, audited, losses, parents
 from test_train import run_cli, wait_for
 
 from gptforge.checkpoint import load_checkpoint
@@ -147,28 +147,17 @@ class Node:
         return self.err.read_text()
 
 
-def _parents() -> dict[int, int]:
-    """Every live (not zombie) process's parent."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                out[int(stat.parent.name)] = int(fields[1])
-    return out
-
-
 def tree(pid: int) -> list[int]:
     """PID and its live descendants."""
-    parents, out = _parents(), [pid]
+    live, out = parents(), [pid]
     for p in out:
-        out += [c for c, parent in parents.items() if parent == p]
-    return [p for p in out if p in parents]
+        out += [c for c, parent in live.items() if parent == p]
+    return [p for p in out if p in live]
 
 
 def alive(pids: list[int]) -> list[int]:
-    parents = _parents()
-    return [p for p in pids if p in parents]
+    live = parents()
+    return [p for p in pids if p in live]
 
 
 @contextlib.contextmanager
